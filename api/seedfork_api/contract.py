@@ -1,0 +1,208 @@
+"""The pod contract: what the operator tells a pod and what the pod's agent reports back.
+
+Every name that crosses the operator/agent boundary is defined here, once.
+
+Static facts (never change for the life of a pod) travel as environment
+variables, so an engine started by the agent can read them too. The dynamic
+assignment (which seed, which attempt) and the agent's report live in pod
+annotations, because a failed transfer is retried in the same pod with a new
+assignment, and env vars cannot change after a pod is created. The agent reads
+its own pod through the API and writes the report annotation; the operator
+watches pods and turns a ``verified`` report into the readiness gate condition.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .spec import GROUP
+
+# ---- labels -------------------------------------------------------------
+LABEL_SET = f"{GROUP}/set"  # owning ModelReplicaSet name
+LABEL_FINGERPRINT = f"{GROUP}/fingerprint"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "seedfork-operator"
+
+# ---- annotations --------------------------------------------------------
+ANN_ASSIGNMENT = f"{GROUP}/assignment"  # JSON Assignment, written by the operator
+ANN_REPORT = f"{GROUP}/report"  # JSON AgentReport, written by the agent
+ANN_TIMING = f"{GROUP}/timing"  # JSON of phase timestamps, written by the agent
+
+# ---- readiness gate -----------------------------------------------------
+READINESS_GATE = f"{GROUP}/weights-ready"
+
+# ---- token Secret -------------------------------------------------------
+TOKEN_SECRET_KEY = "token"
+
+# ---- environment variables (static, set at pod creation) ---------------
+ENV_POD_NAME = "SEEDFORK_POD_NAME"  # downward API: metadata.name
+ENV_POD_NAMESPACE = "SEEDFORK_POD_NAMESPACE"  # downward API: metadata.namespace
+ENV_POD_IP = "SEEDFORK_POD_IP"  # downward API: status.podIP
+ENV_SET = "SEEDFORK_SET"
+ENV_FINGERPRINT = "SEEDFORK_FINGERPRINT"
+ENV_AGENT_PORT = "SEEDFORK_AGENT_PORT"
+ENV_ENGINE_PORT = "SEEDFORK_ENGINE_PORT"
+ENV_ENGINE = "SEEDFORK_ENGINE"
+ENV_BACKEND = "SEEDFORK_BACKEND"
+ENV_PROTOCOL = "SEEDFORK_PROTOCOL"
+ENV_PORT_RANGE = "SEEDFORK_PORT_RANGE"  # "start-end"
+ENV_MODEL_URI = "SEEDFORK_MODEL_URI"
+ENV_TP = "SEEDFORK_TP"
+ENV_PP = "SEEDFORK_PP"
+ENV_TIMEOUT_SECONDS = "SEEDFORK_TIMEOUT_SECONDS"
+ENV_BANDWIDTH_LIMIT_MBPS = "SEEDFORK_BANDWIDTH_LIMIT_MBPS"
+ENV_TOKEN = "SEEDFORK_TOKEN"  # from a secretKeyRef, never a literal
+
+ALL_ENV = [
+    ENV_POD_NAME,
+    ENV_POD_NAMESPACE,
+    ENV_POD_IP,
+    ENV_SET,
+    ENV_FINGERPRINT,
+    ENV_AGENT_PORT,
+    ENV_ENGINE_PORT,
+    ENV_ENGINE,
+    ENV_BACKEND,
+    ENV_PROTOCOL,
+    ENV_PORT_RANGE,
+    ENV_MODEL_URI,
+    ENV_TP,
+    ENV_PP,
+    ENV_TIMEOUT_SECONDS,
+    ENV_BANDWIDTH_LIMIT_MBPS,
+    ENV_TOKEN,
+]
+
+Source = Literal["seed", "storage"]
+ConcreteBackend = Literal["transfer_engine", "nccl"]
+TransferState = Literal["pending", "transferring", "verified", "failed"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class Assignment(_Model):
+    """Where a pod gets its weights from, for one attempt. Written by the operator."""
+
+    attempt: int = Field(ge=1, description="1 for the first try; each retry increments it.")
+    source: Source
+    backend: ConcreteBackend | None = Field(default=None, description="Set when source is seed.")
+    seed_pod: str | None = Field(default=None, alias="seedPod")
+    seed_ip: str | None = Field(default=None, alias="seedIP")
+    seed_agent_port: int | None = Field(default=None, alias="seedAgentPort")
+    group_ports: list[int] = Field(
+        default_factory=list,
+        alias="groupPorts",
+        description="NCCL: one rendezvous port per rank on the seed, disjoint per concurrent client/cohort.",
+    )
+    cohort_id: str | None = Field(default=None, alias="cohortId", description="NCCL cohort broadcast group.")
+    cohort_rank: int | None = Field(default=None, alias="cohortRank", description="1..size-1; the seed is 0.")
+    cohort_size: int | None = Field(default=None, alias="cohortSize", description="Seed plus clients.")
+    excluded_seeds: list[str] = Field(
+        default_factory=list, alias="excludedSeeds", description="Seeds that failed this pod before."
+    )
+    assigned_at: float = Field(default_factory=time.time, alias="assignedAt")
+
+    @classmethod
+    def from_annotations(cls, annotations: Mapping[str, str] | None) -> Assignment | None:
+        raw = (annotations or {}).get(ANN_ASSIGNMENT)
+        return cls.model_validate_json(raw) if raw else None
+
+
+class AgentReport(_Model):
+    """What the agent reports for one attempt. Written by the agent onto its own pod."""
+
+    attempt: int = Field(ge=0, description="The assignment attempt this report answers.")
+    state: TransferState
+    source: Source | None = None
+    seed_pod: str | None = Field(default=None, alias="seedPod")
+    backend: str | None = None
+    bytes_done: int = Field(default=0, alias="bytesDone")
+    bytes_total: int = Field(default=0, alias="bytesTotal")
+    error: str | None = None
+    serving: bool = Field(default=False, description="True once this pod serves weights to others.")
+    active_clients: int = Field(default=0, alias="activeClients", description="Transfers this pod serves now.")
+    fingerprint: str | None = None
+    updated_at: float = Field(default_factory=time.time, alias="updatedAt")
+
+    @classmethod
+    def from_annotations(cls, annotations: Mapping[str, str] | None) -> AgentReport | None:
+        raw = (annotations or {}).get(ANN_REPORT)
+        return cls.model_validate_json(raw) if raw else None
+
+
+class PodTiming(_Model):
+    """Phase timestamps (epoch seconds) recorded by the agent, for the time-to-Ready breakdown."""
+
+    started: float | None = None
+    assigned: float | None = None
+    transfer_start: float | None = Field(default=None, alias="transferStart")
+    transfer_end: float | None = Field(default=None, alias="transferEnd")
+    verified: float | None = None
+    engine_attached: float | None = Field(default=None, alias="engineAttached")
+    bytes: int = 0
+
+
+class PodEnv(_Model):
+    """The static part of the contract, as the agent reads it from its environment."""
+
+    pod_name: str
+    namespace: str
+    pod_ip: str
+    set_name: str
+    fingerprint: str
+    agent_port: int
+    engine_port: int
+    engine: str
+    backend: str
+    protocol: str = "auto"
+    port_range: tuple[int, int]
+    model_uri: str | None = None
+    tp: int = 1
+    pp: int = 1
+    timeout_seconds: float = 300.0
+    bandwidth_limit_mbps: int | None = None
+    token: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
+        env = os.environ if environ is None else environ
+        missing = [name for name in (ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SET, ENV_TOKEN) if not env.get(name)]
+        if missing:
+            raise ValueError(f"pod contract incomplete: missing environment variables {', '.join(missing)}")
+        start, _, end = env.get(ENV_PORT_RANGE, "40000-40099").partition("-")
+        limit = env.get(ENV_BANDWIDTH_LIMIT_MBPS)
+        return cls(
+            pod_name=env[ENV_POD_NAME],
+            namespace=env[ENV_POD_NAMESPACE],
+            pod_ip=env.get(ENV_POD_IP, "127.0.0.1"),
+            set_name=env[ENV_SET],
+            fingerprint=env.get(ENV_FINGERPRINT, ""),
+            agent_port=int(env.get(ENV_AGENT_PORT, "18080")),
+            engine_port=int(env.get(ENV_ENGINE_PORT, "30000")),
+            engine=env.get(ENV_ENGINE, "reference"),
+            backend=env.get(ENV_BACKEND, "auto"),
+            protocol=env.get(ENV_PROTOCOL, "auto"),
+            port_range=(int(start), int(end)),
+            model_uri=env.get(ENV_MODEL_URI) or None,
+            tp=int(env.get(ENV_TP, "1")),
+            pp=int(env.get(ENV_PP, "1")),
+            timeout_seconds=float(env.get(ENV_TIMEOUT_SECONDS, "300")),
+            bandwidth_limit_mbps=int(limit) if limit else None,
+            token=env[ENV_TOKEN],
+        )
+
+
+def annotation_patch(**values: _Model | None) -> dict[str, dict[str, str | None]]:
+    """A merge patch setting contract annotations, e.g. ``annotation_patch(report=r)``."""
+    keys = {"assignment": ANN_ASSIGNMENT, "report": ANN_REPORT, "timing": ANN_TIMING}
+    return {"metadata": {"annotations": {keys[k]: (v.to_json() if v is not None else None) for k, v in values.items()}}}

@@ -1,0 +1,267 @@
+"""The ModelReplicaSet API (seedfork.io/v1alpha1) as pydantic models.
+
+These models are the one source of truth: the CRD's OpenAPI schema, defaults
+and CEL rules are generated from them (``seedfork_api.crd``), the operator
+parses custom resources with them, and the agent reads the same identity.
+Field names are camelCase on the wire, as Kubernetes APIs are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "seedfork.io"
+VERSION = "v1alpha1"
+KIND = "ModelReplicaSet"
+PLURAL = "modelreplicasets"
+SINGULAR = "modelreplicaset"
+SHORT_NAMES = ["mrs"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+EngineKind = Literal["sglang", "vllm", "reference"]
+Backend = Literal["transfer_engine", "nccl", "auto"]
+TransportProtocol = Literal["auto", "tcp", "rdma", "nvlink_intra"]
+Fallback = Literal["storage", "fail"]
+Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn"]
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL validation rule, rendered into ``x-kubernetes-validations``."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase aliases, populate by either name, reject unknown fields."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
+
+    def to_api(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelIdentity(ApiModel):
+    """Which weights: together with the engine this defines the identity fingerprint."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Model name, e.g. meta-llama/Llama-3.1-8B-Instruct.",
+    )
+    revision: str = Field(default="main", min_length=1, max_length=128, description="Model revision.")
+    dtype: Dtype = Field(default="bfloat16", description="Weight dtype as served.")
+    quantization: str = Field(default="none", min_length=1, max_length=64, description="Quantization method, or none.")
+    uri: str | None = Field(
+        default=None,
+        max_length=4096,
+        description=(
+            "Where the weights live on storage (a directory of safetensors files inside the pod). "
+            "Used by the first replica and whenever no seed can serve."
+        ),
+    )
+
+
+class Parallelism(ApiModel):
+    tp: int = Field(default=1, ge=1, le=64, description="Tensor parallel size.")
+    pp: int = Field(default=1, ge=1, le=64, description="Pipeline parallel size.")
+
+
+class EngineSpec(ApiModel):
+    kind: EngineKind = Field(description="Inference engine: sglang, vllm or reference (seedfork's demo engine).")
+    version: str = Field(default="", max_length=64, description="Engine version; part of the fingerprint.")
+    port: int = Field(default=30000, ge=1024, le=65535, description="The engine's HTTP port in the pod.")
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+
+
+class PortRange(ApiModel):
+    start: int = Field(default=40000, ge=1024, le=65535)
+    end: int = Field(default=40099, ge=1024, le=65535)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+class TransferSpec(ApiModel):
+    backend: Backend = Field(
+        default="auto",
+        description="transfer_engine (one-sided reads), nccl (broadcast), or auto (transfer_engine when available).",
+    )
+    protocol: TransportProtocol = Field(
+        default="auto",
+        description="TransferEngine transport: tcp, rdma, nvlink_intra, or auto-detect.",
+    )
+    max_clients_per_seed: int = Field(default=4, ge=1, le=256, description="How many pods one seed serves at once.")
+    timeout_seconds: int = Field(
+        default=300, ge=1, le=86400, description="A transfer that takes longer is failed and retried."
+    )
+    retries: int = Field(default=2, ge=0, le=20, description="Other seeds to try after a failed transfer.")
+    fallback: Fallback = Field(
+        default="storage",
+        description="When no seed can serve or retries run out: load from storage, or fail the pod.",
+    )
+    agent_port: int = Field(default=18080, ge=1024, le=65535, description="The agent's HTTP port.")
+    ports: PortRange = Field(
+        default_factory=PortRange,
+        description="Ports for transfer groups (NCCL rendezvous, TransferEngine RPC) in each pod.",
+    )
+    topology_keys: list[str] = Field(
+        default_factory=lambda: ["kubernetes.io/hostname", "topology.kubernetes.io/zone"],
+        max_length=8,
+        description="Node labels in order of preference: a seed sharing the first is best.",
+    )
+    bandwidth_limit_mbps: int | None = Field(
+        default=None, ge=1, description="Optional cap on the bytes a seed serves per second (MB/s)."
+    )
+    token_secret_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_LABEL[:-1] + r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="Secret (key: token) guarding the weight endpoints; created by the operator if unset.",
+    )
+
+
+SPEC_RULES = [
+    cel(
+        "!(self.engine.kind == 'sglang' && self.transfer.backend == 'transfer_engine' "
+        "&& self.engine.parallelism.pp > 1)",
+        "engine.parallelism.pp must be 1 for engine sglang with backend transfer_engine "
+        "(SGLang keys TransferEngine info by TP rank only)",
+        ".engine.parallelism.pp",
+    ),
+    cel(
+        "!(self.engine.kind == 'sglang' && self.transfer.backend == 'nccl' && self.transfer.maxClientsPerSeed != 1)",
+        "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl "
+        "(an SGLang seed serves one NCCL client at a time)",
+        ".transfer.maxClientsPerSeed",
+    ),
+    cel(
+        "self.transfer.ports.end - self.transfer.ports.start + 1 >= "
+        "self.engine.parallelism.tp * self.engine.parallelism.pp",
+        "transfer.ports must hold at least one port per rank (tp * pp)",
+        ".transfer.ports",
+    ),
+    cel(
+        "self.transfer.agentPort < self.transfer.ports.start || self.transfer.agentPort > self.transfer.ports.end",
+        "transfer.agentPort must lie outside transfer.ports",
+        ".transfer.agentPort",
+    ),
+    cel(
+        "self.engine.port != self.transfer.agentPort",
+        "engine.port and transfer.agentPort must differ",
+        ".engine.port",
+    ),
+    cel(
+        "self.engine.port < self.transfer.ports.start || self.engine.port > self.transfer.ports.end",
+        "engine.port must lie outside transfer.ports",
+        ".engine.port",
+    ),
+    cel(
+        "self.engine.kind != 'reference' || has(self.model.uri)",
+        "model.uri is required for engine reference (the first replica loads the weights from it)",
+        ".model.uri",
+    ),
+]
+
+PORT_RANGE_RULES = [cel("self.end >= self.start", "ports.end must not be below ports.start")]
+MODEL_RULES = [
+    cel(
+        "self.name == oldSelf.name && self.revision == oldSelf.revision && self.dtype == oldSelf.dtype "
+        "&& self.quantization == oldSelf.quantization",
+        "model identity (name, revision, dtype, quantization) is immutable; "
+        "create a new ModelReplicaSet to serve other weights",
+    )
+]
+ENGINE_RULES = [
+    cel(
+        "self.kind == oldSelf.kind && self.version == oldSelf.version && self.parallelism == oldSelf.parallelism",
+        "engine kind, version and parallelism are immutable; create a new ModelReplicaSet to change them",
+    )
+]
+
+
+class ModelReplicaSetSpec(ApiModel):
+    replicas: int = Field(default=1, ge=0, le=10000, description="Desired number of replicas.")
+    model: ModelIdentity
+    engine: EngineSpec
+    transfer: TransferSpec = Field(default_factory=TransferSpec)
+    template: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pod template (metadata, spec) for the engine pods; the operator adds the agent contract.",
+    )
+
+    def fingerprint(self) -> str:
+        return identity_fingerprint(self.model, self.engine)
+
+
+def identity_fingerprint(model: ModelIdentity, engine: EngineSpec) -> str:
+    """Two pods may exchange weights only if this is equal (DESIGN §2.1).
+
+    A short stable hash of everything that changes the bytes in GPU memory:
+    model, revision, dtype, quantization, engine kind and version, tp, pp.
+    """
+    identity = {
+        "model": model.name,
+        "revision": model.revision,
+        "dtype": model.dtype,
+        "quantization": model.quantization,
+        "engine": engine.kind,
+        "engineVersion": engine.version,
+        "tp": engine.parallelism.tp,
+        "pp": engine.parallelism.pp,
+    }
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class TransferCounts(ApiModel):
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    fell_back: int = 0
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = None
+    last_transition_time: str
+    reason: str
+    message: str = ""
+
+
+class ModelReplicaSetStatus(ApiModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    replicas: int = 0
+    ready_replicas: int = 0
+    seeds: int = 0
+    transfers: TransferCounts = Field(default_factory=TransferCounts)
+    selector: str = ""
+    fingerprint: str = ""
+    token_secret: str = ""
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class ModelReplicaSet(ApiModel):
+    """A whole custom resource, as the operator reads it."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    api_version: str = API_VERSION
+    kind: str = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: ModelReplicaSetSpec
+    status: ModelReplicaSetStatus = Field(default_factory=ModelReplicaSetStatus)

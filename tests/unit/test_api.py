@@ -1,0 +1,96 @@
+"""The shared API: the generated CRD matches the committed one; fingerprints; the pod contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from seedfork_api import contract, crd
+from seedfork_api import spec as api
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_crd_is_generated_from_the_models():
+    committed = (REPO / "crds" / "seedfork.io_modelreplicasets.yaml").read_text()
+    assert committed == crd.render(), "run `python -m seedfork_api.crd` and commit the result"
+
+
+def test_spec_schema_is_structural():
+    """No $ref, anyOf or additionalProperties:false may reach the apiserver."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            assert "$ref" not in node and "anyOf" not in node and "title" not in node
+            assert node.get("additionalProperties") is not False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(crd.spec_schema())
+    walk(crd.status_schema())
+
+
+def _spec(**engine) -> api.ModelReplicaSetSpec:
+    return api.ModelReplicaSetSpec.model_validate(
+        {"model": {"name": "m", "uri": "/w"}, "engine": {"kind": "reference", **engine}}
+    )
+
+
+def test_fingerprint_changes_with_identity_but_not_with_replicas():
+    base = _spec()
+    assert base.fingerprint() == _spec().fingerprint()
+    assert len(base.fingerprint()) == 16
+    more = base.model_copy(update={"replicas": 9})
+    assert more.fingerprint() == base.fingerprint()
+    assert _spec(version="0.5").fingerprint() != base.fingerprint()
+    assert _spec(parallelism={"tp": 2}).fingerprint() != base.fingerprint()
+    other_model = base.model_copy(update={"model": base.model.model_copy(update={"revision": "v2"})})
+    assert other_model.fingerprint() != base.fingerprint()
+
+
+def test_contract_round_trips_through_annotations():
+    assign = contract.Assignment(
+        attempt=2,
+        source="seed",
+        backend="nccl",
+        seed_pod="p-0",
+        seed_ip="127.0.0.5",
+        seed_agent_port=18080,
+        group_ports=[40000, 40001],
+        cohort_id="c1",
+        cohort_rank=1,
+        cohort_size=3,
+    )
+    report = contract.AgentReport(attempt=2, state="verified", bytes_done=10, bytes_total=10)
+    patch = contract.annotation_patch(assignment=assign, report=report)
+    annotations = patch["metadata"]["annotations"]
+    assert set(annotations) == {contract.ANN_ASSIGNMENT, contract.ANN_REPORT}
+    assert contract.Assignment.from_annotations(annotations) == assign
+    assert contract.AgentReport.from_annotations(annotations).state == "verified"
+    assert '"seedIP":"127.0.0.5"' in annotations[contract.ANN_ASSIGNMENT]
+    assert contract.Assignment.from_annotations({}) is None
+
+
+def test_pod_env_requires_the_token_and_identity():
+    env = {
+        contract.ENV_POD_NAME: "p",
+        contract.ENV_POD_NAMESPACE: "ns",
+        contract.ENV_SET: "s",
+        contract.ENV_TOKEN: "t",
+        contract.ENV_PORT_RANGE: "41000-41009",
+        contract.ENV_TP: "2",
+    }
+    parsed = contract.PodEnv.from_environ(env)
+    assert parsed.port_range == (41000, 41009) and parsed.tp == 2 and parsed.token == "t"
+    with pytest.raises(ValueError, match="SEEDFORK_TOKEN"):
+        contract.PodEnv.from_environ({k: v for k, v in env.items() if k != contract.ENV_TOKEN})
+
+
+def test_unknown_spec_fields_are_rejected_by_the_model():
+    with pytest.raises(ValidationError):
+        api.ModelReplicaSetSpec.model_validate({"model": {"name": "m"}, "engine": {"kind": "reference"}, "transfr": {}})
