@@ -53,8 +53,8 @@ TOOLS = {
         ],
     ),
     "etcd": GoTool("etcd", ETCD_VERSION, module_dir="tools/etcd"),
-    "helm": GoTool("helm", "v3.19.2", package="helm.sh/helm/v3/cmd/helm"),
-    "kubeconform": GoTool("kubeconform", "v0.7.0", package="github.com/yannh/kubeconform/cmd/kubeconform"),
+    "helm": GoTool("helm", "v3.22.0", package="helm.sh/helm/v3/cmd/helm"),
+    "kubeconform": GoTool("kubeconform", "v0.8.0", package="github.com/yannh/kubeconform/cmd/kubeconform"),
 }
 
 
