@@ -1,0 +1,332 @@
+"""seedfork's reference engine: a small Llama-architecture model behind an HTTP API, for demos and tests.
+
+It is a real engine (it generates), not a production one. It gets its weights one of three ways:
+
+- ``--agent URL``: **attach** to the agent's weight store without copying (the /dev/shm file on CPU,
+  a CUDA IPC handle on GPU), as soon as the agent serves ``GET /v1/attach`` (only after it verified
+  the weights). It re-checks every tensor's checksum against the manifest before serving.
+- ``--ipc``: start with empty weights and wait for the checkpoint-engine IPC handoff
+  (``POST /update_weights_from_ipc`` as SGLang, or ``POST /collective_rpc`` as vLLM).
+- ``--model DIR``: load the safetensors files directly (storage; the baseline to compare against).
+
+``/health`` answers 503 until the weights are in place. Routes: ``GET /health``, ``GET /v1/engine``,
+``POST /generate`` (token ids or text as bytes), ``POST /weights_checker`` (``{"action": "checksum"}``),
+and the two IPC triggers. Everything but ``/health`` needs the bearer token when one is set.
+
+CLI::
+
+    python -m seedfork_agent.engines.reference make-model --out DIR --size tiny|small
+    python -m seedfork_agent.engines.reference serve --config DIR --agent http://IP:PORT --token T --host IP --port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import torch
+from aiohttp import web
+
+from .. import store as weight_store
+from ..checksum import checksum
+from . import ipc
+from .llama import LlamaConfig, LlamaModel, weight_shapes
+
+log = logging.getLogger("seedfork.reference")
+
+
+def weights_checksums(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Per-tensor checksums of the raw bytes (the agent's checksum, so they compare with the manifest)."""
+    return {name: checksum(t.contiguous().reshape(-1).view(torch.uint8)) for name, t in sorted(weights.items())}
+
+
+def engine_checksum(per_tensor: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(per_tensor):
+        h.update(f"{name}={per_tensor[name]};".encode())
+    return h.hexdigest()
+
+
+class ReferenceEngine:
+    def __init__(self, config: LlamaConfig, device: str = "cpu", token: str | None = None) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.token = token
+        self.model: LlamaModel | None = None
+        self.state = "waiting"  # waiting -> ready | failed
+        self.error: str | None = None
+        self.mode = "none"
+        self.attach_info: dict | None = None
+        self.timings: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    # ---- weights ----------------------------------------------------------------------------
+    def use_weights(self, weights: Mapping[str, torch.Tensor], mode: str) -> None:
+        self.model = LlamaModel(self.config, weights)  # checks names, shapes and dtypes
+        self.mode = mode
+        self.state, self.error = "ready", None
+
+    def attach(self, body: dict, verify: bool = True) -> None:
+        """Map the agent's store (zero-copy) and, unless told not to, re-check every checksum."""
+        manifest = weight_store.Manifest.from_dict(body["manifest"])
+        t0 = time.perf_counter()
+        weights = weight_store.attach(body["attach"], manifest)
+        self.timings["attach_ms"] = (time.perf_counter() - t0) * 1000
+        if verify:
+            t1 = time.perf_counter()
+            got = weights_checksums(weights)
+            bad = [t.name for t in manifest.tensors if got[t.name] != t.checksum]
+            self.timings["verify_ms"] = (time.perf_counter() - t1) * 1000
+            if bad:
+                raise ValueError(f"checksum mismatch in {len(bad)} tensor(s): {', '.join(bad[:5])}")
+        self.attach_info = {k: v for k, v in body["attach"].items() if k in ("kind", "path", "nbytes", "device")}
+        self.use_weights(weights, "attach")
+
+    def load_dir(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        weights: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            weights |= load_file(str(path), device=str(self.device))
+        self.use_weights(weights, "storage")
+
+    def receive_ipc(self, handles: Mapping[str, str]) -> None:
+        """Engine side of the checkpoint-engine handoff: copy each bucket into our own tensors."""
+        me = ipc.device_uuid(self.device)
+        if me not in handles:
+            raise ValueError(f"no ZMQ handle for this device {me}; got {sorted(handles)}")
+        shapes = weight_shapes(self.config)
+        staged = {n: torch.empty(s, dtype=self.config.dtype, device=self.device) for n, s in shapes.items()}
+        seen: set[str] = set()
+
+        def load(views: list[tuple[str, torch.Tensor]]) -> None:
+            for name, view in views:
+                if name not in staged:
+                    raise KeyError(f"unknown weight {name}")
+                if view.shape != staged[name].shape or view.dtype != staged[name].dtype:
+                    raise ValueError(f"{name}: got {view.dtype} {tuple(view.shape)}, want {staged[name].dtype}")
+                staged[name].copy_(view)  # the buffer is reused for the next bucket
+                seen.add(name)
+
+        def post_hook() -> None:
+            missing = sorted(set(staged) - seen)
+            if missing and self.model is None:
+                raise ValueError(f"update left {len(missing)} weight(s) unset, e.g. {missing[0]}")
+
+        ipc.receive_weights(handles[me], load, post_hook, self.device)
+        if self.model is not None:  # a later update: only the names sent change
+            merged = dict(self.model.w)
+            for name in seen:
+                merged[name] = staged[name]
+            staged = merged
+        elif seen != set(staged):
+            raise ValueError(f"initial update sent {len(seen)} of {len(staged)} weights")
+        self.use_weights(staged, "ipc")
+
+    # ---- HTTP -------------------------------------------------------------------------------
+    def _authorized(self, request: web.Request) -> bool:
+        if not self.token:
+            return True
+        got = request.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode())
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler):
+        if request.path != "/health" and not self._authorized(request):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        return await handler(request)
+
+    async def health(self, _request: web.Request) -> web.Response:
+        if self.state == "ready":
+            return web.Response(text="ok")
+        return web.Response(text=self.error or "weights not attached", status=503)
+
+    async def info(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "state": self.state,
+                "mode": self.mode,
+                "error": self.error,
+                "device": str(self.device),
+                "attach": self.attach_info,
+                "timings": self.timings,
+                "deviceUUID": ipc.device_uuid(self.device),
+            }
+        )
+
+    async def generate(self, request: web.Request) -> web.Response:
+        if self.model is None:
+            return web.json_response({"error": "weights not attached"}, status=503)
+        try:
+            body = await request.json()
+            params = body.get("sampling_params") or {}
+            max_new = int(params.get("max_new_tokens", body.get("max_new_tokens", 16)))
+            if "input_ids" in body:
+                prompt = [int(t) for t in body["input_ids"]]
+            elif "text" in body:
+                if self.config.vocab_size < 256:
+                    raise ValueError("text needs a byte vocabulary (vocab_size >= 256)")
+                prompt = list(str(body["text"]).encode())
+            else:
+                raise ValueError("give input_ids or text")
+            if max_new < 0 or max_new > 4096:
+                raise ValueError("max_new_tokens must lie in [0, 4096]")
+        except (ValueError, TypeError, KeyError) as e:
+            return web.json_response({"error": str(e)}, status=400)
+        model = self.model
+        try:
+            async with self._lock:
+                out = await asyncio.to_thread(model.generate, prompt, max_new)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        text = bytes(t for t in out if t < 256).decode(errors="replace")
+        return web.json_response({"output_ids": out, "text": text, "meta_info": {"prompt_tokens": len(prompt)}})
+
+    async def weights_checker(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        if body.get("action") != "checksum":
+            return web.json_response({"success": False, "message": "only action 'checksum' is supported"}, status=400)
+        if self.model is None:
+            return web.json_response({"success": False, "message": "weights not attached"}, status=503)
+        model = self.model
+        async with self._lock:
+            per_tensor = await asyncio.to_thread(weights_checksums, model.w)
+        return web.json_response(
+            {"success": True, "per_engine_checksum": [engine_checksum(per_tensor)], "per_tensor_checksum": per_tensor}
+        )
+
+    async def _ipc(self, handles: Mapping[str, str]) -> web.Response:
+        t0 = time.perf_counter()
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self.receive_ipc, handles)
+            except Exception as e:
+                log.warning("IPC weight update failed: %s", e)
+                return web.json_response({"success": False, "message": str(e)}, status=400)
+        self.timings["ipc_ms"] = (time.perf_counter() - t0) * 1000
+        return web.json_response({"success": True, "message": "weights updated"})
+
+    async def update_weights_from_ipc(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        handles = body.get("zmq_handles")
+        if not isinstance(handles, dict):
+            return web.json_response({"success": False, "message": "zmq_handles must be an object"}, status=400)
+        return await self._ipc(handles)
+
+    async def collective_rpc(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        args = body.get("args") or []
+        if body.get("method") != "update_weights_from_ipc" or len(args) != 1 or not isinstance(args[0], dict):
+            return web.json_response({"error": "only method update_weights_from_ipc with one handle map"}, status=400)
+        resp = await self._ipc(args[0])
+        return web.json_response({"results": [None]}) if resp.status == 200 else resp
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.auth], client_max_size=1 << 20)
+        app.add_routes(
+            [
+                web.get("/health", self.health),
+                web.get("/v1/engine", self.info),
+                web.post("/generate", self.generate),
+                web.post("/weights_checker", self.weights_checker),
+                web.post("/update_weights_from_ipc", self.update_weights_from_ipc),
+                web.post("/collective_rpc", self.collective_rpc),
+            ]
+        )
+        return app
+
+
+async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: str, verify: bool, poll_s: float = 0.1):
+    """Poll the agent until it offers verified weights, then attach. A checksum mismatch fails for good."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            try:
+                r = await client.get(f"{agent_url}/v1/attach", headers=headers)
+                if r.status_code == 200:
+                    break
+                if r.status_code in (401, 403):
+                    engine.state, engine.error = "failed", f"agent refused the token ({r.status_code})"
+                    return
+            except httpx.HTTPError:
+                pass  # the agent is not up yet
+            await asyncio.sleep(poll_s)
+    try:
+        await asyncio.to_thread(engine.attach, r.json(), verify)
+        log.info("attached to the agent's weights (%s) in %.1f ms", engine.attach_info, engine.timings["attach_ms"])
+    except Exception as e:
+        engine.state, engine.error = "failed", f"attach failed: {e}"
+        log.error("%s", engine.error)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = LlamaConfig.load(args.config or args.model)
+    engine = ReferenceEngine(config, args.device, args.token)
+    if args.model and not args.agent:
+        engine.load_dir(args.model)
+    runner = web.AppRunner(engine.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("reference engine on http://%s:%d", args.host, args.port)
+    attaching = None
+    if args.agent:
+        attaching = asyncio.create_task(
+            attach_when_verified(engine, args.agent.rstrip("/"), args.token, not args.no_verify)
+        )
+    await asyncio.Event().wait()
+    del attaching
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .testmodel import SIZES, make_model
+
+    parser = argparse.ArgumentParser(
+        prog="python -m seedfork_agent.engines.reference", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make-model", help="write a deterministic test model (config.json + safetensors)")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    sv = sub.add_parser("serve", help="run the engine")
+    sv.add_argument("--config", help="config.json or a model directory holding one")
+    src = sv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--agent", help="attach to this agent's weight store, e.g. http://10.0.0.5:18080")
+    src.add_argument("--ipc", action="store_true", help="wait for the checkpoint-engine IPC handoff")
+    src.add_argument("--model", help="load safetensors from this directory (storage)")
+    sv.add_argument("--token", default=os.environ.get("SEEDFORK_TOKEN"), help="bearer token (default $SEEDFORK_TOKEN)")
+    sv.add_argument("--host", required=True, help="the pod IP to bind (never 0.0.0.0)")
+    sv.add_argument("--port", type=int, default=30000)
+    sv.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    sv.add_argument("--no-verify", action="store_true", help="skip re-checking checksums after attaching")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.cmd == "make-model":
+        print(make_model(args.out, args.size))
+        return 0
+    if args.host in ("0.0.0.0", "::"):
+        parser.error("bind to the pod IP, not a wildcard address")
+    if not (args.config or args.model):
+        parser.error("--config is required unless --model gives the directory")
+    if args.agent and not args.token:
+        parser.error("--agent needs --token (or $SEEDFORK_TOKEN)")
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

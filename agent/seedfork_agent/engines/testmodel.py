@@ -1,0 +1,70 @@
+"""Deterministic test models for the reference engine: seeded random weights in safetensors.
+
+The weights are random (the model says nothing sensible) but fully determined by the
+size name, so every machine that runs ``make-model`` gets the same bytes, and two
+engines holding the same bytes generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .llama import LlamaConfig, weight_shapes
+
+SIZES: dict[str, LlamaConfig] = {
+    # ~1 MB in float32: fast enough for many process-level tests on a small CPU.
+    "tiny": LlamaConfig(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    # ~270 MB in bfloat16: the demo size, big enough that a transfer is visible.
+    "small": LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        torch_dtype="bfloat16",
+    ),
+}
+SEED = 20240917
+
+
+def make_weights(config: LlamaConfig, seed: int = SEED) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in weight_shapes(config).items():
+        if len(shape) == 1:  # norm gains near 1, so activations keep their scale
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        weights[name] = t.to(config.dtype).contiguous()
+    return weights
+
+
+def make_model(out: str | Path, size: str = "tiny", shards: int = 2) -> Path:
+    """Write ``config.json`` and ``shards`` safetensors files (with an index) into ``out``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    config = SIZES[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = make_weights(config)
+    names = list(weights)
+    per = math.ceil(len(names) / shards)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s * per : (s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: weights[n] for n in part}, str(out / fname), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, fname)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(config.to_json())
+    return out

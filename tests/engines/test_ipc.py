@@ -1,0 +1,121 @@
+"""The checkpoint-engine IPC handoff, producer and receiver both real, over ZMQ and a /dev/shm buffer."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seedfork_agent.engines import ipc
+from seedfork_agent.engines.llama import LlamaConfig, LlamaModel
+
+
+def load_dir(d):
+    w = {}
+    for f in sorted(d.glob("*.safetensors")):
+        w |= load_file(str(f))
+    return w
+
+
+def test_socket_path_format_is_device_keyed():
+    dev = ipc.device_uuid("cpu")
+    a, b = ipc.socket_path(dev), ipc.socket_path(dev)
+    assert a.startswith(f"ipc://@checkpoint-engine-{dev}-") and a.endswith(".sock")
+    assert a != b  # a fresh counter per handoff
+
+
+def test_buckets_respect_size_alignment_and_order():
+    tensors = {f"t{i}": torch.zeros(100 + i, dtype=torch.float32) for i in range(10)}
+    buckets = ipc.plan_buckets(tensors, 1024)
+    assert [m["name"] for b in buckets for m in b] == list(tensors)
+    for b in buckets:
+        assert b[0]["offset"] == 0
+        for m in b:
+            assert m["offset"] % ipc.ALIGN == 0
+            assert m["offset"] + torch.Size(m["shape"]).numel() * 4 <= 1024
+            assert set(m) == {"name", "dtype", "shape", "offset"}
+    with pytest.raises(ValueError, match="does not fit"):
+        ipc.plan_buckets({"big": torch.zeros(1000)}, 1024)
+
+
+def test_in_process_handoff_delivers_every_byte_and_both_teardowns():
+    tensors = {f"w{i}": torch.randn(37 * (i + 1)) for i in range(12)} | {"b": torch.arange(5, dtype=torch.bfloat16)}
+    got: dict[str, torch.Tensor] = {}
+    events: list[str] = []
+    path = ipc.socket_path(ipc.device_uuid("cpu"))
+
+    def load(views):
+        events.append(f"bucket{len(views)}")
+        for name, v in views:
+            got[name] = v.clone()
+
+    worker_error: list[BaseException] = []
+
+    def worker():
+        try:
+            ipc.receive_weights(path, load, post_hook=lambda: events.append("post"), timeout_s=20)
+        except BaseException as e:
+            worker_error.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    sent = ipc.send_weights(path, tensors, bucket_bytes=1024, timeout_s=20)
+    t.join(10)
+    assert not worker_error
+    assert sent == sum(v.numel() * v.element_size() for v in tensors.values())
+    assert all(torch.equal(got[n], tensors[n]) for n in tensors) and set(got) == set(tensors)
+    assert events[-1] == "post" and len(events) > 3  # several buckets through one buffer, hook last
+
+
+def test_engine_error_text_reaches_the_producer_and_aborts():
+    path = ipc.socket_path(ipc.device_uuid("cpu"))
+    errors: list[BaseException] = []
+
+    def load(views):
+        raise ValueError("no room for " + views[0][0])
+
+    def worker():
+        try:
+            ipc.receive_weights(path, load, timeout_s=20)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    with pytest.raises(ipc.HandoffError, match="no room for a"):
+        ipc.send_weights(path, {"a": torch.ones(4)}, bucket_bytes=1024, timeout_s=20)
+    t.join(10)
+    assert errors and "aborted" in str(errors[0])  # the worker leaves its loop, weights never applied
+
+
+@pytest.mark.parametrize("flavor", ["sglang", "vllm"])
+def test_handoff_into_reference_engine_process(procs, tiny_model, h, flavor):
+    url, _ = h.start_engine(procs, tiny_model, "--ipc")
+    auth = {"Authorization": f"Bearer {h.TOKEN}"}
+    assert httpx.get(f"{url}/health").status_code == 503  # dummy weights: not ready before the handoff
+    assert httpx.post(f"{url}/generate", json={"input_ids": [1]}, headers=auth).status_code == 503
+    weights = load_dir(tiny_model)
+    sent = ipc.handoff_over_http(url, flavor, weights, bucket_bytes=64 << 10, token=h.TOKEN, timeout_s=30)
+    assert sent == sum(t.numel() * t.element_size() for t in weights.values())
+    assert httpx.get(f"{url}/health").status_code == 200
+    local = LlamaModel(LlamaConfig.load(tiny_model), weights)
+    assert h.generations(url) == [local.generate(list(p), 12) for p in h.PROMPTS]
+
+
+def test_incomplete_or_wrong_handoff_leaves_engine_unhealthy(procs, tiny_model, h):
+    url, _ = h.start_engine(procs, tiny_model, "--ipc")
+    weights = load_dir(tiny_model)
+    partial = dict(list(weights.items())[:-1])
+    with pytest.raises(ipc.HandoffError, match="unset"):
+        ipc.handoff_over_http(url, "sglang", partial, bucket_bytes=64 << 10, token=h.TOKEN, timeout_s=30)
+    assert httpx.get(f"{url}/health").status_code == 503
+    wrong = dict(weights)
+    wrong["lm_head.weight"] = wrong["lm_head.weight"][:, :10].contiguous()
+    with pytest.raises(ipc.HandoffError, match="lm_head"):
+        ipc.handoff_over_http(url, "sglang", wrong, bucket_bytes=64 << 10, token=h.TOKEN, timeout_s=30)
+    assert httpx.get(f"{url}/health").status_code == 503
+    with pytest.raises(ipc.HandoffError, match="401"):
+        ipc.handoff_over_http(url, "sglang", weights, bucket_bytes=64 << 10, token="wrong", timeout_s=5)
