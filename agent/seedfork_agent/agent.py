@@ -1,0 +1,175 @@
+"""One agent: its HTTP server, its store, and the steps that fill the store.
+
+``load_storage`` and ``pull_seed`` each run one attempt and end in ``verified``
+(serving) or ``failed`` (everything freed, reason kept); a failed attempt can be
+followed by another in the same process. An engine hook, when given, is called
+with the verified store before the agent reports it (the engine adapters plug in
+here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .puller import PullError, PullRequest, pull
+from .server import AgentServer
+from .store import Manifest, WeightStore
+from .te import TransferEngineHandle, engine, resolve_protocol
+
+log = logging.getLogger("seedfork.agent")
+
+EngineHook = Callable[[WeightStore, dict[str, Any]], None]
+
+
+@dataclass
+class AgentConfig:
+    host: str
+    port: int
+    token: str
+    fingerprint: str
+    device: str = "cpu"
+    protocol: str = "auto"  # TransferEngine transport
+    serve_te: bool = True  # publish TransferEngine info as a seed
+    timeout_s: float = 300.0
+    bandwidth_limit_mbps: int | None = None
+    client_id: str = ""
+
+
+def load_hook(spec: str | None) -> EngineHook | None:
+    """``module:callable`` → the callable (the engine adapter's entry point)."""
+    if not spec:
+        return None
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"engine hook must look like module:callable, got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, hook: EngineHook | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.protocol = resolve_protocol(config.protocol, self.device)
+        self.hook = hook
+        self.server = AgentServer(
+            config.host,
+            config.port,
+            config.token,
+            timeout_s=config.timeout_s,
+            bandwidth_limit_mbps=config.bandwidth_limit_mbps,
+            te_factory=self.te if config.serve_te else None,
+        )
+        self.timing: dict[str, float] = {}
+        self.on_progress: Callable[[], None] | None = None
+
+    def te(self) -> TransferEngineHandle:
+        return engine(self.config.host, self.protocol, self.config.timeout_s)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.server.store is not None:
+            self.server.store.close()
+
+    # ---- attempts ---------------------------------------------------------
+    def _begin(self, attempt: int, source: str, backend: str | None, seed: str | None) -> None:
+        p = self.server.progress
+        p.state, p.attempt, p.source, p.backend, p.seed = "transferring", attempt, source, backend, seed
+        p.bytes_done, p.bytes_total, p.error = 0, 0, None
+        p.started_at, p.finished_at = time.time(), None
+        self.timing["transfer_start"] = p.started_at
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_progress:
+            self.on_progress()
+
+    def _fail(self, reason: str) -> None:
+        p = self.server.progress
+        p.state, p.error, p.finished_at = "failed", reason, time.time()
+        log.warning("attempt %d failed: %s", p.attempt, reason)
+        self._changed()
+
+    def _verified(self, store: WeightStore) -> None:
+        now = time.time()
+        self.timing["transfer_end"] = self.timing["verified"] = now
+        if self.hook:
+            self.hook(store, {"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
+            self.timing["engine_attached"] = time.time()
+        self.server.serve(store)
+        p = self.server.progress
+        p.state, p.finished_at = "verified", now
+        p.bytes_done = p.bytes_total = store.manifest.payload_bytes
+        log.info("attempt %d verified: %d bytes, %d tensors", p.attempt, p.bytes_total, len(store.manifest.tensors))
+        self._changed()
+
+    async def load_storage(self, uri: str, attempt: int = 1) -> bool:
+        if self.server.serving:
+            return True
+        self._begin(attempt, "storage", None, None)
+        try:
+            store = await asyncio.to_thread(
+                WeightStore.from_safetensors, uri, self.config.fingerprint, self.config.device
+            )
+        except Exception as e:
+            self._fail(f"loading {uri} failed: {type(e).__name__}: {e}")
+            return False
+        return await self._finish(store)
+
+    async def pull_seed(self, req: PullRequest, attempt: int = 1) -> bool:
+        if self.server.serving:
+            return True
+        self._begin(attempt, "seed", req.backend, req.seed)
+        p = self.server.progress
+
+        def on_bytes(done: int, total: int) -> None:
+            p.bytes_done, p.bytes_total = done, total
+
+        try:
+            store = await asyncio.to_thread(pull, req, self.te, on_bytes)
+        except PullError as e:
+            self._fail(str(e))
+            self.server.metrics.transfers.labels("client", req.backend, "failed").inc()
+            return False
+        self.server.metrics.transfers.labels("client", req.backend, "ok").inc()
+        self.server.metrics.duration.labels("client", req.backend).observe(time.time() - p.started_at)
+        return await self._finish(store)
+
+    async def _finish(self, store: WeightStore) -> bool:
+        try:
+            await asyncio.to_thread(self._verified, store)
+        except Exception as e:
+            if self.server.te is not None:
+                self.server.te.unregister(store.buffer.data_ptr())
+            self.server.store = None
+            store.close()
+            self._fail(f"could not start serving: {type(e).__name__}: {e}")
+            return False
+        return True
+
+    def request(self, seed_ip: str, seed_port: int, backend: str, **kw: Any) -> PullRequest:
+        """A pull request carrying this agent's identity, token, device and timeout."""
+        expected: Manifest | None = kw.pop("expected", None)
+        return PullRequest(
+            seed_ip=seed_ip,
+            seed_port=seed_port,
+            token=kw.pop("token", self.config.token),
+            backend=backend,
+            fingerprint=self.config.fingerprint,
+            client_id=self.config.client_id or self.config.host,
+            timeout_s=self.config.timeout_s,
+            device=self.config.device,
+            expected=expected,
+            **kw,
+        )

@@ -1,0 +1,277 @@
+"""The client side: pull a seed's weights into a new store and verify them.
+
+Order of events, each with a time limit: fetch the manifest (or use an expected
+manifest when the seed is a stock SGLang instance without one), refuse on a
+fingerprint mismatch before any byte moves, allocate, transfer (R-Fork NCCL/gloo
+group or TransferEngine one-sided reads), verify every checksum. Any failure
+frees what was allocated and registered and raises ``PullError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import torch
+
+from . import groups
+from .store import Manifest, WeightStore
+from .te import TransferEngineHandle
+
+log = logging.getLogger("seedfork.agent.puller")
+
+_TE_BATCH_BYTES = 1 << 30  # progress granularity for TransferEngine reads
+
+
+class PullError(RuntimeError):
+    """A pull failed; the message is the reason reported on the pod."""
+
+
+@dataclass
+class PullRequest:
+    seed_ip: str
+    seed_port: int
+    token: str
+    backend: str  # "nccl" (gloo on CPU) or "transfer_engine"
+    fingerprint: str
+    group_ports: list[int] = field(default_factory=list)
+    client_id: str = ""  # the <id> in SGLang's group name send_weights_<id>
+    cohort_id: str | None = None
+    cohort_rank: int | None = None
+    cohort_size: int | None = None
+    timeout_s: float = 300.0
+    device: str = "cpu"
+    expected: Manifest | None = None  # for seeds that publish no manifest (stock SGLang)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.seed_ip}:{self.seed_port}"
+
+    @property
+    def seed(self) -> str:
+        return f"{self.seed_ip}:{self.seed_port}"
+
+
+def pull(
+    req: PullRequest,
+    te_factory: Callable[[], TransferEngineHandle] | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> WeightStore:
+    """Pull and verify; returns a verified store (registered with TE when TE was used)."""
+    deadline = time.monotonic() + req.timeout_s
+    headers = {"Authorization": f"Bearer {req.token}"}
+    with httpx.Client(base_url=req.base_url, headers=headers, timeout=min(30.0, req.timeout_s)) as http:
+        manifest = fetch_manifest(http, req)
+        check_identity(manifest, req)
+        store = WeightStore.empty(manifest, req.device)
+        te: TransferEngineHandle | None = None
+        done = 0
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_bytes:
+                on_bytes(done, manifest.payload_bytes)
+
+        progress(0)
+        try:
+            if req.backend == "transfer_engine":
+                if te_factory is None:
+                    raise PullError("TransferEngine is not available in this agent")
+                te = te_factory()
+                _pull_te(http, req, store, te, progress, deadline)
+            elif req.backend in ("nccl", "gloo"):
+                _pull_group(http, req, store, progress, deadline)
+            else:
+                raise PullError(f"unknown backend {req.backend!r}")
+            if time.monotonic() > deadline:
+                raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
+            bad = store.verify(manifest)
+            if bad:
+                raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
+            return store
+        except BaseException as e:
+            if te is not None:
+                te.unregister(store.buffer.data_ptr())
+            store.close()
+            if isinstance(e, PullError):
+                raise
+            raise PullError(f"transfer from {req.seed} over {req.backend} failed: {type(e).__name__}: {e}") from e
+
+
+def fetch_manifest(http: httpx.Client, req: PullRequest) -> Manifest:
+    try:
+        r = http.get("/v1/manifest")
+    except httpx.HTTPError as e:
+        raise PullError(f"seed {req.seed} unreachable: {type(e).__name__}: {e}") from None
+    if r.status_code == 401:
+        raise PullError(f"seed {req.seed} rejected the token (401)")
+    if r.status_code == 404 and req.expected is not None:
+        return req.expected  # a stock SGLang seed has no manifest endpoint
+    if r.status_code != 200:
+        raise PullError(f"seed {req.seed} answered {r.status_code} for its manifest: {r.text[:200]}")
+    try:
+        manifest = Manifest.from_dict(r.json())
+    except ValueError as e:
+        raise PullError(f"seed {req.seed} sent a bad manifest: {e}") from None
+    if req.expected is not None and manifest.digest != req.expected.digest:
+        raise PullError(f"seed {req.seed} holds other weights (digest {manifest.digest[:12]})")
+    return manifest
+
+
+def check_identity(manifest: Manifest, req: PullRequest) -> None:
+    """Two pods exchange weights only when their identity fingerprints are equal."""
+    if not req.fingerprint:
+        raise PullError("no identity fingerprint to check the seed against")
+    if manifest.fingerprint != req.fingerprint:
+        raise PullError(f"fingerprint mismatch: seed has {manifest.fingerprint}, this pod needs {req.fingerprint}")
+
+
+# ---- NCCL / gloo: SGLang R-Fork group protocol ------------------------------
+def _pull_group(http: httpx.Client, req: PullRequest, store: WeightStore, progress, deadline: float) -> None:
+    if len(req.group_ports) != 1:
+        raise PullError(f"need exactly one group port (tp 1), got {req.group_ports}")
+    port = req.group_ports[0]
+    cohort = req.cohort_id is not None
+    ident = f"cohort-{req.cohort_id}" if cohort else (req.client_id or _local_ip_for(req.seed_ip))
+    base = f"send_weights_{ident}"
+    world = req.cohort_size if cohort else 2
+    rank = req.cohort_rank if cohort else 1
+    if not world or not rank or not 1 <= rank < world:
+        raise PullError(f"bad cohort rank {rank} of size {world}")
+    remaining = max(1.0, deadline - time.monotonic())
+    body = {
+        "master_address": req.seed_ip,
+        "ports": str(port),
+        "group_rank": 0,
+        "world_size": world,
+        "group_name": base,
+        "backend": "nccl",
+    }
+    device = store.device
+    backend = groups.local_backend("nccl", device)
+    pg = None
+    with ThreadPoolExecutor(2) as pool:
+        # The seed answers the init call only after every member joined: send it while we join.
+        init = pool.submit(_post, http, "/init_weights_send_group_for_remote_instance", body, remaining)
+        try:
+            pg = groups.init_group(
+                backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device
+            )
+        except Exception as e:
+            err = _result_error(init, 5.0)
+            raise PullError(f"joining group {base} at {req.seed_ip}:{port} failed: {err or e}") from None
+        try:
+            _check_rfork(init.result(timeout=max(1.0, deadline - time.monotonic())), "init group")
+            send_body = {"master_address": req.seed_ip, "ports": str(port), "group_name": base}
+            send = pool.submit(
+                _post, http, "/send_weights_to_remote_instance", send_body, max(1.0, deadline - time.monotonic())
+            )
+            tensors = [store.tensor(t.name) for t in store.manifest.tensors]
+            try:
+                groups.broadcast_tensors(pg, tensors, progress)
+            except Exception as e:
+                err = _result_error(send, 2.0)
+                raise PullError(f"receiving weights from {req.seed} failed: {err or e}") from None
+            _check_rfork(send.result(timeout=max(1.0, deadline - time.monotonic())), "send weights")
+        finally:
+            groups.destroy_group(pg)
+
+
+def _post(http: httpx.Client, path: str, body: dict, timeout: float) -> httpx.Response:
+    return http.post(path, json=body, timeout=timeout)
+
+
+def _result_error(future, timeout: float) -> str | None:
+    """The seed's own reason, if its HTTP answer came back failed."""
+    try:
+        r = future.result(timeout=timeout)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    if r.status_code == 401:
+        return f"seed rejected the token (401) on {r.request.url.path}"
+    if r.status_code != 200:
+        return f"seed answered {r.status_code}: {r.text[:200]}"
+    return None
+
+
+def _check_rfork(r: httpx.Response, what: str) -> None:
+    if r.status_code == 401:
+        raise PullError(f"seed rejected the token (401) on {what}")
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code != 200 or not body.get("success"):
+        raise PullError(f"seed failed to {what}: {body.get('message') or r.text[:200]}")
+
+
+def _local_ip_for(peer: str) -> str:
+    """The address this host uses to reach the peer (SGLang names groups after the client's IP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return s.getsockname()[0]
+
+
+# ---- TransferEngine: one-sided reads -----------------------------------------
+def _pull_te(
+    http: httpx.Client, req: PullRequest, store: WeightStore, te: TransferEngineHandle, progress, deadline: float
+) -> None:
+    te.register(store.buffer.data_ptr(), store.nbytes)
+    # Pointers die with the seed process: fetch them fresh for every transfer, never reuse them.
+    try:
+        r = http.get("/remote_instance_transfer_engine_info", params={"rank": 0})
+    except httpx.HTTPError as e:
+        raise PullError(f"seed {req.seed} unreachable for TransferEngine info: {e}") from None
+    if r.status_code == 401:
+        raise PullError(f"seed {req.seed} rejected the token (401)")
+    if r.status_code != 200:
+        raise PullError(f"seed {req.seed} has no TransferEngine info: {r.status_code} {r.text[:200]}")
+    try:
+        session_id, remote = r.json()["remote_instance_transfer_engine_info"]
+    except (ValueError, KeyError, TypeError):
+        raise PullError(f"seed {req.seed} sent malformed TransferEngine info") from None
+    local_ptrs, remote_ptrs, lengths = [], [], []
+    for t in store.manifest.tensors:
+        info = remote.get(t.name)
+        if info is None:
+            raise PullError(f"seed {req.seed} does not offer tensor {t.name}")
+        ptr, numel, elsize = (int(x) for x in info)
+        if numel != t.numel or elsize != t.element_size:
+            raise PullError(f"tensor {t.name}: seed has {numel}x{elsize} bytes, expected {t.numel}x{t.element_size}")
+        if t.nbytes:  # Mooncake rejects zero-length slices
+            local_ptrs.append(store.data_ptr(t.name))
+            remote_ptrs.append(ptr)
+            lengths.append(t.nbytes)
+    _announce(http, req, "start")
+    ok = False
+    try:
+        i = 0
+        while i < len(lengths):
+            j, size = i, 0
+            while j < len(lengths) and (j == i or size + lengths[j] <= _TE_BATCH_BYTES):
+                size += lengths[j]
+                j += 1
+            if time.monotonic() > deadline:
+                raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
+            te.read(session_id, local_ptrs[i:j], remote_ptrs[i:j], lengths[i:j])
+            progress(size)
+            i = j
+        if store.device.type == "cuda":
+            torch.cuda.synchronize(store.device)
+        ok = True
+    finally:
+        _announce(http, req, "done" if ok else "failed", sum(lengths))
+
+
+def _announce(http: httpx.Client, req: PullRequest, event: str, nbytes: int = 0) -> None:
+    """Best effort: tell our own seed about a one-sided read (stock SGLang seeds lack the endpoint)."""
+    try:
+        http.post("/v1/transfers", json={"client": req.client_id or "anon", "event": event, "bytes": nbytes}, timeout=5)
+    except httpx.HTTPError:
+        pass
