@@ -69,26 +69,37 @@ def schema_file_name(kind: str, api_version: str) -> str:
     return f"{kind.lower()}{suffix}.json"
 
 
-def _strict(node):
-    """Strict schemas: objects with declared properties accept no other keys (kubeconform -strict)."""
-    if isinstance(node, dict):
-        out = {k: _strict(v) for k, v in node.items()}
-        if out.get("format") == "int-or-string" or out.get("x-kubernetes-int-or-string"):
-            out.pop("type", None)
-            out["oneOf"] = [{"type": "string"}, {"type": "integer"}]
-        if out.get("nullable"):
-            out["type"] = [out["type"], "null"] if isinstance(out.get("type"), str) else out.get("type")
-        if (
-            out.get("type") == "object"
-            and "properties" in out
-            and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")
-        ):
-            out["additionalProperties"] = False
-        return out
-    if isinstance(node, list):
-        return [_strict(v) for v in node]
-    return node
+def _strict(schema):
+    """Strict schemas: objects with declared properties accept no other keys (kubeconform -strict).
+
+    Walks schema positions only (properties, items, ...), never a map of property names, so a
+    property that happens to be called ``oneOf`` or ``nullable`` is left alone.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "definitions", "patternProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _strict(sub) for name, sub in out[key].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [_strict(sub) for sub in out[key]]
+    if out.get("format") == "int-or-string" or out.get("x-kubernetes-int-or-string") is True:
+        out.pop("type", None)
+        out["oneOf"] = [{"type": "string"}, {"type": "integer"}]
+    if out.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and out.get("x-kubernetes-preserve-unknown-fields") is not True
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 def _refs(node, found: set[str]) -> None:

@@ -16,11 +16,22 @@
 {{- end -}}
 {{- end -}}
 
-{{- define "seedfork.labels" -}}
+{{- define "seedfork.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "seedfork.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "seedfork.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "seedfork.labels" -}}
+{{ include "seedfork.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "seedfork.agentLabels" -}}
+{{ include "seedfork.commonLabels" . }}
+app.kubernetes.io/component: agent
 {{- end -}}
 
 {{- define "seedfork.selectorLabels" -}}
