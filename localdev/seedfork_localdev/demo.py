@@ -1,0 +1,229 @@
+"""``make demo``: a ModelReplicaSet of the reference engine scales 1 -> 4, the new replicas pull from seeds.
+
+Development tool. Starts the local control plane, installs the CRD, runs the local pod runner (three
+nodes, two zones) and the operator, writes the deterministic test model with the reference engine's
+own command, creates a ModelReplicaSet with ``replicas: 1``, waits until it is Ready, then scales it
+to 4 through the scale subresource (as ``kubectl scale`` or an HPA would), shows each pod's progress,
+and prints where every replica got its weights, how long it took, and whether all replicas generate
+the same text. Exits non-zero when anything fails. ``--keep`` leaves everything running.
+
+    python -m seedfork_localdev.demo [--size small|tiny] [--backend transfer_engine|nccl] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .scenario import (
+    PROMPT,
+    LocalCluster,
+    PodRow,
+    PodTracker,
+    ReferenceSet,
+    ScaleOut,
+    ScenarioError,
+    api_client_for,
+    format_table,
+    install_agent_rbac,
+    install_crd,
+    make_model,
+    model_bytes,
+    new_namespace,
+    reference_set_body,
+    scale_out,
+)
+
+SET_NAME = "tiny-llama"
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+class Progress:
+    """Prints one line whenever a pod's state, bytes or readiness changes (works in any terminal or log)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.last: dict[str, tuple] = {}
+
+    def __call__(self, rows: list[PodRow]) -> None:
+        for row in rows:
+            key = (row.phase, row.state, row.bytes_done, row.ready, row.origin, row.attempt)
+            if self.last.get(row.name) == key:
+                continue
+            self.last[row.name] = key
+            total = f"/{human_bytes(row.bytes_total)}" if row.bytes_total else ""
+            got = human_bytes(row.bytes_done) + total if row.bytes_done or row.bytes_total else "-"
+            ready = "Ready" if row.ready else "not ready"
+            origin = f"from {row.origin}" if row.origin != "-" else "unassigned"
+            print(
+                f"  +{time.time() - self.t0:6.2f}s  {row.name:<24} {row.phase:<8} {row.state:<12} {got:<18} "
+                f"{origin:<30} {ready}",
+                flush=True,
+            )
+
+
+def result_table(result: ScaleOut) -> str:
+    rows = []
+    for row in result.rows:
+        b = result.breakdown_of(row.name)
+        source = "storage" if row.source == "storage" else f"seed {row.seed_pod}"
+        backend = row.backend or ("-" if row.source == "storage" else "?")
+        rows.append(
+            [
+                row.name,
+                row.node,
+                source,
+                backend,
+                human_bytes(b.bytes),
+                seconds(b.transfer),
+                seconds(b.total),
+                seconds(b.overhead),
+            ]
+        )
+    headers = ["pod", "node", "source", "backend", "bytes", "transfer", "created->Ready", "overhead"]
+    return format_table(headers, rows)
+
+
+def check_outputs(result: ScaleOut) -> bool:
+    print(f'\nSame prompt to every replica: "{PROMPT}"')
+    for pod, text in result.outputs.items():
+        print(f"  {pod:<24} -> {text!r}")
+    if result.identical:
+        print(f"OK: all {len(result.outputs)} replicas generate the same text.")
+        return True
+    print(f"FAIL: the replicas disagree ({len(set(result.outputs.values()))} different outputs).")
+    return False
+
+
+def print_keep(kubeconfig: Path, namespace: str, logs: Path) -> None:
+    print(
+        f"""
+Everything keeps running until you press Ctrl-C.
+  export KUBECONFIG={kubeconfig}
+  kubectl -n {namespace} get mrs {SET_NAME}
+  kubectl -n {namespace} get pods -o wide -L seedfork.io/set
+  kubectl -n {namespace} get pod <pod> -o jsonpath='{{.metadata.annotations}}'
+  kubectl -n {namespace} scale mrs/{SET_NAME} --replicas=6
+Logs: {logs} (operator.log, pods/<namespace>_<pod>_<container>.log)
+kubectl is not installed by seedfork: use your own (any version that speaks to Kubernetes 1.36)."""
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .controlplane import ControlPlane
+
+    device = args.device if args.device != "auto" else default_device()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="seedfork-demo-"))
+    print(f"seedfork demo: device {device}, backend {args.backend}, model size {args.size}, work dir {workdir}")
+    ok = False
+    try:
+        t = time.time()
+        print("Starting the local control plane (etcd + kube-apiserver) ...", flush=True)
+        with ControlPlane(workdir=workdir / "controlplane") as cp:
+            print(f"  kube-apiserver {cp.version()} at {cp.url} ({time.time() - t:.1f} s)")
+            api = api_client_for(cp.kubeconfig)
+            install_crd(api)
+            namespace = new_namespace(api, "demo")
+            install_agent_rbac(api, namespace)
+            print(f"  CRD installed; namespace {namespace}")
+            t = time.time()
+            model_dir = make_model(workdir / "models" / args.size, args.size)
+            print(f"Test model: {model_dir} ({human_bytes(model_bytes(model_dir))}, {time.time() - t:.1f} s)")
+            body = reference_set_body(SET_NAME, model_dir, backend=args.backend, replicas=1, device=device)
+            with LocalCluster(cp.kubeconfig, namespace, workdir) as cluster:
+                print(f"Pod runner nodes: {', '.join(n.name for n in cluster.runner.nodes)}; operator started")
+                rset = ReferenceSet(api, namespace, SET_NAME)
+                with PodTracker(api, namespace, SET_NAME) as tracker:
+                    progress = Progress(time.time())
+                    print(f"\nCreating ModelReplicaSet {SET_NAME} (replicas: 1), then scaling it to {args.replicas}:")
+                    result = scale_out(
+                        rset,
+                        tracker,
+                        body=body,
+                        replicas_to=args.replicas,
+                        timeout=args.timeout,
+                        on_poll=progress,
+                        cluster=cluster,
+                    )
+                print(
+                    f"\nAll {args.replicas} replicas Ready {result.scale_out_seconds:.2f} s after the scale request.\n"
+                )
+                print(result_table(result))
+                ok = check_outputs(result)
+                if args.keep:
+                    print_keep(cp.kubeconfig, namespace, cluster.logs)
+                    wait_forever()
+                print("\nCleaning up ...", flush=True)
+    except ScenarioError as e:
+        print(f"\nFAIL: {e}", file=sys.stderr)
+        print(f"Logs are in {workdir / 'logs'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nInterrupted; cleaned up.")
+        return 0 if ok else 130
+    finally:
+        if ok and not args.workdir and not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print("Done: nothing left running.")
+    return 0 if ok else 1
+
+
+def wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seedfork_localdev.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"], help="test model size (default small)")
+    parser.add_argument("--backend", default="transfer_engine", choices=["transfer_engine", "nccl", "auto"])
+    parser.add_argument("--replicas", type=int, default=4, help="scale to this many replicas (default 4)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when there is a GPU)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for each step")
+    parser.add_argument("--workdir", help="keep the control plane, model and logs here (default: a temp dir)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp work dir even on success")
+    parser.add_argument("--keep", action="store_true", help="leave everything running; Ctrl-C ends it")
+    args = parser.parse_args(argv)
+    if args.replicas < 2:
+        parser.error("--replicas must be at least 2 (the demo scales out from 1)")
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so every process group is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
