@@ -1,0 +1,376 @@
+"""The SGLang adapter: render R-Fork launch flags from the pod contract and supervise the result.
+
+SGLang moves its own bytes (protocols.md §5.1, design 1): the agent picks the flags, and then checks
+that SGLang really did what the flags asked, because SGLang silently falls back to loading from disk
+(§1.3) and has no metadata check of its own. Everything here but ``SGLangSupervisor`` is pure.
+
+Flags (sglang 0.5.23, protocols.md §1.3, §5.2, §5.3):
+
+- client: ``--load-format remote_instance``, ``--remote-instance-weight-loader-backend nccl|transfer_engine``,
+  ``--remote-instance-weight-loader-seed-instance-ip``, ``--remote-instance-weight-loader-seed-instance-service-port``
+  (the seed's HTTP ``--port``), and for NCCL ``--remote-instance-weight-loader-send-weights-group-ports``
+  ``"[p0,...]"`` (one port per TP rank, reserved on the seed);
+- seed serving TransferEngine reads: ``--remote-instance-weight-loader-start-seed-via-transfer-engine``
+  (NCCL needs no seed flag: every SGLang serves the NCCL endpoints);
+- every pod: ``--engine-info-bootstrap-port`` (unique per instance on a node), env ``SGLANG_HOST_IP`` (the TE
+  session id's address), ``NCCL_CUMEM_ENABLE=0``, ``NCCL_NVLS_ENABLE=0``; ``MOONCAKE_PROTOCOL`` when pinned.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from seedfork_api.contract import Assignment
+
+Role = Literal["seed", "client"]
+
+# ServerArgs field names: the flag names with dashes turned into underscores.
+LOAD_FORMAT = "load_format"
+BACKEND = "remote_instance_weight_loader_backend"
+SEED_IP = "remote_instance_weight_loader_seed_instance_ip"
+SEED_PORT = "remote_instance_weight_loader_seed_instance_service_port"
+GROUP_PORTS = "remote_instance_weight_loader_send_weights_group_ports"
+TE_SEED = "remote_instance_weight_loader_start_seed_via_transfer_engine"
+BOOTSTRAP_PORT = "engine_info_bootstrap_port"
+
+# Flags the adapter owns: a user template that sets them would silently fight the agent.
+OWNED_FLAGS = {
+    "--load-format",
+    "--remote-instance-weight-loader-seed-instance-ip",
+    "--remote-instance-weight-loader-seed-instance-service-port",
+    "--remote-instance-weight-loader-send-weights-group-ports",
+    "--remote-instance-weight-loader-backend",
+    "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+    "--engine-info-bootstrap-port",
+}
+_TP_FLAGS = ("--tp-size", "--tp", "--tensor-parallel-size")
+_PP_FLAGS = ("--pp-size", "--pp", "--pipeline-parallel-size")
+_DP_FLAGS = ("--dp-size", "--dp", "--data-parallel-size")
+
+
+class LayoutRefused(ValueError):
+    """A layout or flag set R-Fork cannot serve; the pod must load from storage or fail, not hang."""
+
+
+def flag_value(argv: Sequence[str], names: Sequence[str]) -> str | None:
+    """The value of the last occurrence of any of ``names`` (``--x v`` or ``--x=v``)."""
+    value = None
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(name + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+def _int_flag(argv: Sequence[str], names: Sequence[str], default: int = 1) -> int:
+    raw = flag_value(argv, names)
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        raise LayoutRefused(f"{names[0]} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @classmethod
+    def of(cls, argv: Sequence[str]) -> Layout:
+        return cls(_int_flag(argv, _TP_FLAGS), _int_flag(argv, _PP_FLAGS), _int_flag(argv, _DP_FLAGS))
+
+
+def check_layout(layout: Layout, backend: str) -> None:
+    """Refuse what R-Fork cannot serve (protocols.md §5.2 step 1, §5.3 step 3)."""
+    if layout.dp > 1:
+        raise LayoutRefused(f"data parallel size {layout.dp} > 1: R-Fork asserts num_dp_ranks == 1")
+    if layout.pp > 1 and backend == "transfer_engine":
+        raise LayoutRefused(
+            f"pipeline parallel size {layout.pp} > 1 with transfer_engine: SGLang keys TransferEngine info "
+            "by TP rank only, so pipeline stages overwrite each other"
+        )
+    if layout.pp > 1:
+        raise LayoutRefused(f"pipeline parallel size {layout.pp} > 1: R-Fork has no pipeline-parallel handling")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A rendered SGLang launch and what its resolved server args must show."""
+
+    argv: list[str]
+    env: dict[str, str]
+    role: Role
+    backend: str | None
+    expected: dict[str, object]  # ServerArgs field -> value SGLang must have resolved
+    can_seed: bool  # whether this instance can serve R-Fork clients once loaded
+    layout: Layout = field(default_factory=Layout)
+
+
+def render(
+    base_argv: Sequence[str],
+    *,
+    pod_ip: str,
+    engine_port: int,
+    bootstrap_port: int,
+    assignment: Assignment | None,
+    seed_backend: str = "transfer_engine",
+    protocol: str = "auto",
+    tp: int | None = None,
+    pp: int | None = None,
+) -> Launch:
+    """The SGLang command for this pod.
+
+    ``base_argv`` is the engine command from the pod template (model path, TP size, ...). With an
+    assignment from a seed, the pod is an R-Fork client; otherwise (storage) it loads from disk and
+    becomes a seed, started with the TransferEngine seed flag unless the set's backend is ``nccl``.
+    ``tp``/``pp`` from the pod contract must agree with the command's own flags.
+    """
+    argv = list(base_argv)
+    owned = sorted({a.split("=", 1)[0] for a in argv} & OWNED_FLAGS)
+    if owned:
+        raise LayoutRefused(f"the engine command sets flags the agent owns: {', '.join(owned)}")
+    for names, want in ((_TP_FLAGS, tp), (_PP_FLAGS, pp)):
+        have = _int_flag(argv, names)
+        if want is not None and have != want:
+            raise LayoutRefused(f"{names[0]} {have} in the engine command, but the pod contract says {want}")
+    host, port = flag_value(argv, ("--host",)), flag_value(argv, ("--port",))
+    if host not in (None, pod_ip) or port not in (None, str(engine_port)):
+        raise LayoutRefused(f"engine command binds {host}:{port}, the pod contract says {pod_ip}:{engine_port}")
+    if host is None:
+        argv += ["--host", pod_ip]
+    if port is None:
+        argv += ["--port", str(engine_port)]
+    layout = Layout.of(argv)
+    env = {"SGLANG_HOST_IP": pod_ip, "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
+    if protocol in ("tcp", "rdma"):
+        env["MOONCAKE_PROTOCOL"] = protocol
+    argv += ["--engine-info-bootstrap-port", str(bootstrap_port)]
+    expected: dict[str, object] = {BOOTSTRAP_PORT: bootstrap_port}
+
+    if assignment is not None and assignment.source == "seed":
+        backend = assignment.backend
+        if backend not in ("nccl", "transfer_engine"):
+            raise LayoutRefused(f"seed assignment without a concrete backend: {backend!r}")
+        if not assignment.seed_ip:
+            raise LayoutRefused("seed assignment without a seed IP: SGLang would silently load from disk")
+        check_layout(layout, backend)
+        argv += [
+            "--load-format",
+            "remote_instance",
+            "--remote-instance-weight-loader-backend",
+            backend,
+            "--remote-instance-weight-loader-seed-instance-ip",
+            assignment.seed_ip,
+            "--remote-instance-weight-loader-seed-instance-service-port",
+            str(engine_port),  # every pod of a set serves on the set's engine port
+        ]
+        expected |= {LOAD_FORMAT: "remote_instance", BACKEND: backend, SEED_IP: assignment.seed_ip}
+        expected[SEED_PORT] = engine_port
+        if backend == "nccl":
+            ports = list(assignment.group_ports)
+            if len(ports) != layout.tp:
+                raise LayoutRefused(
+                    f"NCCL needs one group port per TP rank ({layout.tp}), the assignment has {len(ports)}: "
+                    "without them SGLang silently loads from disk"
+                )
+            argv += ["--remote-instance-weight-loader-send-weights-group-ports", json.dumps(ports).replace(" ", "")]
+            expected[GROUP_PORTS] = ports
+        # A TE-loaded instance does not publish its own TE info in 0.5.23, so it cannot seed (§5.3 step 7).
+        return Launch(argv, env, "client", backend, expected, can_seed=backend == "nccl", layout=layout)
+
+    check_layout(layout, seed_backend if seed_backend != "auto" else "transfer_engine")
+    if seed_backend in ("transfer_engine", "auto"):
+        if "--enable-memory-saver" in argv:
+            raise LayoutRefused("--enable-memory-saver silently turns off the TransferEngine seed flag")
+        argv.append("--remote-instance-weight-loader-start-seed-via-transfer-engine")
+        expected[TE_SEED] = True
+        return Launch(argv, env, "seed", "transfer_engine", expected, can_seed=True, layout=layout)
+    return Launch(argv, env, "seed", "nccl", expected, can_seed=True, layout=layout)
+
+
+def fallback_problems(expected: Mapping[str, object], resolved: Mapping[str, object]) -> list[str]:
+    """What SGLang resolved differently from what we asked: each entry is a silent fallback."""
+    problems = []
+    for key, want in expected.items():
+        if key not in resolved:
+            problems.append(f"{key} missing from the resolved server args")
+            continue
+        got = resolved[key]
+        if key == GROUP_PORTS and isinstance(got, str):
+            try:
+                got = json.loads(got)
+            except ValueError:
+                pass
+        if got != want and str(got) != str(want):
+            problems.append(f"{key}={got!r}, asked for {want!r}")
+    if resolved.get(LOAD_FORMAT) == "auto" and expected.get(LOAD_FORMAT) == "remote_instance":
+        problems.insert(0, "SGLang fell back to loading from disk (load_format auto)")
+    if expected.get(TE_SEED) and not resolved.get(TE_SEED):
+        problems.insert(0, "SGLang turned the TransferEngine seed flag off (TransferEngine validation failed)")
+    return problems
+
+
+_SERVER_ARGS = re.compile(r"ServerArgs\((.*)\)\s*$")
+_FIELD = re.compile(r"(\w+)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\[[^\]]*\]|\{[^}]*\}|[^,]*)(?:,\s*|$)")
+
+
+def resolved_args_from_log(log_text: str) -> dict[str, object]:
+    """The last ``ServerArgs(...)`` repr in a log, as a dict of the simple fields (best effort)."""
+    found: dict[str, object] = {}
+    for line in log_text.splitlines():
+        m = _SERVER_ARGS.search(line)
+        if not m:
+            continue
+        found = {}
+        for fm in _FIELD.finditer(m.group(1)):
+            try:
+                found[fm.group(1)] = ast.literal_eval(fm.group(2))
+            except (ValueError, SyntaxError):
+                found[fm.group(1)] = fm.group(2)
+    return found
+
+
+def checksums_match(seed: Mapping, client: Mapping) -> tuple[bool, str]:
+    """Compare two ``/weights_checker {"action": "checksum"}`` answers."""
+    a, b = seed.get("per_engine_checksum"), client.get("per_engine_checksum")
+    if a is None or b is None:
+        return False, "a /weights_checker answer lacks per_engine_checksum"
+    if a != b:
+        return False, f"weights differ from the seed: {b!r} != {a!r}"
+    return True, "per_engine_checksum matches the seed"
+
+
+@dataclass
+class Outcome:
+    state: Literal["verified", "failed"]
+    error: str | None = None
+    can_seed: bool = False
+    resolved: dict = field(default_factory=dict)
+
+
+class SGLangSupervisor:
+    """Checks a launched SGLang: healthy, no silent fallback, weights equal to the seed's.
+
+    ``log_text`` returns the server's log so far (the ``ServerArgs`` repr there is used when the
+    server-info endpoint is unavailable).
+    """
+
+    def __init__(self, launch: Launch, engine_url: str, seed_url: str | None, token: str | None = None) -> None:
+        self.launch = launch
+        self.engine_url = engine_url.rstrip("/")
+        self.seed_url = seed_url.rstrip("/") if seed_url else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _get(self, client, url: str):
+        return await client.get(url, headers=self.headers)
+
+    async def wait_healthy(self, client, timeout_s: float, proc: asyncio.subprocess.Process | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.returncode is not None:
+                raise RuntimeError(f"SGLang exited with code {proc.returncode} before it was healthy")
+            try:
+                if (await self._get(client, f"{self.engine_url}/health")).status_code == 200:
+                    return
+            except Exception:
+                pass  # not listening yet
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"SGLang at {self.engine_url} not healthy within {timeout_s}s")
+
+    async def resolved_args(self, client, log_text: str = "") -> dict:
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                r = await self._get(client, f"{self.engine_url}{path}")
+            except Exception:
+                continue
+            if r.status_code == 200:
+                return r.json()
+        return resolved_args_from_log(log_text)
+
+    async def checksum(self, client, url: str) -> dict:
+        r = await client.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=self.headers)
+        r.raise_for_status()
+        return r.json()
+
+    async def wait_te_info(self, client, timeout_s: float) -> None:
+        """A TE seed is usable once every TP rank publishes its info (registration can take seconds)."""
+        deadline = time.monotonic() + timeout_s
+        for rank in range(self.launch.layout.tp):
+            while True:
+                r = await self._get(client, f"{self.engine_url}/remote_instance_transfer_engine_info?rank={rank}")
+                if r.status_code == 200 and r.json().get("remote_instance_transfer_engine_info"):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"TransferEngine info for rank {rank} not published within {timeout_s}s")
+                await asyncio.sleep(0.2)
+
+    async def supervise(
+        self, timeout_s: float = 600.0, log_text=lambda: "", proc: asyncio.subprocess.Process | None = None
+    ) -> Outcome:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            try:
+                await self.wait_healthy(client, timeout_s, proc)
+                resolved = await self.resolved_args(client, log_text())
+                problems = fallback_problems(self.launch.expected, resolved)
+                if problems:
+                    return Outcome("failed", "; ".join(problems), resolved=resolved)
+                if self.launch.role == "seed":
+                    if self.launch.backend == "transfer_engine":
+                        await self.wait_te_info(client, timeout_s)
+                    return Outcome("verified", can_seed=True, resolved=resolved)
+                if self.seed_url is None:
+                    return Outcome("failed", "no seed URL to verify against", resolved=resolved)
+                seed_sum, own_sum = await asyncio.gather(
+                    self.checksum(client, self.seed_url), self.checksum(client, self.engine_url)
+                )
+            except Exception as e:
+                return Outcome("failed", f"{type(e).__name__}: {e}")
+        ok, detail = checksums_match(seed_sum, own_sum)
+        if not ok:
+            return Outcome("failed", detail, resolved=resolved)
+        return Outcome("verified", can_seed=self.launch.can_seed, resolved=resolved)
+
+
+async def launch_and_supervise(
+    launch: Launch,
+    engine_url: str,
+    seed_url: str | None,
+    token: str | None,
+    log_path: str,
+    timeout_s: float = 600.0,
+    base_env: Mapping[str, str] | None = None,
+) -> tuple[asyncio.subprocess.Process, Outcome]:
+    """Start SGLang with the rendered command and env (output to ``log_path``), then supervise it.
+
+    On a failed outcome the process is left running for the caller to inspect and stop: the pod
+    restarts it with a new assignment (another seed, or storage).
+    """
+    import os
+
+    env = {**(os.environ if base_env is None else base_env), **launch.env}
+    log = open(log_path, "wb")  # noqa: ASYNC230, SIM115 (a local file, handed to the child)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *launch.argv, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
+        )
+    finally:
+        log.close()
+
+    def read_log() -> str:
+        with open(log_path, errors="replace") as f:
+            return f.read()
+
+    outcome = await SGLangSupervisor(launch, engine_url, seed_url, token).supervise(timeout_s, read_log, proc)
+    return proc, outcome

@@ -1,0 +1,154 @@
+"""A test double of SGLang's HTTP surface and R-Fork flag handling, built strictly from protocols.md.
+
+SGLang itself (GPU kernels, CUDA) cannot run here. This double implements only what protocols.md
+documents for sglang 0.5.23, so the adapter is tested against the documented behaviour:
+
+- the R-Fork flags of §1.3 (same names, types and defaults; group ports as a JSON list);
+- §1.3's silent fallbacks: ``remote_instance`` without seed IP or port, or ``nccl`` without group
+  ports, or ``transfer_engine`` when ``validate_transfer_engine()`` fails, fall back to ``auto``
+  with only a warning; on a seed the TE flag is overwritten with that validation's result, which
+  fails if ``mooncake.engine`` cannot be imported or ``--enable-memory-saver`` is set;
+- ``GET /health``; ``GET /server_info`` and ``/get_server_info`` with the resolved args (§5.2 step 1);
+  ``POST /weights_checker {"action": "checksum"}`` answering ``per_engine_checksum`` (§5.3 step 8);
+  ``GET /remote_instance_transfer_engine_info?rank=r`` with §1.5's 200 and 400 bodies;
+  ``--api-key`` guarding all but ``/health`` (§1.4).
+
+What it does NOT emulate: the transfer itself. Loading "from the seed" reads the same safetensors
+as the seed (``--model-path``); ``SGLANG_DOUBLE_CORRUPT=1`` flips one byte of what was "received",
+standing in for a transfer that delivered wrong bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--tp-size", "--tp", type=int, default=1)
+    p.add_argument("--pp-size", type=int, default=1)
+    p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--enable-memory-saver", action="store_true")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--remote-instance-weight-loader-seed-instance-ip", default=None)
+    p.add_argument("--remote-instance-weight-loader-seed-instance-service-port", type=int, default=None)
+    p.add_argument("--remote-instance-weight-loader-send-weights-group-ports", type=json.loads, default=None)
+    p.add_argument(
+        "--remote-instance-weight-loader-backend", choices=["transfer_engine", "nccl", "modelexpress"], default="nccl"
+    )
+    p.add_argument("--remote-instance-weight-loader-start-seed-via-transfer-engine", action="store_true")
+    p.add_argument("--engine-info-bootstrap-port", type=int, default=6789)
+    return p.parse_args(argv)
+
+
+def validate_transfer_engine(args: argparse.Namespace) -> bool:
+    if args.enable_memory_saver:
+        print("WARNING: Memory saver is enabled, which is not compatible with TransferEngine", flush=True)
+        return False
+    try:
+        import mooncake.engine  # noqa: F401
+    except ImportError:
+        print("WARNING: mooncake.engine cannot be imported", flush=True)
+        return False
+    return True
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """The model_path_hook fallbacks of §1.3: warn and keep going."""
+    if args.load_format == "remote_instance" and args.remote_instance_weight_loader_backend != "modelexpress":
+        backend = args.remote_instance_weight_loader_backend
+        if (
+            args.remote_instance_weight_loader_seed_instance_ip is None
+            or args.remote_instance_weight_loader_seed_instance_service_port is None
+        ):
+            print("WARNING: remote_instance without seed ip/port; falling back to load format auto", flush=True)
+            args.load_format = "auto"
+        elif backend == "nccl" and not args.remote_instance_weight_loader_send_weights_group_ports:
+            print("WARNING: nccl backend without group ports; falling back to load format auto", flush=True)
+            args.load_format = "auto"
+        elif backend == "transfer_engine" and not validate_transfer_engine(args):
+            args.load_format = "auto"
+    if args.remote_instance_weight_loader_start_seed_via_transfer_engine:
+        args.remote_instance_weight_loader_start_seed_via_transfer_engine = validate_transfer_engine(args)
+    return args
+
+
+def weights_digest(model_path: str, corrupt: bool) -> tuple[str, list[str]]:
+    """A digest of the safetensors bytes, and the tensor names from their headers (no torch: starts fast)."""
+    h = hashlib.sha256()
+    names: list[str] = []
+    for i, f in enumerate(sorted(Path(model_path).glob("*.safetensors"))):
+        raw = bytearray(f.read_bytes())
+        header_len = struct.unpack("<Q", raw[:8])[0]
+        names += [k for k in json.loads(raw[8 : 8 + header_len]) if k != "__metadata__"]
+        if corrupt and i == 0:
+            raw[8 + header_len] ^= 0x01  # the first byte of tensor data
+        h.update(hashlib.sha256(raw).digest())
+    return h.hexdigest(), sorted(names)
+
+
+def main() -> None:
+    args = resolve(parse(sys.argv[1:]))
+    print(f"resolved load_format={args.load_format}", flush=True)
+    remote = args.load_format == "remote_instance"
+    digest, names = weights_digest(args.model_path, remote and os.environ.get("SGLANG_DOUBLE_CORRUPT") == "1")
+
+    @web.middleware
+    async def auth(request, handler):
+        authorized = request.headers.get("Authorization") == f"Bearer {args.api_key}"
+        if args.api_key and not request.path.startswith("/health") and not authorized:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    async def health(_):
+        return web.Response(text="")
+
+    async def server_info(_):
+        return web.json_response(vars(args))
+
+    async def weights_checker(request):
+        body = await request.json()
+        if body.get("action") != "checksum":
+            return web.json_response({"success": False, "message": "unsupported action"}, status=400)
+        return web.json_response({"success": True, "per_engine_checksum": [digest] * args.tp_size})
+
+    async def te_info(request):
+        try:
+            rank = int(request.query["rank"])
+        except (KeyError, ValueError):
+            return web.json_response({"error": {"message": "Missing or invalid rank parameter"}}, status=400)
+        if not args.remote_instance_weight_loader_start_seed_via_transfer_engine or rank >= args.tp_size:
+            msg = f"Failed to get transfer engine info for rank {rank}"
+            return web.json_response({"error": {"message": msg}}, status=400)
+        session = f"{os.environ.get('SGLANG_HOST_IP', args.host)}:15575"
+        info = {n: [140230000000000 + i * 4096, 1024, 2] for i, n in enumerate(names)}
+        return web.json_response({"rank": rank, "remote_instance_transfer_engine_info": [session, info]})
+
+    app = web.Application(middlewares=[auth])
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/server_info", server_info),
+            web.get("/get_server_info", server_info),
+            web.post("/weights_checker", weights_checker),
+            web.get("/remote_instance_transfer_engine_info", te_info),
+            web.get("/get_remote_instance_transfer_engine_info", te_info),
+        ]
+    )
+    web.run_app(app, host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
