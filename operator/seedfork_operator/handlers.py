@@ -1,0 +1,116 @@
+"""kopf wiring, kept thin: an index of owned pods, one daemon per set that runs the reconciler
+level-triggered (every ``interval`` seconds, and at once when the set or one of its pods changes).
+
+kopf's own bookkeeping stays out of the status: progress and diff-base live in
+``operator.seedfork.io/*`` annotations, handlers return None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from seedfork_api.contract import LABEL_MANAGED_BY, MANAGED_BY
+from seedfork_api.spec import GROUP, KIND, PLURAL, VERSION
+
+from . import metrics
+from .config import OperatorConfig
+from .podview import PodView
+from .reconciler import Kube, SetReconciler
+
+KOPF_PREFIX = "operator.seedfork.io"
+OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _owner_uid(meta: Any) -> str | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            return ref.get("uid")
+    return None
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else $KUBECONFIG (read now, not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
+    settings.posting.level = logging.WARNING  # Events are posted explicitly, not from every log line
+    settings.watching.server_timeout = 60
+    if getattr(memo, "config", None) is None:
+        memo.config = OperatorConfig.from_env()
+    memo.wakeups = {}
+    memo.kube = await asyncio.to_thread(Kube.from_environment)
+    metrics.serve(memo.config.metrics_port, memo.config.metrics_addr)
+    logger.info("seedfork operator configured: %s", memo.config)
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    if kube is not None:
+        await asyncio.to_thread(kube.api.close)
+
+
+@kopf.index("pods", labels=OWNED)
+def pods_by_owner(meta: Any, body: Any, namespace: str, **_: Any) -> dict[tuple[str, str], PodView] | None:
+    owner = _owner_uid(meta)
+    return {(namespace, owner): PodView.from_pod(body)} if owner else None
+
+
+def _wake(memo: kopf.Memo, key: tuple[str, str | None]) -> None:
+    event = memo.wakeups.get(key) if hasattr(memo, "wakeups") else None
+    if event is not None:
+        event.set()
+
+
+@kopf.on.event("pods", labels=OWNED)
+async def pod_changed(meta: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _wake(memo, (namespace, _owner_uid(meta)))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def set_changed(uid: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _wake(memo, (namespace, uid))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=2.0)
+async def run_set(
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    uid: str,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    pods_by_owner: kopf.Index,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
+    key = (namespace, uid)
+    config: OperatorConfig = memo.config
+    wake = memo.wakeups.setdefault(key, asyncio.Event())
+    reconciler = SetReconciler(kube=memo.kube, config=config, namespace=namespace, name=name, uid=uid)
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                await reconciler.reconcile(body, list(pods_by_owner.get(key, [])))
+            except Exception:  # one bad pass must not stop the set's reconciliation
+                logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=config.interval)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(config.debounce)
+    finally:
+        memo.wakeups.pop(key, None)

@@ -1,0 +1,393 @@
+"""Seed choice, fan-out, retries and scaling as one pure function: (spec, pods, nodes, now) → Plan.
+
+No I/O here: the reconciler feeds in what the API says and executes the plan.
+Everything the planner needs to remember lives in the pods' annotations
+(the Assignment with its attempt number and excluded seeds, the agent's
+report), so a restarted operator plans exactly as the old one would have.
+
+Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
+- A seed is Ready, has the same fingerprint, says it is serving, is not
+  terminating and has a pod IP. Active clients of a seed are the pods whose
+  current assignment names it and whose report for that attempt is neither
+  verified nor failed. A seed takes at most ``maxClientsPerSeed`` of them.
+- Preference: a seed sharing the first topology key's node label, then the
+  next key, then the fewest active clients.
+- NCCL: each concurrent group on a seed gets its own block of ``tp * pp``
+  ports. For engines other than SGLang, pods needing a seed in the same pass
+  are grouped into one cohort (one broadcast to k+1 ranks, the seed is rank 0).
+- SGLang: NCCL serves one client per seed; pods that loaded through
+  TransferEngine cannot seed (SGLang does not republish their weights).
+- No eligible seed → storage. A failed or timed-out transfer (or a seed that
+  vanished) is retried on another seed, excluding the failed ones, up to
+  ``retries``; then storage (``fallback: storage``) or the pod is replaced
+  (``fallback: fail``). A failed storage load replaces the pod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from seedfork_api.contract import Assignment, ConcreteBackend
+from seedfork_api.spec import ModelReplicaSetSpec
+
+from .podview import PodView
+
+STORAGE = "storage"
+NO_LOCALITY = "remote"  # metric label when the seed shares none of the topology keys
+
+NodeLabels = Mapping[str, Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class SeedChoice:
+    """One decision the operator explains with an Event and a metric."""
+
+    pod: str
+    attempt: int
+    seed: str | None  # None = storage
+    locality: str  # the topology key shared with the seed, NO_LOCALITY, or STORAGE
+    why: str  # initial | retry | fallback | locality
+
+
+@dataclass(frozen=True)
+class Failure:
+    pod: str
+    attempt: int
+    seed: str | None
+    reason: str
+
+
+@dataclass
+class Plan:
+    create: list[tuple[str, Assignment]] = field(default_factory=list)  # new pods, created with their assignment
+    assign: list[tuple[str, Assignment]] = field(default_factory=list)  # new assignment for an existing pod
+    gate: list[str] = field(default_factory=list)  # pods whose weights are verified: set the readiness gate
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (pod, reason)
+    choices: list[SeedChoice] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    fell_back: int = 0  # storage chosen because seed transfers failed
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.assign or self.gate or self.delete)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def resolve_backend(spec: ModelReplicaSetSpec) -> ConcreteBackend:
+    return "nccl" if spec.transfer.backend == "nccl" else "transfer_engine"
+
+
+def client_limit(spec: ModelReplicaSetSpec) -> int:
+    if spec.engine.kind == "sglang" and resolve_backend(spec) == "nccl":
+        return 1  # an SGLang seed serves one NCCL client at a time
+    return spec.transfer.max_clients_per_seed
+
+
+def uses_cohorts(spec: ModelReplicaSetSpec) -> bool:
+    return resolve_backend(spec) == "nccl" and spec.engine.kind != "sglang"
+
+
+def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
+    """Disjoint blocks of one port per rank inside ``spec.transfer.ports``."""
+    ranks = spec.engine.parallelism.tp * spec.engine.parallelism.pp
+    start, end = spec.transfer.ports.start, spec.transfer.ports.end
+    return [list(range(p, p + ranks)) for p in range(start, end - ranks + 2, ranks)]
+
+
+def locality(client: Mapping[str, str] | None, seed: Mapping[str, str] | None, keys: list[str]) -> tuple[int, str]:
+    """(rank, label): rank is the index of the first topology key both nodes share, len(keys) for none."""
+    if client and seed:
+        for i, key in enumerate(keys):
+            if key in client and client.get(key) == seed.get(key):
+                return i, key
+    return len(keys), NO_LOCALITY
+
+
+def timed_out(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    a = pod.assignment
+    # Storage loads take as long as the disk needs; the transfer timeout bounds seed transfers only.
+    return (
+        a is not None
+        and a.source == "seed"
+        and not pod.verified
+        and now > a.assigned_at + spec.transfer.timeout_seconds
+    )
+
+
+def is_active_client(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    a = pod.assignment
+    return (
+        a is not None
+        and a.source == "seed"
+        and not pod.deleting
+        and pod.state not in ("verified", "failed")
+        and not timed_out(spec, pod, now)
+    )
+
+
+def active_clients(spec: ModelReplicaSetSpec, pods: Iterable[PodView], now: float) -> dict[str, list[PodView]]:
+    out: dict[str, list[PodView]] = {}
+    for pod in pods:
+        if is_active_client(spec, pod, now):
+            out.setdefault(pod.assignment.seed_pod or "", []).append(pod)
+    return out
+
+
+def can_seed(spec: ModelReplicaSetSpec, fingerprint: str, pod: PodView) -> bool:
+    """Could this pod serve weights at all (capacity aside)?"""
+    if pod.deleting or not pod.ready or not pod.serving or not pod.ip or pod.fingerprint != fingerprint:
+        return False
+    if spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine":
+        # SGLang 0.5.x does not republish weights it received through TransferEngine.
+        return pod.assignment is not None and pod.assignment.source == "storage"
+    return True
+
+
+def scale_down_order(pods: list[PodView], clients: Mapping[str, list[PodView]]) -> list[PodView]:
+    """Deletion preference: not Ready first, then Ready pods seeding nobody, then busy seeds; newest first."""
+
+    def key(pod: PodView) -> tuple[int, int, float]:
+        busy = len(clients.get(pod.name, []))
+        tier = 0 if not pod.ready else (1 if busy == 0 else 2)
+        return tier, busy, -pod.created
+
+    return sorted(pods, key=key)
+
+
+def cohort_id(seed: str, members: list[str], now: float) -> str:
+    digest = hashlib.sha256(f"{seed}|{','.join(members)}|{now}".encode()).hexdigest()[:10]
+    return f"c-{digest}"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Need:
+    pod: str
+    node: str | None
+    attempt: int
+    excluded: list[str]
+    why: str
+    new: bool = False
+
+
+def plan(
+    spec: ModelReplicaSetSpec,
+    fingerprint: str,
+    pods: list[PodView],
+    nodes: NodeLabels,
+    now: float,
+    new_name: Callable[[], str],
+    template_node: str | None = None,
+) -> Plan:
+    out = Plan()
+    live = [p for p in pods if not p.deleting]
+    by_name = {p.name: p for p in live}
+    clients = active_clients(spec, live, now)
+
+    # 1. scale down: pick victims before anything else, so we assign nothing to them
+    excess = len(live) - spec.replicas
+    victims: set[str] = set()
+    if excess > 0:
+        for pod in scale_down_order(live, clients)[:excess]:
+            victims.add(pod.name)
+            out.delete.append((pod.name, "scale down"))
+    survivors = [p for p in live if p.name not in victims]
+    gone = {p.name for p in pods if p.deleting} | victims
+
+    # 2. per pod: verified → gate; failed / timed out / seed gone → retry, fall back or replace
+    needs: list[_Need] = []
+    replaced = 0
+    for pod in survivors:
+        a = pod.assignment
+        if a is None:
+            needs.append(_Need(pod.name, pod.node, 1, [], "initial"))
+            continue
+        if pod.verified:
+            if not pod.gate:
+                out.gate.append(pod.name)
+            continue
+        reason = None
+        if pod.state == "failed":
+            reason = (pod.current_report.error or "transfer failed") if pod.current_report else "transfer failed"
+        elif timed_out(spec, pod, now):
+            reason = f"no verified weights within {spec.transfer.timeout_seconds}s"
+        elif a.source == "seed" and (a.seed_pod in gone or a.seed_pod not in by_name):
+            reason = f"seed {a.seed_pod} went away"
+        if reason is None:
+            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now)
+            if upgrade:
+                needs.append(_Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), "locality"))
+            continue
+        out.failures.append(Failure(pod.name, a.attempt, a.seed_pod if a.source == "seed" else None, reason))
+        if a.source == "storage":
+            out.delete.append((pod.name, f"loading from storage failed: {reason}"))
+            replaced += 1
+            continue
+        excluded = [*a.excluded_seeds, *([a.seed_pod] if a.seed_pod and a.seed_pod not in a.excluded_seeds else [])]
+        if len(excluded) <= spec.transfer.retries:
+            needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "retry"))
+        elif spec.transfer.fallback == "storage":
+            storage = Assignment(attempt=a.attempt + 1, source="storage", excluded_seeds=excluded, assigned_at=now)
+            out.assign.append((pod.name, storage))
+            out.choices.append(SeedChoice(pod.name, a.attempt + 1, None, STORAGE, "fallback"))
+            out.fell_back += 1
+        else:
+            out.delete.append((pod.name, f"{len(excluded)} seed transfers failed and fallback is fail"))
+            replaced += 1
+
+    # 3. scale up (replacing pods deleted above, too)
+    missing = spec.replicas - (len(survivors) - replaced)
+    for _ in range(max(missing, 0)):
+        needs.append(_Need(new_name(), template_node, 1, [], "initial", new=True))
+
+    # 4. seeds for everyone who needs one, in one pass so cohorts can form
+    _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out)
+    return out
+
+
+def _locality_upgrade(
+    spec: ModelReplicaSetSpec,
+    fingerprint: str,
+    pod: PodView,
+    live: list[PodView],
+    nodes: NodeLabels,
+    clients: Mapping[str, list[PodView]],
+    now: float,
+) -> bool:
+    """A pod assigned before it was scheduled may now have a closer seed; switch before its agent starts."""
+    a = pod.assignment
+    if a is None or a.source != "seed" or pod.node is None or pod.report is not None or (a.cohort_size or 0) > 2:
+        return False
+    keys = spec.transfer.topology_keys
+    client = nodes.get(pod.node)
+    current = next((p for p in live if p.name == a.seed_pod), None)
+    current_rank = locality(client, nodes.get(current.node or ""), keys)[0] if current else len(keys)
+    limit = client_limit(spec)
+    for seed in live:
+        if seed.name == a.seed_pod or seed.name in a.excluded_seeds or not can_seed(spec, fingerprint, seed):
+            continue
+        if len(clients.get(seed.name, [])) >= limit:
+            continue
+        if locality(client, nodes.get(seed.node or ""), keys)[0] < current_rank:
+            return True
+    return False
+
+
+@dataclass
+class _SeedSlot:
+    pod: PodView
+    active: int
+    used_blocks: set[tuple[int, ...]]
+    cohort: list[_Need] = field(default_factory=list)  # cohort opened in this pass
+    cohort_ports: list[int] = field(default_factory=list)
+
+
+def _assign(
+    spec: ModelReplicaSetSpec,
+    fingerprint: str,
+    needs: list[_Need],
+    live: list[PodView],
+    gone: set[str],
+    nodes: NodeLabels,
+    clients: Mapping[str, list[PodView]],
+    now: float,
+    out: Plan,
+) -> None:
+    if not needs:
+        return
+    backend = resolve_backend(spec)
+    limit = client_limit(spec)
+    cohorts = uses_cohorts(spec)
+    blocks = port_blocks(spec) if backend == "nccl" else []
+    keys = spec.transfer.topology_keys
+    moving = {n.pod for n in needs}
+    slots: dict[str, _SeedSlot] = {}
+    for seed in live:
+        if seed.name in gone or seed.name in moving or not can_seed(spec, fingerprint, seed):
+            continue
+        staying = [c for c in clients.get(seed.name, []) if c.name not in moving]
+        used = {tuple(c.assignment.group_ports) for c in staying if c.assignment.group_ports}
+        slots[seed.name] = _SeedSlot(seed, len(staying), used)
+
+    plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
+    for need in needs:
+        client_labels = nodes.get(need.node or "")
+        best: tuple | None = None
+        for slot in slots.values():
+            if slot.pod.name in need.excluded or slot.active >= limit:
+                continue
+            joins = cohorts and bool(slot.cohort)
+            if backend == "nccl" and not joins and _free_block(blocks, slot.used_blocks) is None:
+                continue
+            rank, label = locality(client_labels, nodes.get(slot.pod.node or ""), keys)
+            key = (rank, 0 if joins else 1, slot.active, slot.pod.name)
+            if best is None or key < best[0]:
+                best = (key, slot, label)
+        if best is None:
+            fallback = need.why == "retry"
+            if fallback and spec.transfer.fallback == "fail":
+                out.delete.append((need.pod, "no other seed to retry on and fallback is fail"))
+                continue
+            assignment = Assignment(
+                attempt=need.attempt, source="storage", excluded_seeds=need.excluded, assigned_at=now
+            )
+            _emit(out, need, assignment)
+            out.choices.append(SeedChoice(need.pod, need.attempt, None, STORAGE, "fallback" if fallback else need.why))
+            out.fell_back += int(fallback)
+            continue
+        _, slot, label = best
+        slot.active += 1
+        out.choices.append(SeedChoice(need.pod, need.attempt, slot.pod.name, label, need.why))
+        if cohorts:
+            if not slot.cohort:
+                slot.cohort_ports = _free_block(blocks, slot.used_blocks) or []
+                slot.used_blocks.add(tuple(slot.cohort_ports))
+            slot.cohort.append(need)
+            continue
+        ports: list[int] = []
+        if backend == "nccl":
+            ports = _free_block(blocks, slot.used_blocks) or []
+            slot.used_blocks.add(tuple(ports))
+        plain.append((need, slot, label, ports))
+
+    for need, slot, _, ports in plain:
+        _emit(out, need, _seed_assignment(spec, need, slot.pod, backend, ports, now))
+    for slot in slots.values():
+        if not slot.cohort:
+            continue
+        cid = cohort_id(slot.pod.name, [n.pod for n in slot.cohort], now)
+        size = len(slot.cohort) + 1
+        for rank, need in enumerate(slot.cohort, start=1):
+            assignment = _seed_assignment(spec, need, slot.pod, backend, slot.cohort_ports, now)
+            assignment.cohort_id, assignment.cohort_rank, assignment.cohort_size = cid, rank, size
+            _emit(out, need, assignment)
+
+
+def _free_block(blocks: list[list[int]], used: set[tuple[int, ...]]) -> list[int] | None:
+    return next((b for b in blocks if tuple(b) not in used), None)
+
+
+def _seed_assignment(
+    spec: ModelReplicaSetSpec, need: _Need, seed: PodView, backend: ConcreteBackend, ports: list[int], now: float
+) -> Assignment:
+    return Assignment(
+        attempt=need.attempt,
+        source="seed",
+        backend=backend,
+        seed_pod=seed.name,
+        seed_ip=seed.ip,
+        seed_agent_port=spec.transfer.agent_port,
+        group_ports=list(ports),
+        excluded_seeds=need.excluded,
+        assigned_at=now,
+    )
+
+
+def _emit(out: Plan, need: _Need, assignment: Assignment) -> None:
+    (out.create if need.new else out.assign).append((need.pod, assignment))

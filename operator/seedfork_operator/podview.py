@@ -1,0 +1,92 @@
+"""A read-only view of one owned pod: the facts the planner needs, parsed once from the pod body.
+
+Pure: no I/O. Unparseable contract annotations read as absent (the planner then
+re-assigns the pod), so a hand-edited annotation cannot crash the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from seedfork_api.contract import LABEL_FINGERPRINT, READINESS_GATE, AgentReport, Assignment
+
+
+def parse_time(value: str | None) -> float:
+    """RFC 3339 (as the apiserver writes it) → epoch seconds; 0.0 when absent."""
+    if not value:
+        return 0.0
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    uid: str = ""
+    resource_version: str = ""
+    created: float = 0.0
+    node: str | None = None
+    ip: str | None = None
+    deleting: bool = False
+    fingerprint: str | None = None
+    ready: bool = False  # PodReady condition (the kubelet's verdict, gate included)
+    gate: bool = False  # our readiness gate condition
+    assignment: Assignment | None = None
+    report: AgentReport | None = None
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        annotations = meta.get("annotations") or {}
+        try:
+            assignment = Assignment.from_annotations(annotations)
+        except ValidationError:
+            assignment = None
+        try:
+            report = AgentReport.from_annotations(annotations)
+        except ValidationError:
+            report = None
+        return cls(
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            resource_version=meta.get("resourceVersion", ""),
+            created=parse_time(meta.get("creationTimestamp")),
+            node=spec.get("nodeName") or None,
+            ip=status.get("podIP") or None,
+            deleting=bool(meta.get("deletionTimestamp")),
+            fingerprint=(meta.get("labels") or {}).get(LABEL_FINGERPRINT),
+            ready=_condition(status, "Ready"),
+            gate=_condition(status, READINESS_GATE),
+            assignment=assignment,
+            report=report,
+        )
+
+    @property
+    def current_report(self) -> AgentReport | None:
+        """The agent's report for the current attempt; an older report says nothing about it."""
+        if self.assignment is None or self.report is None or self.report.attempt != self.assignment.attempt:
+            return None
+        return self.report
+
+    @property
+    def state(self) -> str | None:
+        report = self.current_report
+        return report.state if report else None
+
+    @property
+    def verified(self) -> bool:
+        return self.state == "verified"
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.report and self.report.serving)

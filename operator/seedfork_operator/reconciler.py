@@ -1,0 +1,348 @@
+"""One pass over one ModelReplicaSet: read, plan (pure), act, write status.
+
+The only module that talks to the API besides kopf itself. It keeps two kinds of
+memory, both safe to lose on restart: *expectations* (pods it created or deleted
+whose watch events have not arrived yet, so a fast second pass does not create
+duplicates) and caches (node labels, the token Secret check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from seedfork_api import contract as c
+from seedfork_api.spec import GROUP, PLURAL, VERSION, ModelReplicaSet
+
+from . import metrics, planner, render
+from .config import OperatorConfig
+from .podview import PodView
+from .status import compute_status, now_rfc3339
+
+log = logging.getLogger("seedfork.operator")
+
+EXPECTATION_TTL = 30.0  # seconds to trust our own create/delete before the watch confirms it
+NODE_TTL = 30.0
+
+
+class Kube:
+    """Blocking kubernetes-client calls, run in worker threads."""
+
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.objects = client.CustomObjectsApi(api)
+        self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()
+            api = client.ApiClient()
+        except config.ConfigException:
+            api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None)
+        api.configuration.connection_pool_maxsize = 32
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
+        return cls(api)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def node_labels(self, name: str) -> dict[str, str]:
+        hit = self._nodes.get(name)
+        if hit and time.monotonic() - hit[0] < NODE_TTL:
+            return hit[1]
+        try:
+            node = await self.call(self.core.read_node, name)
+            labels = dict(node.metadata.labels or {})
+        except ApiException as err:
+            # 404: not (yet) a Node; 403: RBAC without nodes — then no topology preference, never a crash.
+            log.debug("node %s labels unavailable: %s", name, err.status)
+            labels = {}
+        self._nodes[name] = (time.monotonic(), labels)
+        return labels
+
+
+@dataclass
+class SetReconciler:
+    kube: Kube
+    config: OperatorConfig
+    namespace: str
+    name: str
+    uid: str
+    created: dict[str, tuple[float, PodView]] = field(default_factory=dict)  # expectations
+    deleted: dict[str, float] = field(default_factory=dict)
+    token_checked: str | None = None
+    last_status: dict[str, Any] = field(default_factory=dict)
+    last_warning: str | None = None
+    gated: set[str] = field(default_factory=set)  # pod uids this process gated, for the Ready histogram
+
+    # ------------------------------------------------------------ one pass
+    async def reconcile(self, body: Mapping[str, Any], indexed: list[PodView]) -> None:
+        now = time.time()
+        meta = body.get("metadata") or {}
+        generation = int(meta.get("generation") or 0)
+        old_status = dict(body.get("status") or {})
+        pods = self._with_expectations(indexed, now)
+        degraded: tuple[str, str] | None = None
+        counts = {"completed": 0, "failed": 0, "fellBack": 0}
+
+        try:
+            mrs = ModelReplicaSet.model_validate(dict(body))
+        except ValidationError as err:
+            mrs = None
+            degraded = ("InvalidSpec", f"spec does not parse: {err.errors()[0].get('msg')}")
+        spec = mrs.spec if mrs else None
+        fingerprint = spec.fingerprint() if spec else ""
+        token_secret = ""
+        if spec:
+            token_secret, problem = await self._ensure_token(spec.transfer.token_secret_name)
+            degraded = degraded or problem
+            try:
+                render.check_template(spec.template)
+            except render.TemplateError as err:
+                degraded = degraded or ("InvalidTemplate", str(err))
+
+        if spec:
+            nodes = {n: await self.kube.node_labels(n) for n in {p.node for p in pods if p.node}}
+            template_node = (spec.template.get("spec") or {}).get("nodeName")
+            if template_node:
+                nodes[template_node] = await self.kube.node_labels(template_node)
+            plan = planner.plan(spec, fingerprint, pods, nodes, now, self._new_name, template_node)
+            if degraded:
+                plan.create = []  # nothing new until the input is fixed; existing pods keep being served
+            degraded = await self._execute(body, spec, fingerprint, token_secret, plan, counts, pods) or degraded
+            pods = self._with_expectations(indexed, now)
+            self._observe_ready(pods)
+
+        if degraded and degraded[1] != self.last_warning:
+            kopf.warn(dict(body), reason=degraded[0], message=degraded[1])
+        self.last_warning = degraded[1] if degraded else None
+
+        base = self._counter_base(old_status)
+        status = compute_status(
+            spec=spec,
+            fingerprint=fingerprint,
+            pods=pods,
+            old={**old_status, "transfers": base},
+            generation=generation,
+            selector=render.selector(self.name),
+            token_secret=token_secret,
+            counts=counts,
+            degraded=degraded,
+            now=now,
+        )
+        metrics.TRANSFERS_IN_FLIGHT.labels(self.namespace, self.name).set(status["transfers"]["inFlight"])
+        if status != self.last_status or _differs(old_status, status):
+            await self.kube.call(
+                self.kube.objects.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                {"status": status},
+            )
+            self.last_status = status
+
+    # ------------------------------------------------------------ helpers
+    def _new_name(self) -> str:
+        return f"{self.name[:50]}-{secrets.token_hex(3)}"
+
+    def _with_expectations(self, indexed: list[PodView], now: float) -> list[PodView]:
+        seen = {p.name for p in indexed}
+        for name in [n for n, (t, _) in self.created.items() if n in seen or now - t > EXPECTATION_TTL]:
+            del self.created[name]
+        for name in [n for n, t in self.deleted.items() if n not in seen or now - t > EXPECTATION_TTL]:
+            del self.deleted[name]
+        pods = [p if p.name not in self.deleted else _deleting(p) for p in indexed]
+        return pods + [view for _, view in self.created.values()]
+
+    def _counter_base(self, old: Mapping[str, Any]) -> dict[str, int]:
+        # The watched body may lag our last status write: never count from an older base.
+        a, b = old.get("transfers") or {}, self.last_status.get("transfers") or {}
+        return {k: max(int(a.get(k, 0)), int(b.get(k, 0))) for k in ("completed", "failed", "fellBack")}
+
+    async def _ensure_token(self, named: str | None) -> tuple[str, tuple[str, str] | None]:
+        secret = named or render.token_secret_name(self.name)
+        if self.token_checked == secret:
+            return secret, None
+        try:
+            found = await self.kube.call(self.kube.core.read_namespaced_secret, secret, self.namespace)
+        except ApiException as err:
+            if err.status != 404:
+                return secret, ("TokenSecretUnreadable", f"cannot read Secret {secret}: {err.status} {err.reason}")
+            found = None
+        if found is None and named:
+            return secret, (
+                "TokenSecretMissing",
+                f"Secret {secret} named by spec.transfer.tokenSecretName does not exist in namespace {self.namespace}",
+            )
+        if found is None:
+            body = render.render_token_secret(
+                set_name=self.name, set_uid=self.uid, namespace=self.namespace, token=secrets.token_urlsafe(32)
+            )
+            try:
+                await self.kube.call(self.kube.core.create_namespaced_secret, self.namespace, body)
+            except ApiException as err:
+                if err.status != 409:
+                    return secret, ("TokenSecretUnwritable", f"cannot create Secret {secret}: {err.reason}")
+        elif c.TOKEN_SECRET_KEY not in (found.data or {}):
+            return secret, ("TokenSecretInvalid", f"Secret {secret} has no key '{c.TOKEN_SECRET_KEY}'")
+        self.token_checked = secret
+        return secret, None
+
+    async def _execute(
+        self,
+        body: Mapping[str, Any],
+        spec: Any,
+        fingerprint: str,
+        token_secret: str,
+        plan: planner.Plan,
+        counts: dict[str, int],
+        pods: list[PodView],
+    ) -> tuple[str, str] | None:
+        core = self.kube.core
+        problem: tuple[str, str] | None = None
+        set_ref = dict(body)
+        limit = asyncio.Semaphore(16)
+
+        async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            async with limit:
+                return await self.kube.call(fn, *args, **kwargs)
+
+        for name, reason in plan.delete:
+            self.deleted[name] = time.time()
+            kopf.info(set_ref, reason="PodDeleted", message=f"deleting pod {name}: {reason}")
+        for failure in plan.failures:
+            counts["failed"] += 1
+            source = "seed" if failure.seed else "storage"
+            metrics.TRANSFER_FAILURES.labels(self.namespace, self.name, source).inc()
+            frm = f"from seed {failure.seed}" if failure.seed else "from storage"
+            kopf.warn(
+                set_ref,
+                reason="TransferFailed",
+                message=f"pod {failure.pod} attempt {failure.attempt} {frm} failed: {failure.reason}",
+            )
+        for ch in plan.choices:
+            metrics.SEED_SELECTIONS.labels(self.namespace, self.name, ch.locality, ch.why).inc()
+            if ch.why == "fallback":
+                metrics.FALLBACKS.labels(self.namespace, self.name).inc()
+            src = f"seed {ch.seed} (shared {ch.locality})" if ch.seed else "storage"
+            kopf.info(
+                set_ref,
+                reason="SeedFailover" if ch.why in ("retry", "fallback") else "SeedChosen",
+                message=f"pod {ch.pod} attempt {ch.attempt} loads from {src} [{ch.why}]",
+            )
+        counts["fellBack"] += plan.fell_back
+
+        async def delete(name: str) -> None:
+            try:
+                await run(core.delete_namespaced_pod, name, self.namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+
+        async def create(name: str, assignment: c.Assignment) -> tuple[str, str] | None:
+            pod = render.render_pod(
+                spec=spec,
+                set_name=self.name,
+                set_uid=self.uid,
+                namespace=self.namespace,
+                pod_name=name,
+                fingerprint=fingerprint,
+                assignment=assignment,
+                token_secret=token_secret,
+                agent_image=self.config.agent_image,
+            )
+            self.created[name] = (time.time(), PodView(name=name, created=time.time(), assignment=assignment))
+            try:
+                await run(core.create_namespaced_pod, self.namespace, pod)
+            except ApiException as err:
+                self.created.pop(name, None)
+                if err.status in (400, 422):
+                    return ("PodRejected", f"the apiserver rejected the rendered pod: {_api_message(err)}")
+                raise
+            return None
+
+        async def assign(name: str, assignment: c.Assignment, version: str) -> None:
+            patch = c.annotation_patch(assignment=assignment)
+            if version:
+                patch["metadata"]["resourceVersion"] = version  # only if the pod is as we saw it
+            try:
+                await run(core.patch_namespaced_pod, name, self.namespace, patch)
+            except ApiException as err:
+                if err.status not in (404, 409):
+                    raise
+                log.info("assignment of %s skipped (%s); next pass decides again", name, err.status)
+
+        async def gate(name: str) -> None:
+            condition = {
+                "type": c.READINESS_GATE,
+                "status": "True",
+                "lastTransitionTime": now_rfc3339(time.time()),
+                "reason": "WeightsVerified",
+                "message": "the agent verified the weights",
+            }
+            try:
+                await run(
+                    core.patch_namespaced_pod_status, name, self.namespace, {"status": {"conditions": [condition]}}
+                )
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return
+            counts["completed"] += 1
+            metrics.VERIFIED.labels(self.namespace, self.name).inc()
+            if name in uids:
+                self.gated.add(uids[name])
+
+        uids = {p.name: p.uid for p in pods}
+        versions = {p.name: p.resource_version for p in pods}
+        jobs: list[Any] = [delete(n) for n, _ in plan.delete]
+        jobs += [create(n, a) for n, a in plan.create]
+        jobs += [assign(n, a, versions.get(n, "")) for n, a in plan.assign]
+        jobs += [gate(n) for n in plan.gate]
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, ApiException):
+                log.warning("API call failed: %s %s", result.status, _api_message(result))
+            elif isinstance(result, BaseException):
+                log.error("action failed: %r", result)
+            elif isinstance(result, tuple):
+                problem = problem or result
+        return problem
+
+    def _observe_ready(self, pods: list[PodView]) -> None:
+        for pod in pods:
+            if pod.uid in self.gated and pod.ready and pod.created:
+                metrics.POD_READY_SECONDS.labels(self.namespace, self.name).observe(max(time.time() - pod.created, 0))
+                self.gated.discard(pod.uid)
+
+
+def _deleting(pod: PodView) -> PodView:
+    return replace(pod, deleting=True)
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body).get("message", err.reason)
+    except (TypeError, ValueError):
+        return str(err.reason)
+
+
+def _differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in new.items())
