@@ -1,0 +1,123 @@
+"""Every file in examples/ is valid: ModelReplicaSets against the real CRD (schema + CEL, server-side),
+the HPA against the apiserver, the KEDA ScaledObject against a strict schema of KEDA's documented
+fields (KEDA itself is not installed here), and all of them with kubeconform -strict."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from kubernetes import client
+
+from seedfork_api import spec as api
+
+pytestmark = pytest.mark.cluster
+
+SETS = ["reference-engine.yaml", "sglang-transfer-engine.yaml", "sglang-nccl.yaml", "vllm-ipc.yaml"]
+
+
+def _load(tools, name: str) -> dict:
+    (doc,) = [d for d in yaml.safe_load_all((tools.EXAMPLES / name).read_text()) if d]
+    return doc
+
+
+def _custom(api_client) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+def test_examples_cover_every_engine_and_backend(tools):
+    files = sorted(p.name for p in tools.EXAMPLES.glob("*.yaml"))
+    assert files == sorted([*SETS, "hpa.yaml", "keda-scaledobject.yaml"])
+    shapes = {
+        (d["spec"]["engine"]["kind"], d["spec"]["transfer"]["backend"]) for d in map(lambda n: _load(tools, n), SETS)
+    }
+    assert shapes == {("reference", "auto"), ("sglang", "transfer_engine"), ("sglang", "nccl"), ("vllm", "auto")}
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_model_replica_set_example_is_accepted_by_the_crd(tools, api_client, crd, namespace, name):
+    body = _load(tools, name)
+    custom = _custom(api_client)
+    dry = custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body, dry_run="All")
+    assert dry["spec"]["replicas"] == body["spec"]["replicas"]
+    # Nothing the example says was pruned as unknown by the schema.
+    for key, value in body["spec"]["transfer"].items():
+        assert dry["spec"]["transfer"][key] == value, key
+    assert dry["spec"]["template"] == body["spec"]["template"]
+    api.ModelReplicaSet.model_validate(dry)  # and the operator's own model parses what the apiserver stored
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+    scale = custom.get_namespaced_custom_object_scale(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body["metadata"]["name"]
+    )
+    assert scale["spec"]["replicas"] == body["spec"]["replicas"]
+
+
+def test_breaking_an_sglang_nccl_rule_in_the_example_is_rejected(tools, api_client, crd, namespace):
+    from kubernetes.client.exceptions import ApiException
+
+    body = copy.deepcopy(_load(tools, "sglang-nccl.yaml"))
+    body["spec"]["transfer"]["maxClientsPerSeed"] = 2
+    with pytest.raises(ApiException) as err:
+        _custom(api_client).create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body, dry_run="All"
+        )
+    assert err.value.status == 422
+    assert "maxClientsPerSeed must be 1" in json.loads(err.value.body)["message"]
+
+
+def test_hpa_example_scales_its_model_replica_set(tools, api_client, crd, namespace):
+    hpa = _load(tools, "hpa.yaml")
+    target = _load(tools, "sglang-transfer-engine.yaml")
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (api.API_VERSION, api.KIND, target["metadata"]["name"])
+    custom = _custom(api_client)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, target)
+    created = client.AutoscalingV2Api(api_client).create_namespaced_horizontal_pod_autoscaler(namespace, hpa)
+    assert created.spec.max_replicas == hpa["spec"]["maxReplicas"]
+    # What the HPA controller does through the scale subresource: read the selector the operator
+    # publishes in status, then write the replica count.
+    name = ref["name"]
+    custom.patch_namespaced_custom_object_status(
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        api.PLURAL,
+        name,
+        {"status": {"replicas": 2, "selector": "seedfork.io/set=" + name}},
+    )
+    scale = custom.get_namespaced_custom_object_scale(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+    assert scale["status"] == {"replicas": 2, "selector": "seedfork.io/set=" + name}
+    custom.patch_namespaced_custom_object_scale(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": {"replicas": hpa["spec"]["maxReplicas"]}}
+    )
+    got = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+    assert got["spec"]["replicas"] == hpa["spec"]["maxReplicas"]
+
+
+def test_keda_scaled_object_targets_a_scalable_model_replica_set(tools, api_client, crd, namespace):
+    scaled = _load(tools, "keda-scaledobject.yaml")
+    ref = scaled["spec"]["scaleTargetRef"]
+    target = _load(tools, "sglang-nccl.yaml")
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (api.API_VERSION, api.KIND, target["metadata"]["name"])
+    # KEDA's only requirement on a custom target is the /scale subresource.
+    custom = _custom(api_client)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, target)
+    scale = custom.get_namespaced_custom_object_scale(api.GROUP, api.VERSION, namespace, api.PLURAL, ref["name"])
+    assert scale["spec"]["replicas"] == target["spec"]["replicas"]
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+
+
+def test_all_examples_pass_kubeconform_strict(tools, kubeconform_bin, schema_dir):
+    text = "\n---\n".join(
+        (tools.EXAMPLES / n).read_text() for n in sorted(p.name for p in tools.EXAMPLES.glob("*.yaml"))
+    )
+    proc = tools.kubeconform(kubeconform_bin, schema_dir, text)
+    summary = json.loads(proc.stdout)["summary"]
+    assert proc.returncode == 0, proc.stdout
+    assert summary == {"valid": 6, "invalid": 0, "errors": 0, "skipped": 0}
+    # Negative controls: a misspelt field in the ScaledObject, an unknown field in a set.
+    for good, bad in (("minReplicaCount:", "minReplicas:"), ("    maxClientsPerSeed: 1", "    maxClientPerSeed: 1")):
+        proc = tools.kubeconform(kubeconform_bin, schema_dir, text.replace(good, bad, 1))
+        assert proc.returncode != 0 and json.loads(proc.stdout)["summary"]["invalid"] == 1, bad
