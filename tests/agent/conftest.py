@@ -1,7 +1,18 @@
-"""Helpers for agent tests: a small safetensors weight set."""
+"""Helpers for agent tests: a small safetensors weight set, and agent processes on loopback IPs."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
 
@@ -35,3 +46,132 @@ def weights_dir(tmp_path_factory, weight_tensors):
     save_file({n: weight_tensors[n] for n in names[:half]}, str(d / "model-00001-of-00002.safetensors"))
     save_file({n: weight_tensors[n] for n in names[half:]}, str(d / "model-00002-of-00002.safetensors"))
     return d
+
+
+# ---- agent processes on their own loopback addresses -----------------------
+
+
+TOKEN = "test-token-5f2c"
+AGENT_PORT = 18080
+_NET = random.randint(20, 230)  # a /16 of 127/8 per test session, so parallel sessions rarely collide
+_HOSTS = itertools.count(2)
+_PORTS = itertools.count(41000 + random.randint(0, 400) * 20)
+
+
+def new_ip() -> str:
+    n = next(_HOSTS)
+    return f"127.{_NET}.{n // 250}.{n % 250 + 2}"
+
+
+def new_port() -> int:
+    return next(_PORTS)
+
+
+class AgentProc:
+    """One agent process (a pod's agent), started and stopped by this test only."""
+
+    def __init__(self, args: list[str], ip: str, log_dir: Path, env: dict | None = None) -> None:
+        self.ip = ip
+        self.url = f"http://{ip}:{AGENT_PORT}"
+        self.log = log_dir / f"agent-{ip}-{time.monotonic_ns()}.log"
+        full_env = {**os.environ, "SEEDFORK_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "seedfork_agent", *args],
+            stdout=open(self.log, "wb"),  # noqa: SIM115 (closed with the process)
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+
+    def progress(self) -> dict:
+        return httpx.get(f"{self.url}/v1/progress", timeout=5).json()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"agent {self.ip} not ready:\n{self.output()[-3000:]}")
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"agent {self.ip} still running:\n{self.output()[-3000:]}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(10)
+
+    def tensors(self) -> dict:
+        """The agent's verified weights, mapped from its own memory (byte-exact view)."""
+        from seedfork_agent.store import Manifest, attach
+
+        r = httpx.get(f"{self.url}/v1/attach", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        r.raise_for_status()
+        body = r.json()
+        return attach(body["attach"], Manifest.from_dict(body["manifest"]))
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[AgentProc] = []
+
+    def start(*args: str, ip: str | None = None, env: dict | None = None) -> AgentProc:
+        a = AgentProc(list(args), ip or new_ip(), tmp_path, env)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.kill(signal.SIGTERM if a.proc.poll() is None else signal.SIGKILL)
+
+
+def seed_args(weights_dir, ip: str, *extra: str) -> list[str]:
+    return ["serve", "--host", ip, "--port", str(AGENT_PORT), "--weights", str(weights_dir),
+            "--fingerprint", "fp-test", "--device", "cpu", "--timeout", "20", *extra]  # fmt: skip
+
+
+def pull_args(ip: str, seeds: list[str], backend: str, *extra: str) -> list[str]:
+    out = ["pull", "--host", ip, "--port", str(AGENT_PORT), "--fingerprint", "fp-test", "--device", "cpu",
+           "--backend", backend, "--timeout", "20"]  # fmt: skip
+    for s in seeds:
+        out += ["--seed", f"{s}:{AGENT_PORT}"]
+    return out + list(extra)
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for name, t in want.items():
+        a, b = got[name], t
+        assert a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape), name
+        assert torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)), name
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The helpers above, for test modules (pytest's importlib mode cannot import conftest)."""
+    import types
+
+    return types.SimpleNamespace(
+        TOKEN=TOKEN,
+        AGENT_PORT=AGENT_PORT,
+        new_ip=new_ip,
+        new_port=new_port,
+        seed_args=seed_args,
+        pull_args=pull_args,
+        assert_same_weights=assert_same_weights,
+    )
