@@ -1,0 +1,954 @@
+"""Local pod runner: plays scheduler and kubelet for a local control plane (development/test component).
+
+Not part of the product. The local control plane (``controlplane.py``) has no
+scheduler, kubelet or controller-manager, so pods would stay Pending forever.
+For the namespaces it is given, the runner:
+
+- registers Node objects (default one, ``local-node``; each with a
+  ``kubernetes.io/hostname`` label and any labels asked for) and binds
+  unscheduled pods to the least-loaded node matching their ``nodeSelector``
+  through the ``pods/binding`` subresource, as the scheduler does;
+- for each pod bound to one of its nodes: gives it its own loopback address
+  127.0.0.x (x from 2 up; an advisory file lock under the system temp dir keeps
+  the address unique among runners on this machine), starts each container's
+  ``command`` + ``args`` as a process in its own process group (the image is
+  ignored; PATH is the runner's plus the runner's Python environment ``bin``),
+  with the env the pod asks for: literal values, ``$(VAR)`` references, the
+  downward-API ``fieldRef`` paths in ``podrules.SUPPORTED_FIELD_PATHS``,
+  ``secretKeyRef`` and ``configMapKeyRef`` read through the API. Any other source
+  fails the container with reason ``CreateContainerConfigError``;
+- writes pod status with a strategic-merge patch of ``pods/status`` (so
+  conditions set by others, such as readiness gates, are kept): pod and host
+  IP, phase, start time, container states and readiness, and the
+  ``Initialized``, ``ContainersReady`` and ``Ready`` conditions. Ready is
+  ContainersReady AND every readiness-gate condition True; the runner reads
+  gate conditions and never writes them;
+- runs readiness probes (httpGet, tcpSocket, exec) at their period; ``probe_period``
+  caps period and initial delay to speed tests up. Liveness and startup
+  probes, init containers, volumes and resources are not supported;
+- restarts exited containers by ``restartPolicy`` with exponential back-off;
+  when a container's main process exits, the rest of its process group is killed
+  (a container's processes end with it);
+- on graceful deletion: SIGTERM to every container's process group, waits the
+  grace period (capped by ``max_grace``), SIGKILL, then deletes the pod object with
+  grace 0 (what the kubelet's confirmation does) and frees the address;
+- keeps one log file per container: ``<logdir>/<namespace>_<pod>_<container>.log``
+  (stdout and stderr, appended across restarts).
+
+Pods get ``KUBERNETES_SERVICE_HOST``/``_PORT`` for the API server. A pod with a
+``serviceAccountName`` gets a token bound to it (TokenRequest) in a kubeconfig
+named by ``KUBECONFIG``, so its API access is that ServiceAccount's RBAC; with
+``pod_credentials="admin"`` pods without one get the runner's kubeconfig instead.
+
+Use in-process (the loop runs in threads)::
+
+    with PodRunner(kubeconfig, namespaces=["demo"], nodes=[{"name": "node-a"}], logdir="logs") as runner:
+        ...  # create pods; runner.pod_ip("demo", "p"), runner.container_pids("demo", "p")
+
+or from a shell::
+
+    python -m seedfork_localdev.podrunner --kubeconfig KUBECONFIG --namespace demo --node node-a:zone=z1
+
+Leaving the context (or SIGINT/SIGTERM for the CLI) kills every process the runner started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from .podrules import (
+    OWN_CONDITIONS,
+    ContainerConfigError,
+    NodeSpec,
+    ProbeState,
+    choose_node,
+    container_argv,
+    container_env,
+    pod_phase,
+    readiness_conditions,
+    restart_delay,
+    should_restart,
+)
+from .probes import run_probe
+
+log = logging.getLogger("seedfork.podrunner")
+
+SMP = "application/strategic-merge-patch+json"
+HOST_IP = "127.0.0.1"
+DEFAULT_NODE = "local-node"
+IP_LOCK_DIR = Path(tempfile.gettempdir()) / "seedfork-podrunner-ips"
+CONTAINER_ID_SCHEME = "seedfork-podrunner"
+# Environment passed through from the runner to every container (containers get nothing else of it).
+PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TERM")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@dataclass
+class _Container:
+    spec: dict[str, Any]
+    state: str = "waiting"  # waiting | running | terminated
+    reason: str = "ContainerCreating"
+    message: str = ""
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    logfile: TextIO | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    last_terminated: dict[str, Any] | None = None
+    next_start: float = 0.0
+    done: bool = False  # terminated for good (no restart)
+    probe: ProbeState = field(default_factory=ProbeState)
+    probe_due: float = 0.0
+    probe_future: Future | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def phase_kind(self) -> str:
+        """waiting (never started), running, or stopped (exited, maybe restarting) for the pod phase."""
+        if self.state == "running":
+            return "running"
+        return "stopped" if self.state == "terminated" or self.last_terminated else "waiting"
+
+    @property
+    def ready(self) -> bool:
+        if self.state != "running":
+            return False
+        return self.probe.ready if self.spec.get("readinessProbe") else True
+
+
+@dataclass
+class _Pod:
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    ip: str
+    ip_lock: int  # fd holding the address lock
+    restart_policy: str
+    start_time: str
+    containers: list[_Container]
+    extra_env: dict[str, str] | None = None  # API access env, made once per pod
+    terminating: bool = False
+    last_key: Any = None
+    last_write: float = 0.0
+
+
+class PodRunner:
+    """Scheduler + kubelet for the pods of ``namespaces`` on a local control plane (dev/test only)."""
+
+    def __init__(
+        self,
+        kubeconfig: str | os.PathLike,
+        namespaces: Iterable[str],
+        nodes: Iterable[str | Mapping[str, Any] | NodeSpec] | None = None,
+        logdir: str | os.PathLike | None = None,
+        *,
+        probe_period: float | None = None,
+        max_grace: float | None = None,
+        restart_backoff: tuple[float, float] = (1.0, 30.0),
+        pod_credentials: str = "serviceaccount",
+        tick: float = 0.05,
+        ip_range: tuple[int, int] = (2, 254),
+    ) -> None:
+        if pod_credentials not in ("serviceaccount", "admin"):
+            raise ValueError("pod_credentials must be 'serviceaccount' or 'admin'")
+        self.kubeconfig = Path(kubeconfig)
+        self.namespaces = list(namespaces)
+        if not self.namespaces:
+            raise ValueError("PodRunner needs at least one namespace")
+        self.nodes = [NodeSpec.parse(n) for n in (nodes or [DEFAULT_NODE])]
+        if len({n.name for n in self.nodes}) != len(self.nodes):
+            raise ValueError("node names must be unique")
+        self.logdir = Path(logdir) if logdir else Path(tempfile.mkdtemp(prefix="seedfork-pod-logs-"))
+        self.probe_period = probe_period
+        self.max_grace = max_grace
+        self.restart_backoff = restart_backoff
+        self.pod_credentials = pod_credentials
+        self.tick = tick
+        self.ip_range = ip_range
+        self.started_pids: list[int] = []  # every process group this runner ever started
+        self._procs: list[subprocess.Popen] = []
+
+        self._events: queue.Queue = queue.Queue()
+        self._seen: dict[tuple[str, str], dict[str, Any]] = {}  # latest object per pod
+        self._bound: dict[tuple[str, str], str] = {}  # bindings not yet seen in an event
+        self._pods: dict[tuple[str, str], _Pod] = {}
+        self._deleting: set[str] = set()  # uids already deleted with grace 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._enders: list[threading.Thread] = []
+        self._watch_responses: dict[str, Any] = {}
+        self._probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="podrunner-probe")
+        self._state_dir: tempfile.TemporaryDirectory | None = None
+        self._api = None
+        self._core = None
+        self._started = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> PodRunner:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        from kubernetes import client, config
+
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        IP_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        self._state_dir = tempfile.TemporaryDirectory(prefix="seedfork-podrunner-")
+        self._api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        self._core = client.CoreV1Api(self._api)
+        self._server = self._api.configuration.host
+        self._ca = self._api.configuration.ssl_ca_cert
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._register_nodes()
+            for ns in self.namespaces:
+                self._spawn_thread(self._watch, f"podrunner-watch-{ns}", ns)
+            self._spawn_thread(self._loop, "podrunner-loop")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop and kill every process this runner started (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        atexit.unregister(self.stop)
+        self._stop.set()
+        for resp in list(self._watch_responses.values()):
+            with contextlib.suppress(Exception):
+                resp.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        with self._lock:
+            pods = list(self._pods.values())
+        grace = min(5.0, self.max_grace if self.max_grace is not None else 5.0)
+        self._kill_pods(pods, grace)
+        for thread in self._enders:
+            thread.join(timeout=grace + 10)
+        for proc in self._procs:  # safety net: nothing this runner started outlives it
+            if proc.poll() is None:
+                _kill_group(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        with self._lock:
+            for pod in self._pods.values():
+                self._release(pod)
+            self._pods.clear()
+        self._probes.shutdown(wait=False, cancel_futures=True)
+        if self._api is not None:
+            self._api.close()
+        if self._state_dir is not None:
+            self._state_dir.cleanup()
+
+    def _spawn_thread(self, target, name: str, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # ---- queries (tests, demo) ---------------------------------------------------------------
+
+    def pod_ip(self, namespace: str, name: str) -> str | None:
+        with self._lock:
+            pod = self._pods.get((namespace, name))
+            return pod.ip if pod else None
+
+    def container_pids(self, namespace: str, name: str) -> dict[str, int]:
+        """PID (= process group id) of each running container of the pod."""
+        with self._lock:
+            pod = self._pods.get((namespace, name))
+            if pod is None:
+                return {}
+            return {c.name: c.pid for c in pod.containers if c.state == "running" and c.pid is not None}
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path:
+        return self.logdir / f"{namespace}_{pod}_{container}.log"
+
+    # ---- nodes -------------------------------------------------------------------------------
+
+    def _register_nodes(self) -> None:
+        from kubernetes.client import ApiException
+
+        cpus = str(os.cpu_count() or 1)
+        for node in self.nodes:
+            body = {"metadata": {"name": node.name, "labels": node.all_labels()}, "spec": {}}
+            try:
+                self._core.create_node(body, _preload_content=False)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                self._core.patch_node(node.name, {"metadata": {"labels": node.all_labels()}}, _content_type=SMP)
+            resources = {"cpu": cpus, "memory": "16Gi", "pods": "110", **node.capacity}
+            now = _now()
+            status = {
+                "capacity": resources,
+                "allocatable": resources,
+                "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": node.name}],
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "seedfork local pod runner (development only)",
+                        "lastHeartbeatTime": now,
+                        "lastTransitionTime": now,
+                    }
+                ],
+                "nodeInfo": {
+                    "machineID": node.name,
+                    "systemUUID": node.name,
+                    "bootID": node.name,
+                    "kernelVersion": os.uname().release,
+                    "osImage": "seedfork local pod runner",
+                    "containerRuntimeVersion": f"{CONTAINER_ID_SCHEME}://0",
+                    "kubeletVersion": "v0.0.0-seedfork-podrunner",
+                    "kubeProxyVersion": "",
+                    "operatingSystem": "linux",
+                    "architecture": os.uname().machine,
+                },
+            }
+            self._core.patch_node_status(node.name, {"status": status}, _content_type=SMP, _preload_content=False)
+
+    # ---- watching ----------------------------------------------------------------------------
+
+    def _watch(self, namespace: str) -> None:
+        """List, then watch from the list's resourceVersion; relist when the watch expires or breaks."""
+        rv = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    listed = json.loads(self._core.list_namespaced_pod(namespace, _preload_content=False).data)
+                    rv = listed["metadata"]["resourceVersion"]
+                    self._events.put(("RELIST", namespace, listed["items"]))
+                resp = self._core.list_namespaced_pod(
+                    namespace,
+                    watch=True,
+                    resource_version=rv,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=30,
+                    _preload_content=False,
+                    _request_timeout=(5, 45),
+                )
+                self._watch_responses[namespace] = resp
+                try:
+                    rv = self._read_watch(resp, namespace, rv)
+                finally:
+                    self._watch_responses.pop(namespace, None)
+                    resp.release_conn()
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("watch of namespace %s broke (%s); relisting", namespace, exc)
+                rv = None
+                self._stop.wait(0.5)
+
+    def _read_watch(self, resp, namespace: str, rv: str | None) -> str | None:
+        buffer = b""
+        for chunk in resp.stream(None, decode_content=False):
+            if self._stop.is_set():
+                return rv
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event["type"] == "ERROR":
+                    if obj.get("code") == 410:  # expired: start over from a fresh list
+                        return None
+                    raise RuntimeError(f"watch error: {obj.get('message')}")
+                rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                if event["type"] != "BOOKMARK":
+                    self._events.put((event["type"], namespace, obj))
+        return rv
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain_events()
+                for key in list(self._seen):
+                    self._sync(key)
+            except Exception:
+                log.exception("pod runner loop error (continuing)")
+                self._stop.wait(0.5)
+
+    def _drain_events(self) -> None:
+        try:
+            event = self._events.get(timeout=self.tick)
+        except queue.Empty:
+            return
+        while True:
+            self._on_event(*event)
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_event(self, kind: str, namespace: str, payload: Any) -> None:
+        log.debug(
+            "event %s %s/%s", kind, namespace, payload.get("metadata", {}).get("name") if kind != "RELIST" else ""
+        )
+        if kind == "RELIST":
+            names = {item["metadata"]["name"] for item in payload}
+            for key in [k for k in self._seen if k[0] == namespace and k[1] not in names]:
+                self._on_event("DELETED", namespace, self._seen[key])
+            for item in payload:
+                self._on_event("MODIFIED", namespace, item)
+            return
+        key = (namespace, payload["metadata"]["name"])
+        uid = payload["metadata"].get("uid")
+        with self._lock:
+            pod = self._pods.get(key)
+        if pod is not None and not pod.terminating and (kind == "DELETED" or pod.uid != uid):
+            # Gone without our confirmation (force-deleted, or replaced by a pod of the same name).
+            self._begin_termination(pod, payload, delete=False)
+        if kind == "DELETED":
+            self._seen.pop(key, None)
+            self._bound.pop(key, None)
+        else:
+            self._seen[key] = payload
+
+    def _sync(self, key: tuple[str, str]) -> None:
+        obj = self._seen.get(key)
+        if obj is None:
+            return
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        node = spec.get("nodeName") or self._bound.get(key)
+        with self._lock:
+            pod = self._pods.get(key)
+        if pod is not None and pod.uid != meta.get("uid"):
+            return  # the old pod is still being stopped
+        if meta.get("deletionTimestamp"):
+            if pod is not None and not pod.terminating:
+                self._begin_termination(pod, obj, delete=True)
+            elif pod is None and node in self._node_names() and meta["uid"] not in self._deleting:
+                self._confirm_deletion(key[0], key[1], meta["uid"])
+            return
+        if not node:
+            self._schedule(key, obj)
+            return
+        if node not in self._node_names():
+            return
+        if pod is None:
+            if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                return
+            pod = self._admit(key, obj, node)
+            if pod is None:
+                return
+        if not pod.terminating:
+            self._step(pod, obj)
+
+    def _node_names(self) -> set[str]:
+        return {n.name for n in self.nodes}
+
+    # ---- scheduling --------------------------------------------------------------------------
+
+    def _schedule(self, key: tuple[str, str], obj: dict[str, Any]) -> None:
+        spec = obj.get("spec") or {}
+        if spec.get("schedulerName", "default-scheduler") != "default-scheduler":
+            return
+        load: dict[str, int] = {}
+        for other_key, other in self._seen.items():
+            other_node = (other.get("spec") or {}).get("nodeName") or self._bound.get(other_key)
+            if other_node and (other.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                load[other_node] = load.get(other_node, 0) + 1
+        node = choose_node(self.nodes, spec.get("nodeSelector"), load)
+        if node is None:
+            return  # no matching node: stays Pending, like an unschedulable pod
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": key[1], "uid": obj["metadata"]["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        from kubernetes.client import ApiException
+
+        try:
+            self._core.create_namespaced_pod_binding(key[1], key[0], body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone, or bound meanwhile; the next event tells
+                return
+            raise
+        self._bound[key] = node
+        log.info("bound %s/%s to %s", key[0], key[1], node)
+
+    # ---- starting a pod ----------------------------------------------------------------------
+
+    def _admit(self, key: tuple[str, str], obj: dict[str, Any], node: str) -> _Pod | None:
+        spec = obj["spec"]
+        ip, lock = self._allocate_ip()
+        containers = [_Container(spec=c) for c in spec.get("containers") or []]
+        pod = _Pod(
+            namespace=key[0],
+            name=key[1],
+            uid=obj["metadata"]["uid"],
+            node=node,
+            ip=ip,
+            ip_lock=lock,
+            restart_policy=spec.get("restartPolicy") or "Always",
+            start_time=_now(),
+            containers=containers,
+        )
+        if spec.get("initContainers"):
+            for c in containers:
+                c.reason, c.message = "CreateContainerConfigError", "init containers are not supported by the runner"
+                c.next_start = float("inf")
+        with self._lock:
+            self._pods[key] = pod
+        log.info("admitted %s/%s on %s with IP %s", key[0], key[1], node, ip)
+        return pod
+
+    def _allocate_ip(self) -> tuple[str, int]:
+        """The lowest free 127.0.0.x, held by an advisory lock while the pod lives."""
+        with self._lock:
+            in_use = {p.ip for p in self._pods.values()}
+        for x in range(self.ip_range[0], self.ip_range[1] + 1):
+            ip = f"127.0.0.{x}"
+            if ip in in_use:
+                continue
+            fd = os.open(IP_LOCK_DIR / f"{ip}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                with socket.socket() as sock:  # the address must be usable on this machine
+                    sock.bind((ip, 0))
+            except OSError as exc:
+                os.close(fd)
+                raise RuntimeError(
+                    f"loopback address {ip} is not usable here ({exc}); on Linux all of 127/8 is local, "
+                    "elsewhere add loopback aliases"
+                ) from exc
+            return ip, fd
+        raise RuntimeError(f"no free pod address in 127.0.0.{self.ip_range[0]}-{self.ip_range[1]}")
+
+    def _release(self, pod: _Pod) -> None:
+        if pod.ip_lock >= 0:
+            with contextlib.suppress(OSError):
+                os.close(pod.ip_lock)  # closing drops the flock
+            pod.ip_lock = -1
+
+    def _api_env(self, pod: _Pod, obj: dict[str, Any]) -> dict[str, str]:
+        """API server address and credentials for the pod's processes (made once per pod)."""
+        if pod.extra_env is not None:
+            return pod.extra_env
+        host, _, port = self._server.removeprefix("https://").rpartition(":")
+        env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        spec = obj["spec"]
+        sa = spec.get("serviceAccountName")
+        if sa and spec.get("automountServiceAccountToken") is not False:
+            from kubernetes.client import ApiException
+
+            try:
+                resp = self._core.create_namespaced_service_account_token(
+                    sa,
+                    pod.namespace,
+                    {
+                        "spec": {
+                            "expirationSeconds": 86400,
+                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name, "uid": pod.uid},
+                        }
+                    },
+                    _preload_content=False,
+                )
+            except ApiException as exc:
+                raise ContainerConfigError(f"token for serviceaccount {sa!r}: {exc.status} {exc.reason}") from exc
+            token = json.loads(resp.data)["status"]["token"]
+            path = Path(self._state_dir.name) / f"{pod.namespace}_{pod.name}_{pod.uid[:8]}.kubeconfig"
+            path.write_text(yaml.safe_dump(self._kubeconfig_for(sa, token)))
+            path.chmod(0o600)
+            env["KUBECONFIG"] = str(path)
+        elif self.pod_credentials == "admin":
+            env["KUBECONFIG"] = str(self.kubeconfig)
+        pod.extra_env = env
+        return env
+
+    def _kubeconfig_for(self, user: str, token: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "local", "cluster": {"server": self._server, "certificate-authority": self._ca}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+            "current-context": "local",
+        }
+
+    def _lookup(self, kind: str, namespace: str, name: str, key: str) -> str | None:
+        import base64
+
+        from kubernetes.client import ApiException
+
+        read = self._core.read_namespaced_secret if kind == "secret" else self._core.read_namespaced_config_map
+        try:
+            obj = json.loads(read(name, namespace, _preload_content=False).data)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if kind == "secret":
+            raw = (obj.get("data") or {}).get(key)
+            return base64.b64decode(raw).decode() if raw is not None else None
+        return (obj.get("data") or {}).get(key)
+
+    def _start_container(self, pod: _Pod, c: _Container, obj: dict[str, Any]) -> None:
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        try:
+            own = container_env(
+                obj,
+                c.spec,
+                pod_ip=pod.ip,
+                host_ip=HOST_IP,
+                secret_value=lambda n, k: self._lookup("secret", pod.namespace, n, k),
+                config_map_value=lambda n, k: self._lookup("configmap", pod.namespace, n, k),
+            )
+            argv = container_argv(c.spec, own)
+            api_env = self._api_env(pod, obj)
+        except ContainerConfigError as exc:
+            c.state, c.reason, c.message = "waiting", exc.reason, str(exc)
+            c.next_start = now + 2.0  # the kubelet retries too: the Secret may appear later
+            return
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
+        env["HOSTNAME"] = pod.name
+        env.update(api_env)
+        env.update(own)
+        c.env = env
+        logfile = open(self.log_path(pod.namespace, pod.name, c.name), "a", buffering=1)  # noqa: SIM115
+        cwd = c.spec.get("workingDir") or None
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group, killed as a whole
+            )
+        except OSError as exc:
+            logfile.close()
+            self._on_exit(pod, c, 128, reason="StartError", message=f"{argv[0]}: {exc}")
+            return
+        self.started_pids.append(proc.pid)
+        self._procs.append(proc)
+        c.proc, c.pid, c.logfile = proc, proc.pid, logfile
+        c.state, c.reason, c.message, c.exit_code = "running", "", "", None
+        c.started_at, c.finished_at = _now(), None
+        probe = c.spec.get("readinessProbe") or {}
+        c.probe = ProbeState(
+            success_threshold=int(probe.get("successThreshold") or 1),
+            failure_threshold=int(probe.get("failureThreshold") or 3),
+        )
+        c.probe_due = now + self._period(probe.get("initialDelaySeconds") or 0)
+        log.info("started %s/%s container %s pid %d: %s", pod.namespace, pod.name, c.name, proc.pid, argv)
+
+    def _period(self, seconds: float) -> float:
+        return min(seconds, self.probe_period) if self.probe_period is not None else seconds
+
+    # ---- running a pod -----------------------------------------------------------------------
+
+    def _step(self, pod: _Pod, obj: dict[str, Any]) -> None:
+        now = time.monotonic()
+        for c in pod.containers:
+            if c.proc is None:
+                if not c.done and now >= c.next_start:
+                    self._start_container(pod, c, obj)
+                continue
+            code = c.proc.poll()
+            if code is not None:
+                self._on_exit(pod, c, code, reason="Completed" if code == 0 else "Error")
+                continue
+            self._probe(pod, c, now)
+        self._write_status(pod, obj)
+
+    def _on_exit(self, pod: _Pod, c: _Container, code: int, *, reason: str, message: str = "") -> None:
+        if c.proc is not None:
+            _kill_group(c.proc.pid, signal.SIGKILL)  # the container ends with its main process
+        if c.logfile is not None:
+            c.logfile.close()
+        finished = _now()
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": c.started_at,
+            "finishedAt": finished,
+            **({"message": message} if message else {}),
+        }
+        c.proc, c.logfile, c.probe_future = None, None, None
+        c.exit_code, c.finished_at = code, finished
+        c.probe = ProbeState()
+        if should_restart(pod.restart_policy, code):
+            c.last_terminated = terminated
+            c.next_start = time.monotonic() + restart_delay(c.restarts, *self.restart_backoff)
+            c.restarts += 1
+            c.state, c.reason, c.message = "waiting", "CrashLoopBackOff", f"restarting after exit code {code}"
+        else:
+            c.state, c.reason, c.message, c.done = "terminated", reason, message, True
+        log.info("%s/%s container %s exited with %d (%s)", pod.namespace, pod.name, c.name, code, reason)
+
+    def _probe(self, pod: _Pod, c: _Container, now: float) -> None:
+        probe = c.spec.get("readinessProbe")
+        if not probe:
+            return
+        if c.probe_future is not None:
+            if not c.probe_future.done():
+                return
+            ok, message = c.probe_future.result()
+            c.probe_future = None
+            c.probe.record(ok)
+            if not ok:
+                log.debug("%s/%s %s readiness probe failed: %s", pod.namespace, pod.name, c.name, message)
+            c.probe_due = now + self._period(probe.get("periodSeconds") or 10)
+        if now >= c.probe_due and c.probe_future is None:
+            c.probe_future = self._probes.submit(
+                run_probe,
+                probe,
+                pod_ip=pod.ip,
+                container_ports=c.spec.get("ports") or [],
+                env=c.env,
+                cwd=c.spec.get("workingDir") or None,
+            )
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def _desired_status(self, pod: _Pod, obj: dict[str, Any]) -> dict[str, Any]:
+        observed = (obj.get("status") or {}).get("conditions") or []
+        statuses = []
+        for c in pod.containers:
+            if c.state == "running":
+                state = {"running": {"startedAt": c.started_at}}
+            elif c.state == "terminated":
+                state = {
+                    "terminated": {
+                        "exitCode": c.exit_code,
+                        "reason": c.reason,
+                        "startedAt": c.started_at,
+                        "finishedAt": c.finished_at,
+                        **({"message": c.message} if c.message else {}),
+                    }
+                }
+            else:
+                state = {"waiting": {"reason": c.reason, **({"message": c.message} if c.message else {})}}
+            statuses.append(
+                {
+                    "name": c.name,
+                    "image": c.spec.get("image") or "",
+                    "imageID": "",
+                    "containerID": f"{CONTAINER_ID_SCHEME}://{c.pid}" if c.pid else None,
+                    "ready": c.ready,
+                    "started": c.state == "running",
+                    "restartCount": c.restarts,
+                    "state": state,
+                    "lastState": {"terminated": c.last_terminated} if c.last_terminated else {},
+                }
+            )
+        phase = pod_phase([(c.phase_kind, c.exit_code, not c.done) for c in pod.containers])
+        conditions = readiness_conditions(
+            observed,
+            (obj.get("spec") or {}).get("readinessGates") or [],
+            {c.name: c.ready for c in pod.containers},
+            _now(),
+        )
+        return {
+            "phase": phase,
+            "hostIP": HOST_IP,
+            "hostIPs": [{"ip": HOST_IP}],
+            "podIP": pod.ip,
+            "podIPs": [{"ip": pod.ip}],
+            "startTime": pod.start_time,
+            "conditions": conditions,
+            "containerStatuses": statuses,
+        }
+
+    @staticmethod
+    def _signature(status: Mapping[str, Any]) -> tuple:
+        """What must match between the written and the observed status (times and defaults ignored)."""
+        conds = tuple(
+            sorted((c["type"], c["status"]) for c in status.get("conditions") or [] if c.get("type") in OWN_CONDITIONS)
+        )
+        containers = tuple(
+            (c["name"], c.get("ready"), c.get("restartCount"), tuple(c.get("state") or {}))
+            for c in status.get("containerStatuses") or []
+        )
+        return status.get("phase"), status.get("podIP"), conds, containers
+
+    def _write_status(self, pod: _Pod, obj: dict[str, Any]) -> None:
+        desired = self._desired_status(pod, obj)
+        # Transition times change on every call until our write is observed: leave them out of the key.
+        untimed = {**desired, "conditions": [{**c, "lastTransitionTime": None} for c in desired["conditions"]]}
+        key = json.dumps(untimed, sort_keys=True)
+        observed_drift = self._signature(desired) != self._signature(obj.get("status") or {})
+        if key == pod.last_key and not (observed_drift and time.monotonic() - pod.last_write > 1.0):
+            return
+        from kubernetes.client import ApiException
+
+        body = {"metadata": {"uid": pod.uid}, "status": desired}
+        try:
+            self._core.patch_namespaced_pod_status(
+                pod.name, pod.namespace, body, _content_type=SMP, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409, 422):
+                raise
+            log.info("status of %s/%s not written: %s", pod.namespace, pod.name, exc.reason)
+        pod.last_key, pod.last_write = key, time.monotonic()
+
+    # ---- stopping a pod ----------------------------------------------------------------------
+
+    def _begin_termination(self, pod: _Pod, obj: dict[str, Any], *, delete: bool) -> None:
+        pod.terminating = True
+        log.info("stopping %s/%s (%s)", pod.namespace, pod.name, "deleting" if delete else "already deleted")
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+        if self.max_grace is not None:
+            grace = min(float(grace), self.max_grace)
+        thread = threading.Thread(
+            target=self._terminate, args=(pod, float(grace), delete), name=f"podrunner-stop-{pod.name}", daemon=True
+        )
+        self._enders.append(thread)
+        thread.start()
+
+    def _terminate(self, pod: _Pod, grace: float, delete: bool) -> None:
+        try:
+            self._kill_pods([pod], grace)
+            if delete and not self._stop.is_set():
+                self._confirm_deletion(pod.namespace, pod.name, pod.uid)
+        except Exception:
+            log.exception("stopping %s/%s", pod.namespace, pod.name)
+        finally:
+            with self._lock:
+                if self._pods.get((pod.namespace, pod.name)) is pod:
+                    del self._pods[(pod.namespace, pod.name)]
+                self._release(pod)
+
+    def _kill_pods(self, pods: list[_Pod], grace: float) -> None:
+        """SIGTERM every container's process group, wait up to ``grace`` s, then SIGKILL what is left."""
+        procs = [(c.proc.pid, c.proc) for pod in pods for c in pod.containers if c.proc is not None]
+        for pgid, _ in procs:
+            _kill_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for pgid, proc in procs:
+            _kill_group(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for pod in pods:
+            for c in pod.containers:
+                if c.logfile is not None:
+                    c.logfile.close()
+                    c.logfile = None
+
+    def _confirm_deletion(self, namespace: str, name: str, uid: str) -> None:
+        """Delete with grace 0: the kubelet's "containers are gone" that lets the object go."""
+        from kubernetes.client import ApiException
+
+        self._deleting.add(uid)
+        try:
+            self._core.delete_namespaced_pod(
+                name,
+                namespace,
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": uid}},
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone already, or a new pod of the same name
+                raise
+            log.info("deleting %s/%s: %s %s", namespace, name, exc.status, exc.reason)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seedfork_localdev.podrunner",
+        description="Development only: schedule and run the pods of the given namespaces as local processes.",
+    )
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), required="KUBECONFIG" not in os.environ)
+    parser.add_argument("--namespace", "-n", action="append", required=True, help="repeat for several namespaces")
+    parser.add_argument("--node", action="append", help="NAME[:label=value,...]; repeat for several nodes")
+    parser.add_argument("--logdir", help="one log file per container: <logdir>/<namespace>_<pod>_<container>.log")
+    parser.add_argument("--probe-period", type=float, help="cap probe periods and initial delays (seconds)")
+    parser.add_argument("--max-grace", type=float, help="cap termination grace periods (seconds)")
+    parser.add_argument("--pod-credentials", choices=["serviceaccount", "admin"], default="serviceaccount")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    runner = PodRunner(
+        args.kubeconfig,
+        args.namespace,
+        nodes=args.node,
+        logdir=args.logdir,
+        probe_period=args.probe_period,
+        max_grace=args.max_grace,
+        pod_credentials=args.pod_credentials,
+    )
+    with runner:
+        print(f"pod runner: namespaces {', '.join(runner.namespaces)}; nodes {', '.join(n.name for n in runner.nodes)}")
+        print(f"pod logs: {runner.logdir}")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
