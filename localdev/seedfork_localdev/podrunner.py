@@ -278,7 +278,7 @@ class PodRunner:
             for pod in self._pods.values():
                 self._release(pod)
             self._pods.clear()
-        self._probes.shutdown(wait=False, cancel_futures=True)
+        self._probes.shutdown(wait=True, cancel_futures=True)  # exec probes end within their timeout
         if self._api is not None:
             self._api.close()
         if self._state_dir is not None:
@@ -690,7 +690,9 @@ class PodRunner:
             failure_threshold=int(probe.get("failureThreshold") or 3),
         )
         c.probe_due = now + self._period(probe.get("initialDelaySeconds") or 0)
-        log.info("started %s/%s container %s pid %d: %s", pod.namespace, pod.name, c.name, proc.pid, argv)
+        shown = " ".join(argv)
+        shown = shown if len(shown) < 200 else shown[:200] + "..."
+        log.info("started %s/%s container %s pid %d: %s", pod.namespace, pod.name, c.name, proc.pid, shown)
 
     def _period(self, seconds: float) -> float:
         return min(seconds, self.probe_period) if self.probe_period is not None else seconds

@@ -284,3 +284,31 @@ def test_exec_probe_and_runner_shutdown_leaves_no_processes(core, namespace, mak
     assert pids and all(h.alive(p) for p in pids) and h.alive(child)
     runner.stop()
     assert not any(h.alive(p) for p in [*pids, child]), "runner shutdown must leave no processes"
+
+
+def test_cli_runs_pods_and_cleans_up_on_sigterm(core, namespace, control_plane, h, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    logdir = tmp_path / "cli-logs"
+    cmd = [sys.executable, "-m", "seedfork_localdev.podrunner", "--kubeconfig", str(control_plane.kubeconfig)]
+    cmd += ["--namespace", namespace, "--node", f"{namespace}-cli:pool=cli", "--logdir", str(logdir)]
+    cmd += ["--probe-period", "0.2", "--max-grace", "1"]
+    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        core.create_namespaced_pod(namespace, h.server_pod("clipod"))
+        pod = h.wait_for(
+            lambda: (p := read(core, namespace, "clipod")) and h.conditions(p).get("Ready") == "True" and p
+        )
+        assert pod.spec.node_name == f"{namespace}-cli"
+        assert core.read_node(f"{namespace}-cli").metadata.labels["pool"] == "cli"
+        pid = int(pod.status.container_statuses[0].container_id.rpartition("/")[2])
+        assert h.get_json(pod.status.pod_ip)["pid"] == pid
+        assert (logdir / f"{namespace}_clipod_server.log").read_text().startswith("serving on")
+    finally:
+        os.kill(cli.pid, signal.SIGTERM)
+        out, _ = cli.communicate(timeout=30)
+    assert cli.returncode == 0, out.decode()
+    assert not h.alive(pid), "the CLI must kill its pods' processes when it stops"
