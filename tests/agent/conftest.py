@@ -174,4 +174,5 @@ def kit():
         seed_args=seed_args,
         pull_args=pull_args,
         assert_same_weights=assert_same_weights,
+        AgentProc=AgentProc,
     )
