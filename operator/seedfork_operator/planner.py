@@ -150,10 +150,10 @@ def can_seed(spec: ModelReplicaSetSpec, fingerprint: str, pod: PodView) -> bool:
 def scale_down_order(pods: list[PodView], clients: Mapping[str, list[PodView]]) -> list[PodView]:
     """Deletion preference: not Ready first, then Ready pods seeding nobody, then busy seeds; newest first."""
 
-    def key(pod: PodView) -> tuple[int, int, float]:
+    def key(pod: PodView) -> tuple[int, int, float, str]:
         busy = len(clients.get(pod.name, []))
         tier = 0 if not pod.ready else (1 if busy == 0 else 2)
-        return tier, busy, -pod.created
+        return tier, busy, -pod.created, pod.name  # name: a stable order within one second
 
     return sorted(pods, key=key)
 

@@ -130,7 +130,7 @@ class SetReconciler:
             self._observe_ready(pods)
 
         if degraded and degraded[1] != self.last_warning:
-            kopf.warn(dict(body), reason=degraded[0], message=degraded[1])
+            kopf.event(dict(body), type="Warning", reason=degraded[0], message=degraded[1])
         self.last_warning = degraded[1] if degraded else None
 
         base = self._counter_base(old_status)
@@ -227,14 +227,15 @@ class SetReconciler:
 
         for name, reason in plan.delete:
             self.deleted[name] = time.time()
-            kopf.info(set_ref, reason="PodDeleted", message=f"deleting pod {name}: {reason}")
+            kopf.event(set_ref, type="Normal", reason="PodDeleted", message=f"deleting pod {name}: {reason}")
         for failure in plan.failures:
             counts["failed"] += 1
             source = "seed" if failure.seed else "storage"
             metrics.TRANSFER_FAILURES.labels(self.namespace, self.name, source).inc()
             frm = f"from seed {failure.seed}" if failure.seed else "from storage"
-            kopf.warn(
+            kopf.event(
                 set_ref,
+                type="Warning",
                 reason="TransferFailed",
                 message=f"pod {failure.pod} attempt {failure.attempt} {frm} failed: {failure.reason}",
             )
@@ -243,8 +244,9 @@ class SetReconciler:
             if ch.why == "fallback":
                 metrics.FALLBACKS.labels(self.namespace, self.name).inc()
             src = f"seed {ch.seed} (shared {ch.locality})" if ch.seed else "storage"
-            kopf.info(
+            kopf.event(
                 set_ref,
+                type="Normal",
                 reason="SeedFailover" if ch.why in ("retry", "fallback") else "SeedChosen",
                 message=f"pod {ch.pod} attempt {ch.attempt} loads from {src} [{ch.why}]",
             )
