@@ -35,6 +35,8 @@ For the namespaces it is given, the runner:
 - keeps one log file per container: ``<logdir>/<namespace>_<pod>_<container>.log``
   (stdout and stderr, appended across restarts).
 
+Containers see none of the runner's environment but ``PATH`` and ``PASSTHROUGH_ENV``,
+plus ``env`` given to the runner (e.g. ``CUDA_VISIBLE_DEVICES``), under the pod's own.
 Pods get ``KUBERNETES_SERVICE_HOST``/``_PORT`` for the API server. A pod with a
 ``serviceAccountName`` gets a token bound to it (TokenRequest) in a kubeconfig
 named by ``KUBECONFIG``, so its API access is that ServiceAccount's RBAC; with
@@ -183,6 +185,7 @@ class PodRunner:
         max_grace: float | None = None,
         restart_backoff: tuple[float, float] = (1.0, 30.0),
         pod_credentials: str = "serviceaccount",
+        env: Mapping[str, str] | None = None,
         tick: float = 0.05,
         ip_range: tuple[int, int] = (2, 254),
     ) -> None:
@@ -200,6 +203,7 @@ class PodRunner:
         self.max_grace = max_grace
         self.restart_backoff = restart_backoff
         self.pod_credentials = pod_credentials
+        self.env = dict(env or {})  # given to every container, under the pod's own env
         self.tick = tick
         self.ip_range = ip_range
         self.started_pids: list[int] = []  # every process group this runner ever started
@@ -660,6 +664,7 @@ class PodRunner:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
         env["HOSTNAME"] = pod.name
+        env.update(self.env)
         env.update(api_env)
         env.update(own)
         c.env = env
@@ -926,7 +931,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", help="one log file per container: <logdir>/<namespace>_<pod>_<container>.log")
     parser.add_argument("--probe-period", type=float, help="cap probe periods and initial delays (seconds)")
     parser.add_argument("--max-grace", type=float, help="cap termination grace periods (seconds)")
-    parser.add_argument("--pod-credentials", choices=["serviceaccount", "admin"], default="serviceaccount")
+    parser.add_argument(
+        "--pod-credentials",
+        choices=["serviceaccount", "admin"],
+        default="serviceaccount",
+        help="admin: pods without a serviceAccountName get the runner's own kubeconfig",
+    )
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every container; repeatable")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
@@ -941,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_period=args.probe_period,
         max_grace=args.max_grace,
         pod_credentials=args.pod_credentials,
+        env=dict(item.split("=", 1) for item in args.env),
     )
     with runner:
         print(f"pod runner: namespaces {', '.join(runner.namespaces)}; nodes {', '.join(n.name for n in runner.nodes)}")

@@ -88,7 +88,7 @@ def test_readiness_gate_keeps_pod_unready_until_its_condition_is_true(core, name
 
 
 def test_env_from_secret_literal_and_references(core, namespace, make_runner, h):
-    make_runner([namespace])
+    make_runner([namespace], env={"FROM_RUNNER": "r", "GREETING": "overridden by the pod"})
     env = [
         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
         {"name": "GREETING", "value": "hello $(POD_NAME) at $(POD_IP), $$(kept)"},
@@ -110,6 +110,7 @@ def test_env_from_secret_literal_and_references(core, namespace, make_runner, h)
     assert served["env"]["TOKEN"] == "s3cret-value"
     assert served["env"]["GREETING"] == f"hello envpod at {pod.status.pod_ip}, $(kept)"
     assert served["env"]["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert served["env"]["FROM_RUNNER"] == "r"
     assert "KUBECONFIG" not in served["env"], "a pod without a ServiceAccount gets no API credentials"
 
 
