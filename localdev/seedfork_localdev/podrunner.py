@@ -211,7 +211,8 @@ class PodRunner:
 
         self._events: queue.Queue = queue.Queue()
         self._seen: dict[tuple[str, str], dict[str, Any]] = {}  # latest object per pod
-        self._bound: dict[tuple[str, str], str] = {}  # bindings not yet seen in an event
+        self._bound: dict[str, str] = {}  # pod uid -> node, for bindings not yet seen in an event
+        self._unschedulable: set[str] = set()  # pod uids already marked PodScheduled=False
         self._pods: dict[tuple[str, str], _Pod] = {}
         self._deleting: set[str] = set()  # uids already deleted with grace 0
         self._lock = threading.RLock()
@@ -454,7 +455,8 @@ class PodRunner:
             self._begin_termination(pod, payload, delete=False)
         if kind == "DELETED":
             self._seen.pop(key, None)
-            self._bound.pop(key, None)
+            self._bound.pop(uid, None)
+            self._unschedulable.discard(uid)
         else:
             self._seen[key] = payload
 
@@ -463,7 +465,7 @@ class PodRunner:
         if obj is None:
             return
         meta, spec = obj["metadata"], obj.get("spec") or {}
-        node = spec.get("nodeName") or self._bound.get(key)
+        node = spec.get("nodeName") or self._bound.get(meta.get("uid"))
         with self._lock:
             pod = self._pods.get(key)
         if pod is not None and pod.uid != meta.get("uid"):
@@ -498,17 +500,28 @@ class PodRunner:
         if spec.get("schedulerName", "default-scheduler") != "default-scheduler":
             return
         load: dict[str, int] = {}
-        for other_key, other in self._seen.items():
-            other_node = (other.get("spec") or {}).get("nodeName") or self._bound.get(other_key)
+        for other in self._seen.values():
+            other_node = (other.get("spec") or {}).get("nodeName") or self._bound.get(other["metadata"].get("uid"))
             if other_node and (other.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
                 load[other_node] = load.get(other_node, 0) + 1
         node = choose_node(self.nodes, spec.get("nodeSelector"), load)
-        if node is None:
-            return  # no matching node: stays Pending, like an unschedulable pod
+        uid = obj["metadata"]["uid"]
+        if node is None:  # stays Pending, marked the way the scheduler marks it
+            if uid not in self._unschedulable:
+                self._unschedulable.add(uid)
+                condition = {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": f"0/{len(self.nodes)} nodes match the pod's nodeSelector",
+                    "lastTransitionTime": _now(),
+                }
+                self._patch_status(key[0], key[1], uid, {"conditions": [condition]})
+            return
         body = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": key[1], "uid": obj["metadata"]["uid"]},
+            "metadata": {"name": key[1], "uid": uid},
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         from kubernetes.client import ApiException
@@ -519,7 +532,7 @@ class PodRunner:
             if exc.status in (404, 409):  # gone, or bound meanwhile; the next event tells
                 return
             raise
-        self._bound[key] = node
+        self._bound[uid] = node
         log.info("bound %s/%s to %s", key[0], key[1], node)
 
     # ---- starting a pod ----------------------------------------------------------------------
@@ -837,18 +850,20 @@ class PodRunner:
         observed_drift = self._signature(desired) != self._signature(obj.get("status") or {})
         if key == pod.last_key and not (observed_drift and time.monotonic() - pod.last_write > 1.0):
             return
+        self._patch_status(pod.namespace, pod.name, pod.uid, desired)
+        pod.last_key, pod.last_write = key, time.monotonic()
+
+    def _patch_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> None:
+        """Strategic-merge patch of pods/status: conditions merge by type, so others' conditions stay."""
         from kubernetes.client import ApiException
 
-        body = {"metadata": {"uid": pod.uid}, "status": desired}
+        body = {"metadata": {"uid": uid}, "status": status}  # the uid guards against a same-name successor
         try:
-            self._core.patch_namespaced_pod_status(
-                pod.name, pod.namespace, body, _content_type=SMP, _preload_content=False
-            )
+            self._core.patch_namespaced_pod_status(name, namespace, body, _content_type=SMP, _preload_content=False)
         except ApiException as exc:
             if exc.status not in (404, 409, 422):
                 raise
-            log.info("status of %s/%s not written: %s", pod.namespace, pod.name, exc.reason)
-        pod.last_key, pod.last_write = key, time.monotonic()
+            log.info("status of %s/%s not written: %s", namespace, name, exc.reason)
 
     # ---- stopping a pod ----------------------------------------------------------------------
 

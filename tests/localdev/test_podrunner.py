@@ -198,6 +198,31 @@ def test_deleting_a_pod_kills_its_processes_and_removes_it(core, namespace, make
     assert h.wait_for(lambda: runner.pod_ip(namespace, "next")) == ip
 
 
+def test_pod_recreated_under_the_same_name_runs_afresh(core, namespace, make_runner, h):
+    runner = make_runner([namespace])
+    core.create_namespaced_pod(namespace, h.server_pod("same", env=[{"name": "GEN", "value": "1"}]))
+    first = h.wait_for(lambda: (p := read(core, namespace, "same")) and h.conditions(p).get("Ready") == "True" and p)
+    old_pid = runner.container_pids(namespace, "same")["server"]
+
+    core.delete_namespaced_pod("same", namespace)
+    h.wait_for(lambda: _absent(core, namespace, "same"), what="old pod removed")
+    core.create_namespaced_pod(namespace, h.server_pod("same", env=[{"name": "GEN", "value": "2"}]))
+    second = h.wait_for(
+        lambda: (p := read(core, namespace, "same")) and h.conditions(p).get("Ready") == "True" and p, what="new Ready"
+    )
+    assert second.metadata.uid != first.metadata.uid and second.spec.node_name == "local-node"
+    assert h.get_json(second.status.pod_ip)["env"]["GEN"] == "2"
+    assert not h.alive(old_pid)
+
+
+def _absent(core, namespace, name):
+    try:
+        read(core, namespace, name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
 def test_two_pods_on_two_nodes_get_distinct_ips_and_both_serve(core, namespace, make_runner, h):
     zone = "topology.kubernetes.io/zone"
     nodes = [{"name": f"{namespace}-a", "labels": {zone: "z1"}}, {"name": f"{namespace}-b", "labels": {zone: "z2"}}]
@@ -226,7 +251,10 @@ def test_two_pods_on_two_nodes_get_distinct_ips_and_both_serve(core, namespace, 
     core.create_namespaced_pod(namespace, h.server_pod("nowhere", probe=False, nodeSelector={zone: "z9"}))
     h.wait_for(lambda: read(core, namespace, "zoned").spec.node_name == f"{namespace}-b")
     time.sleep(0.3)
-    assert read(core, namespace, "nowhere").spec.node_name is None
+    nowhere = read(core, namespace, "nowhere")
+    assert nowhere.spec.node_name is None
+    scheduled = next(c for c in nowhere.status.conditions if c.type == "PodScheduled")
+    assert scheduled.status == "False" and scheduled.reason == "Unschedulable"
     assert runner.pod_ip(namespace, "nowhere") is None
 
 
