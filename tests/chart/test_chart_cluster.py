@@ -123,7 +123,7 @@ def test_helm_install_cluster_wide_and_operator_calls_as_its_service_account(
         ext_as_op = client.ApiextensionsV1Api(op)
         assert ext_as_op.list_custom_resource_definition().items
         assert ocore.list_namespace().items
-        assert ocore.list_node().items == []  # allowed (no nodes exist without kubelets)
+        assert tools.status_of(lambda: ocore.read_node("gpu-node-1")) == 404  # allowed; no nodes exist here
         ocore.create_namespaced_secret(
             work, {"metadata": {"name": "llama-token"}, "stringData": {contract.TOKEN_SECRET_KEY: "s3cret"}}
         )
@@ -166,6 +166,7 @@ def test_helm_install_cluster_wide_and_operator_calls_as_its_service_account(
         rbac = client.RbacAuthorizationV1Api(op)
         denied = {
             "delete node": lambda: ocore.delete_node("n1"),
+            "list nodes": lambda: ocore.list_node(),
             "list secrets": lambda: ocore.list_namespaced_secret(work),
             "delete secret": lambda: ocore.delete_namespaced_secret("llama-token", work),
             "create clusterrole": lambda: rbac.create_cluster_role({"metadata": {"name": f"{release}-x"}, "rules": []}),
@@ -202,7 +203,7 @@ def test_helm_install_namespaced_confines_the_operator(tools, helm_bin, control_
     try:
         assert tools.status_of(lambda: ocore.read_namespaced_secret("keep-out", served)) == 200
         assert tools.status_of(lambda: ocore.list_namespaced_pod(served)) == 200
-        assert tools.status_of(lambda: ocore.list_node()) == 200
+        assert tools.status_of(lambda: ocore.read_node("gpu-node-1")) == 404  # allowed, just absent
         assert (
             tools.status_of(
                 lambda: ocustom.patch_namespaced_custom_object(
@@ -216,7 +217,7 @@ def test_helm_install_namespaced_confines_the_operator(tools, helm_bin, control_
             "list pods elsewhere": lambda: ocore.list_namespaced_pod(other),
             "create pod elsewhere": lambda: ocore.create_namespaced_pod(other, _engine_pod("p", "s", "default")),
             "list pods cluster-wide": lambda: ocore.list_pod_for_all_namespaces(),
-            "list namespaces": lambda: ocore.list_namespace(),
+            "delete namespace": lambda: ocore.delete_namespace(other),
             "list sets cluster-wide": lambda: ocustom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL),
         }
         codes = {what: tools.status_of(call) for what, call in outside.items()}
@@ -278,3 +279,109 @@ def test_rendered_objects_are_accepted_by_the_apiserver_dry_run(tools, helm_bin,
             continue  # a custom resource; created for real by the install tests
         utils.create_from_dict(api_client, doc, namespace="default", dry_run="All")
     assert yaml.safe_dump(docs)
+
+
+def test_real_operator_runs_as_the_chart_service_account(tools, helm_bin, control_plane, api_client, crd, tmp_path):
+    """The operator process, started with the Deployment's own arguments and the chart's ServiceAccount
+    token, serves a ModelReplicaSet: token Secret, pods with the contract, status, readiness gate.
+    No kubelet runs here: this test plays the kubelet's part (pod IP, running) as the admin."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from seedfork_localdev.controlplane import free_port
+
+    release, ns, work = f"sf{uuid.uuid4().hex[:6]}", f"sfsys-{uuid.uuid4().hex[:6]}", f"w-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": work}})
+    _install(tools, helm_bin, control_plane, release, ns, "--set", "rbac.clusterWide=false",
+             "--set", f"watchNamespaces={{{work}}}")  # fmt: skip
+    deploy = client.AppsV1Api(api_client).read_namespaced_deployment(f"{release}-seedfork", ns)
+    container = deploy.spec.template.spec.containers[0]
+    metrics, health = free_port(), free_port()
+    args = [
+        a.replace("--metrics-port=8080", f"--metrics-port={metrics}").replace(
+            "http://0.0.0.0:8081", f"http://127.0.0.1:{health}"
+        )
+        for a in container.args
+    ]
+    assert f"--namespace={work}" in args
+    token = tools.token_for(api_client, ns, f"{release}-seedfork")
+    kubeconfig = tmp_path / "operator-kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(control_plane.kubeconfig_dict(user="operator-sa", token=token)))
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env.update({e.name: e.value for e in container.env or [] if e.value is not None})
+    exe = os.path.join(os.path.dirname(sys.executable), container.command[0])
+    log = tmp_path / "operator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        tools.wait_for(healthy, 60, "operator /healthz")
+        body = _mrs("llama")
+        body["spec"]["replicas"] = 2
+        body["spec"]["template"] = {
+            "spec": {"serviceAccountName": "seedfork-agent", "containers": [{"name": "engine", "image": "e:1"}]}
+        }
+        custom = client.CustomObjectsApi(api_client)
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, work, api.PLURAL, body)
+
+        def pods():
+            return core.list_namespaced_pod(work, label_selector=f"{contract.LABEL_SET}=llama").items
+
+        tools.wait_for(lambda: len(pods()) == 2, 60, "two pods created by the operator")
+        assert all(p.spec.service_account_name == "seedfork-agent" for p in pods())
+        status = tools.wait_for(
+            lambda: (
+                custom.get_namespaced_custom_object(api.GROUP, api.VERSION, work, api.PLURAL, "llama")
+                .get("status", {})
+                .get("replicas")
+                == 2
+                and custom.get_namespaced_custom_object(api.GROUP, api.VERSION, work, api.PLURAL, "llama")["status"]
+            ),
+            30,
+            "status.replicas",
+        )
+        assert status["selector"] == f"{contract.LABEL_SET}=llama"
+        secret = core.read_namespaced_secret(status["tokenSecret"], work)
+        assert secret.data[contract.TOKEN_SECRET_KEY]
+
+        # The kubelet's part (admin): the first pod runs at an IP. The agent's part (its own
+        # ServiceAccount): report the weights verified. The operator's part: open the gate.
+        pod = pods()[0]
+        name = pod.metadata.name
+        core.patch_namespaced_pod_status(
+            name, work, {"status": {"phase": "Running", "podIP": "127.0.0.9", "podIPs": [{"ip": "127.0.0.9"}]}}
+        )
+        attempt = contract.Assignment.from_annotations(pod.metadata.annotations).attempt
+        agent = tools.client_as(control_plane, tools.token_for(api_client, work, "seedfork-agent"))
+        try:
+            report = contract.AgentReport(attempt=attempt, state="verified", serving=True, bytes_done=1, bytes_total=1)
+            client.CoreV1Api(agent).patch_namespaced_pod(name, work, contract.annotation_patch(report=report))
+        finally:
+            agent.close()
+
+        def gate_open() -> bool:
+            conditions = core.read_namespaced_pod(name, work).status.conditions or []
+            return any(c.type == contract.READINESS_GATE and c.status == "True" for c in conditions)
+
+        tools.wait_for(gate_open, 30, "readiness gate set by the operator")
+        text = log.read_text()
+        assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)

@@ -7,6 +7,9 @@ import subprocess
 
 import pytest
 
+from seedfork_operator import rbac
+from seedfork_operator.__main__ import parse_args
+
 
 def test_chart_crd_is_the_generated_crd_byte_for_byte(tools):
     top = tools.REPO / "crds" / "seedfork.io_modelreplicasets.yaml"
@@ -32,11 +35,12 @@ def test_operator_pod_is_locked_down(tools, helm_bin):
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert "add" not in sc["capabilities"]
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    # Probes hit the metrics/health port the container declares.
-    (port,) = container["ports"]
+    # Probes hit kopf's liveness endpoint on the port the container declares for it.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["port"] == port["name"] == "metrics"
-    assert f"--metrics-port={port['containerPort']}" in container["args"]
+        assert container[probe]["httpGet"]["port"] == "health"
+        assert f"--liveness=http://0.0.0.0:{ports['health']}{container[probe]['httpGet']['path']}" in container["args"]
+    assert f"--metrics-port={ports['metrics']}" in container["args"]
     assert pod["serviceAccountName"] == "sf-seedfork"
 
 
@@ -55,11 +59,11 @@ OPERATOR_NAMESPACED = {
     ("", "secrets"): {"get", "create"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
-    ("seedfork.io", "modelreplicasets"): {"get", "list", "watch", "patch"},
+    ("seedfork.io", "modelreplicasets"): {"get", "list", "watch", "patch", "update"},
     ("seedfork.io", "modelreplicasets/status"): {"get", "patch", "update"},
 }
 CLUSTER_READS = {
-    ("", "nodes"): {"get", "list", "watch"},
+    ("", "nodes"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
 
@@ -91,7 +95,8 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_needs(tools, helm_bin):
 def test_namespaced_rbac_grants_nothing_namespaced_cluster_wide(tools, helm_bin):
     docs = tools.helm_template(helm_bin, "--set", "rbac.clusterWide=false", "--set", "watchNamespaces={team-a,team-b}")
     (cluster_role,) = tools.by_kind(docs, "ClusterRole")
-    assert _rules(cluster_role) == CLUSTER_READS  # no pods, secrets, namespaces anywhere cluster-wide
+    # No pods or secrets anywhere cluster-wide; reads of nodes, CRDs and namespace names only.
+    assert _rules(cluster_role) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}}
     operator_roles = [r for r in tools.by_kind(docs, "Role") if r["metadata"]["name"] == "sf-seedfork"]
     assert sorted(r["metadata"]["namespace"] for r in operator_roles) == ["team-a", "team-b"]
     assert all(_rules(r) == OPERATOR_NAMESPACED for r in operator_roles)
@@ -134,9 +139,10 @@ def test_two_replicas_peer_with_distinct_priorities(tools, helm_bin, tmp_path):
         words = out.stdout.split()
         assert f"--peering={peering['metadata']['name']}" in words
         assert "--all-namespaces" in words
-        (priority,) = [w.split("=", 1)[1] for w in words if w.startswith("--priority=")]
-        assert int(priority) > 0
-        priorities.add(priority)
+        parsed = parse_args(words)  # the operator's own command line accepts them
+        assert parsed.peering == peering["metadata"]["name"] and parsed.all_namespaces and not parsed.standalone
+        assert parsed.priority > 0
+        priorities.add(parsed.priority)
     assert len(priorities) == 2
     # Namespaced peering objects live in the watched namespaces, and the Role may patch them.
     docs = tools.helm_template(helm_bin, "--set", "operator.replicas=2", "--set", "rbac.clusterWide=false")
@@ -175,7 +181,9 @@ def test_network_policy_admits_only_the_same_set_to_weight_ports(tools, helm_bin
         {"protocol": "TCP", "port": 41000, "endPort": 41015},
     ]
     assert q_engine["ports"] == [{"protocol": "TCP", "port": 8000}]
-    assert policies["sf-seedfork-operator"]["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    assert policies["sf-seedfork-operator"]["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8081}]}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +192,7 @@ def test_network_policy_admits_only_the_same_set_to_weight_ports(tools, helm_bin
         (["--set", "operator.replicas=two"], "/operator/replicas"),
         (["--set", "rbac.clusterwide=false"], "clusterwide"),
         (["--set", "image.digest=latest"], "/image/digest"),
-        (["--set", "defaultTransfer.backend=carrier-pigeon"], "/defaultTransfer/backend"),
+        (["--set", "networkPolicy.defaults.agentPort=80"], "/networkPolicy/defaults/agentPort"),
         (["--set", "watchNamespaces={Bad_Name}"], "/watchNamespaces/0"),
     ],
 )
@@ -202,3 +210,44 @@ def test_digest_pins_both_images(tools, helm_bin):
     assert container["image"] == f"seedfork/operator@{digest}"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["SEEDFORK_AGENT_IMAGE"] == f"seedfork/agent@{digest}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--set", "rbac.clusterWide=false", "--set", "watchNamespaces={a,b}", "--set", "operator.verbose=true"]],
+)
+def test_operator_command_line_is_one_the_operator_accepts(tools, helm_bin, args):
+    container = tools.by_kind(tools.helm_template(helm_bin, *args), "Deployment")[0]["spec"]["template"]["spec"]
+    container = container["containers"][0]
+    assert container["command"] == ["seedfork-operator"]
+    parsed = parse_args(container["args"])
+    assert parsed.standalone and parsed.metrics_port == 8080 and parsed.liveness
+    if args:
+        assert parsed.namespace == ["a", "b"] and not parsed.all_namespaces and parsed.verbose
+    else:
+        assert parsed.all_namespaces and parsed.namespace is None
+
+
+def _expand(rules) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_chart_rbac_matches_the_operators_documented_permissions(tools, helm_bin):
+    """The operator lists what it calls (seedfork_operator.rbac); the chart grants that, per mode, and no more."""
+    documented = _expand(rbac.RULES)
+    peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    cluster_peering = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    modes = {
+        # --all-namespaces: kopf peers through ClusterKopfPeering, never the namespaced kind.
+        ("--set", "operator.replicas=2"): documented - peering,
+        # --namespace: no cluster-wide peering (namespaces list/watch stays: kopf follows them anyway).
+        ("--set", "operator.replicas=2", "--set", "rbac.clusterWide=false"): documented - cluster_peering,
+        ("--set", "rbac.clusterWide=false"): documented - cluster_peering - peering,
+    }
+    for args, expected in modes.items():
+        docs = tools.helm_template(helm_bin, *args)
+        granted = set()
+        for role in tools.by_kind(docs, "ClusterRole") + tools.by_kind(docs, "Role"):
+            if not role["metadata"]["name"].endswith("-agent"):
+                granted |= _expand(role["rules"])
+        assert granted == expected, args
