@@ -256,6 +256,8 @@ class PodTracker:
         self.times: dict[str, dict[str, float]] = {}
         self.deleted: dict[str, float] = {}
         self.history: dict[str, list[tuple[float, str, int]]] = {}  # (time, report state, attempt) changes
+        # Every time a pod was seen Ready without verified weights: must stay empty.
+        self.violations: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._synced = threading.Event()
@@ -339,6 +341,8 @@ class PodTracker:
                 self._mark(name, "gate", now)
             if row.ready:
                 self._mark(name, "ready", now)
+                if not (row.gate and row.state == "verified"):
+                    self.violations.append(f"{name} Ready with gate={row.gate} report={json.dumps(row.report)}")
             hist = self.history.setdefault(name, [])
             if not hist or hist[-1][1:] != (row.state, row.attempt):
                 hist.append((now, row.state, row.attempt))
@@ -662,6 +666,26 @@ def make_model(out: Path | str, size: str = "tiny") -> Path:
     return out
 
 
+def make_model_like(out: Path | str, **config: Any) -> Path:
+    """A deterministic model of another shape than the named sizes (e.g. one big enough that a
+    bandwidth-capped transfer lasts seconds), from the test model's own weight generator."""
+    from safetensors.torch import save_file
+
+    from seedfork_agent.engines.llama import LlamaConfig
+    from seedfork_agent.engines.testmodel import make_weights
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**config)
+    weights = make_weights(cfg)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict.fromkeys(weights, "model.safetensors")}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "config.json").write_text(cfg.to_json())
+    return out
+
+
 def model_bytes(model_dir: Path | str) -> int:
     index = Path(model_dir) / "model.safetensors.index.json"
     return int(json.loads(index.read_text())["metadata"]["total_size"])
@@ -770,7 +794,7 @@ class LocalCluster:
             nodes=list(self.nodes),
             logdir=self.logs / "pods",
             probe_period=self.probe_period,
-            max_grace=5.0,
+            max_grace=2.0,
         )
         self.runner.start()
         return self.runner
@@ -814,7 +838,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         if self.operator is not None:
-            self.operator.stop(timeout=20)
+            self.operator.stop(timeout=5)
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
