@@ -198,6 +198,17 @@ def test_deleting_a_pod_kills_its_processes_and_removes_it(core, namespace, make
     assert h.wait_for(lambda: runner.pod_ip(namespace, "next")) == ip
 
 
+def test_force_deleted_pod_processes_are_killed(core, namespace, make_runner, h):
+    runner = make_runner([namespace])
+    core.create_namespaced_pod(namespace, h.server_pod("forced", probe=False))
+    pid = h.wait_for(lambda: runner.container_pids(namespace, "forced").get("server"))
+    # grace 0 removes the object at once (kubectl delete --force): the runner only sees DELETED.
+    core.delete_namespaced_pod("forced", namespace, body={"gracePeriodSeconds": 0})
+    assert _absent(core, namespace, "forced")
+    h.wait_for(lambda: not h.alive(pid), what="process killed after a forced delete")
+    h.wait_for(lambda: runner.pod_ip(namespace, "forced") is None, what="address freed")
+
+
 def test_pod_recreated_under_the_same_name_runs_afresh(core, namespace, make_runner, h):
     runner = make_runner([namespace])
     core.create_namespaced_pod(namespace, h.server_pod("same", env=[{"name": "GEN", "value": "1"}]))
