@@ -243,11 +243,13 @@ def plan(
 
     # 3. scale up (replacing pods deleted above, too)
     missing = spec.replicas - (len(survivors) - replaced)
-    for _ in range(max(missing, 0)):
-        needs.append(_Need(new_name(), template_node, 1, [], "initial", new=True))
+    needs += [_Need(new_name(), template_node, 1, [], "initial", new=True) for _ in range(max(missing, 0))]
 
     # 4. seeds for everyone who needs one, in one pass so cohorts can form
-    _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out)
+    def replacement() -> _Need:
+        return _Need(new_name(), template_node, 1, [], "initial", new=True)
+
+    _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement)
     return out
 
 
@@ -298,6 +300,7 @@ def _assign(
     clients: Mapping[str, list[PodView]],
     now: float,
     out: Plan,
+    replacement: Callable[[], _Need],
 ) -> None:
     if not needs:
         return
@@ -316,7 +319,7 @@ def _assign(
         slots[seed.name] = _SeedSlot(seed, len(staying), used)
 
     plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
-    for need in needs:
+    for need in needs:  # may grow: a replaced pod's successor is planned in the same pass
         client_labels = nodes.get(need.node or "")
         best: tuple | None = None
         for slot in slots.values():
@@ -333,6 +336,7 @@ def _assign(
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":
                 out.delete.append((need.pod, "no other seed to retry on and fallback is fail"))
+                needs.append(replacement())  # planned in this same loop
                 continue
             assignment = Assignment(
                 attempt=need.attempt, source="storage", excluded_seeds=need.excluded, assigned_at=now

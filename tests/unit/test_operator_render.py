@@ -1,0 +1,156 @@
+"""Pod rendering, status and CLI parsing: pure functions of the operator."""
+
+from __future__ import annotations
+
+import pytest
+
+from seedfork_api import contract as c
+from seedfork_api.spec import ModelReplicaSetSpec
+from seedfork_operator import render
+from seedfork_operator.__main__ import config_from, parse_args
+from seedfork_operator.podview import PodView
+from seedfork_operator.status import compute_status
+
+
+def spec_with(template, **transfer) -> ModelReplicaSetSpec:
+    return ModelReplicaSetSpec.model_validate(
+        {
+            "model": {"name": "m", "uri": "/models/m"},
+            "engine": {"kind": "sglang", "parallelism": {"tp": 2}},
+            "transfer": transfer,
+            "template": template,
+        }
+    )
+
+
+def rendered(template, **transfer):
+    spec = spec_with(template, **transfer)
+    return render.render_pod(
+        spec=spec,
+        set_name="llama",
+        set_uid="uid-1",
+        namespace="ns",
+        pod_name="llama-abc123",
+        fingerprint=spec.fingerprint(),
+        assignment=c.Assignment(attempt=1, source="storage", assigned_at=5.0),
+        token_secret="llama-seedfork-token",
+        agent_image="agent:1",
+    )
+
+
+ENGINE = {
+    "name": "engine",
+    "image": "sglang:1",
+    "env": [{"name": "KEEP", "value": "1"}, {"name": c.ENV_TP, "value": "9"}],
+}
+
+
+def test_pod_gets_contract_gate_labels_owner_and_agent_sidecar():
+    pod = rendered({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [ENGINE]}}, backend="auto")
+    meta = pod["metadata"]
+    assert meta["labels"] == {
+        "app": "x",
+        c.LABEL_SET: "llama",
+        c.LABEL_FINGERPRINT: spec_with({}).fingerprint(),
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+    }
+    assert meta["ownerReferences"][0]["uid"] == "uid-1" and meta["ownerReferences"][0]["controller"] is True
+    assert c.Assignment.from_annotations(meta["annotations"]).source == "storage"
+    assert pod["spec"]["readinessGates"] == [{"conditionType": c.READINESS_GATE}]
+    engine, agent = pod["spec"]["containers"]
+    assert agent["name"] == "seedfork-agent" and agent["command"] == ["seedfork-agent", "run"]
+    assert agent["image"] == "agent:1"
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 18080}
+    for ct in (engine, agent):
+        env = {e["name"]: e for e in ct["env"]}
+        assert env[c.ENV_POD_IP]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env[c.ENV_POD_NAME]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env[c.ENV_TOKEN] == {
+            "name": c.ENV_TOKEN,
+            "valueFrom": {"secretKeyRef": {"name": "llama-seedfork-token", "key": "token"}},
+        }
+        assert env[c.ENV_BACKEND]["value"] == "transfer_engine"  # auto resolves to TE
+        assert env[c.ENV_TP]["value"] == "2"  # the contract wins over the template's value
+        assert env[c.ENV_PORT_RANGE]["value"] == "40000-40099"
+    assert {e["name"] for e in engine["env"]} >= {"KEEP"}
+    pod_env = {e["name"]: e for e in engine["env"]}
+    assert c.PodEnv.from_environ(
+        {k: v.get("value", "x") for k, v in pod_env.items()} | {c.ENV_TOKEN: "t"}
+    ).port_range == (40000, 40099)
+
+
+@pytest.mark.parametrize(
+    "container",
+    [
+        {"name": "seedfork-agent", "image": "a"},
+        {"name": "engine", "image": "a", "command": ["/usr/local/bin/seedfork-agent", "run", "--", "sglang"]},
+        {"name": "engine", "image": "a", "command": ["sh"], "args": ["seedfork-agent"]},
+    ],
+)
+def test_no_sidecar_when_the_agent_is_the_entry_point(container):
+    pod = rendered({"spec": {"containers": [container]}})
+    assert [ct["name"] for ct in pod["spec"]["containers"]] == [container["name"]]
+
+
+def test_existing_readiness_gates_are_kept_and_ours_not_duplicated():
+    gates = [{"conditionType": "x/y"}, {"conditionType": c.READINESS_GATE}]
+    pod = rendered({"spec": {"containers": [ENGINE], "readinessGates": gates}})
+    assert pod["spec"]["readinessGates"] == gates
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ({}, "containers is empty"),
+        ({"spec": {"containers": []}}, "containers is empty"),
+        ({"spec": {"containers": [{"image": "x"}]}}, "needs a name"),
+        ({"spec": {"containers": [ENGINE, ENGINE]}}, "unique"),
+    ],
+)
+def test_bad_templates_are_refused_with_a_reason(template, message):
+    with pytest.raises(render.TemplateError, match=message):
+        rendered(template)
+
+
+def test_token_secret_is_owned_and_never_in_the_pod():
+    secret = render.render_token_secret(set_name="s", set_uid="u", namespace="ns", token="t0k3n")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u" and secret["stringData"] == {"token": "t0k3n"}
+    assert "t0k3n" not in repr(rendered({"spec": {"containers": [ENGINE]}}))
+
+
+def test_status_counts_and_condition_transitions():
+    spec = spec_with({"spec": {"containers": [ENGINE]}})
+    spec.replicas = 2
+    verified = c.AgentReport(attempt=1, state="verified", serving=True)
+    storage = c.Assignment(attempt=1, source="storage")
+    pods = [
+        PodView(name="a", ready=True, ip="1", fingerprint=spec.fingerprint(), assignment=storage, report=verified),
+        PodView(name="b", assignment=storage),
+        PodView(name="z", deleting=True),
+    ]
+    args = dict(spec=spec, fingerprint=spec.fingerprint(), pods=pods, generation=3, selector="s=1", token_secret="t")
+    st = compute_status(old={}, counts={"completed": 1}, degraded=None, now=100.0, **args)
+    assert (st["replicas"], st["readyReplicas"], st["seeds"]) == (2, 1, 1)
+    assert st["transfers"] == {"inFlight": 1, "completed": 1, "failed": 0, "fellBack": 0}
+    conds = {x["type"]: x for x in st["conditions"]}
+    assert conds["Available"]["status"] == "False" and conds["Progressing"]["status"] == "True"
+    assert conds["Degraded"]["status"] == "False" and conds["Degraded"]["reason"] == "AsExpected"
+    again = compute_status(old=st, counts={"failed": 2}, degraded=("TokenSecretMissing", "gone"), now=200.0, **args)
+    assert again["transfers"]["completed"] == 1 and again["transfers"]["failed"] == 2  # cumulative
+    conds2 = {x["type"]: x for x in again["conditions"]}
+    assert (
+        conds2["Degraded"]["status"] == "True"
+        and conds2["Degraded"]["lastTransitionTime"] != conds["Degraded"]["lastTransitionTime"]
+    )
+    assert conds2["Available"]["lastTransitionTime"] == conds["Available"]["lastTransitionTime"]  # no flip
+
+
+def test_cli_flags():
+    args = parse_args(["--namespace", "a", "-n", "b", "--metrics-port", "0", "--peering", "seedfork"])
+    assert args.namespace == ["a", "b"] and args.peering == "seedfork" and not args.all_namespaces
+    assert config_from(args).metrics_port == 0
+    assert parse_args(["-A", "--standalone"]).all_namespaces
+    with pytest.raises(SystemExit):
+        parse_args([])  # a scope is required
+    with pytest.raises(SystemExit):
+        parse_args(["-A", "-n", "x"])
