@@ -196,9 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         code = cmd_manifest(args)
     else:
         handler = {"serve": cmd_serve, "pull": cmd_pull, "run": cmd_run}[args.cmd]
-        code = asyncio.run(handler(args))
+        code = asyncio.run(_then_exit(handler(args)))
+    sys.exit(code)
+
+
+async def _then_exit(work) -> int:
+    code = await work
+    # Cleanup ran inside ``work``. Worker threads may still sit in a blocking pod watch or on a dead
+    # peer's socket, and asyncio.run would wait for them: leave without joining them.
     sys.stdout.flush()
-    # Worker threads may still sit in a blocking watch or a dead peer's socket: leave without joining them.
+    sys.stderr.flush()
     os._exit(code)
 
 

@@ -114,7 +114,12 @@ class AgentProc:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(10)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise AssertionError(f"agent {self.ip} ignored {sig!r}") from None
 
     def tensors(self) -> dict:
         """The agent's verified weights, mapped from its own memory (byte-exact view)."""
