@@ -352,3 +352,21 @@ def test_cli_runs_pods_and_cleans_up_on_sigterm(core, namespace, control_plane, 
         out, _ = cli.communicate(timeout=30)
     assert cli.returncode == 0, out.decode()
     assert not h.alive(pid), "the CLI must kill its pods' processes when it stops"
+
+
+def test_only_the_given_namespaces_are_run(core, namespace, make_runner, h):
+    import uuid
+
+    second, other = (f"{namespace}-{uuid.uuid4().hex[:4]}" for _ in range(2))
+    for name in (second, other):
+        core.create_namespace({"metadata": {"name": name}})
+    runner = make_runner([namespace, second])
+    for ns in (namespace, second, other):
+        core.create_namespaced_pod(ns, h.server_pod("p", probe=False))
+    h.wait_for(lambda: read(core, namespace, "p").status.phase == "Running")
+    h.wait_for(lambda: read(core, second, "p").status.phase == "Running")
+    assert runner.pod_ip(namespace, "p") != runner.pod_ip(second, "p")
+    time.sleep(0.3)
+    untouched = read(core, other, "p")
+    assert untouched.spec.node_name is None and untouched.status.phase == "Pending"
+    core.delete_namespaced_pod("p", other)  # unbound: the API server removes it at once
