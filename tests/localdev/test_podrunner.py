@@ -261,11 +261,14 @@ def test_two_pods_on_two_nodes_get_distinct_ips_and_both_serve(core, namespace, 
     core.create_namespaced_pod(namespace, h.server_pod("zoned", probe=False, nodeSelector={zone: "z2"}))
     core.create_namespaced_pod(namespace, h.server_pod("nowhere", probe=False, nodeSelector={zone: "z9"}))
     h.wait_for(lambda: read(core, namespace, "zoned").spec.node_name == f"{namespace}-b")
-    time.sleep(0.3)
-    nowhere = read(core, namespace, "nowhere")
-    assert nowhere.spec.node_name is None
-    scheduled = next(c for c in nowhere.status.conditions if c.type == "PodScheduled")
+
+    def unschedulable():
+        conds = read(core, namespace, "nowhere").status.conditions or []
+        return next((c for c in conds if c.type == "PodScheduled"), None)
+
+    scheduled = h.wait_for(unschedulable, what="PodScheduled condition")
     assert scheduled.status == "False" and scheduled.reason == "Unschedulable"
+    assert read(core, namespace, "nowhere").spec.node_name is None
     assert runner.pod_ip(namespace, "nowhere") is None
 
 
