@@ -13,7 +13,8 @@ from kubernetes import client, watch
 from seedfork_api import contract
 from seedfork_api import spec as api
 
-pytestmark = pytest.mark.cluster
+# The first test that needs helm or kubeconform builds it once from the Go module proxy (minutes, cold).
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 
 def _summary(proc) -> dict:

@@ -10,6 +10,9 @@ import pytest
 from seedfork_operator import rbac
 from seedfork_operator.__main__ import parse_args
 
+# The first test that needs helm builds it once from the Go module proxy (minutes, cold).
+pytestmark = pytest.mark.timeout(900)
+
 
 def test_chart_crd_is_the_generated_crd_byte_for_byte(tools):
     top = tools.REPO / "crds" / "seedfork.io_modelreplicasets.yaml"

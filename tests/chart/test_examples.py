@@ -13,7 +13,8 @@ from kubernetes import client
 
 from seedfork_api import spec as api
 
-pytestmark = pytest.mark.cluster
+# The first test that needs kubeconform builds it once from the Go module proxy (minutes, cold).
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 SETS = ["reference-engine.yaml", "sglang-transfer-engine.yaml", "sglang-nccl.yaml", "vllm-ipc.yaml"]
 
