@@ -86,3 +86,17 @@ def test_the_build_context_has_what_the_dockerfile_copies():
     # The user the image runs as is the one the chart's securityContext expects.
     values = (REPO / "charts" / "seedfork" / "values.yaml").read_text()
     assert "runAsUser: 10001" in values and "runAsGroup: 10001" in values
+
+
+def test_image_commands_exist_as_console_scripts():
+    """What the chart runs (seedfork-operator) and the operator injects (seedfork-agent run) is on the images' PATH."""
+    import tomllib
+
+    from seedfork_operator.render import AGENT_COMMAND
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    stages = _stages()
+    assert stages["agent"][-1] == f'ENTRYPOINT ["{AGENT_COMMAND[0]}"]' and AGENT_COMMAND[0] in scripts
+    assert "seedfork-operator" in scripts
+    deployment = (REPO / "charts" / "seedfork" / "templates" / "deployment.yaml").read_text()
+    assert "command: [seedfork-operator]" in deployment and "exec seedfork-operator" in deployment
