@@ -51,7 +51,11 @@ or from a shell::
 
     python -m seedfork_localdev.podrunner --kubeconfig KUBECONFIG --namespace demo --node node-a:zone=z1
 
-Leaving the context (or SIGINT/SIGTERM for the CLI) kills every process the runner started.
+Leaving the context (or SIGINT/SIGTERM for the CLI) kills every process the runner started;
+pod objects stay as they are (as when a kubelet stops). Run one runner per namespace:
+two runners given the same namespace would both run its pods. A pod no node matches
+gets ``PodScheduled=False`` (``Unschedulable``). Container IDs read
+``seedfork-podrunner://<pid>``; the PID is also the container's process group id.
 """
 
 from __future__ import annotations

@@ -373,3 +373,11 @@ def test_only_the_given_namespaces_are_run(core, namespace, make_runner, h):
     untouched = read(core, other, "p")
     assert untouched.spec.node_name is None and untouched.status.phase == "Pending"
     core.delete_namespaced_pod("p", other)  # unbound: the API server removes it at once
+
+
+def test_admin_credentials_mode_gives_pods_the_runner_kubeconfig(core, namespace, make_runner, h, control_plane):
+    make_runner([namespace], pod_credentials="admin")
+    core.create_namespaced_pod(namespace, h.server_pod("adm", probe=False))
+    pod = h.wait_for(lambda: (p := read(core, namespace, "adm")).status.phase == "Running" and p)
+    served = h.wait_for(lambda: _try_get(h, pod.status.pod_ip))
+    assert served["env"]["KUBECONFIG"] == str(control_plane.kubeconfig)
