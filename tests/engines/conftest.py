@@ -103,7 +103,7 @@ def tiny_model(tmp_path_factory) -> Path:
 PROMPTS = [f"prompt {i}: the quick brown fox".encode() for i in range(20)]
 
 
-def generations(engine_url: str, n_new: int = 12) -> list[list[int]]:
+def generations(engine_url: str, n_new: int = 8) -> list[list[int]]:
     out = []
     with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
         for p in PROMPTS:
@@ -126,13 +126,14 @@ def start_engine(procs: Procs, model_dir: Path, *source: str, name: str = "engin
     return url, p
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def h():
     """The helpers above, as a fixture (test modules cannot import conftest under importlib mode)."""
     import types
 
     return types.SimpleNamespace(
         TOKEN=TOKEN,
+        Procs=Procs,
         PROMPTS=PROMPTS,
         loopback_ip=loopback_ip,
         free_port=free_port,
