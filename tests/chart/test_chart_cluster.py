@@ -282,10 +282,15 @@ def test_rendered_objects_are_accepted_by_the_apiserver_dry_run(tools, helm_bin,
     assert yaml.safe_dump(docs)
 
 
-def test_real_operator_runs_as_the_chart_service_account(tools, helm_bin, control_plane, api_client, crd, tmp_path):
-    """The operator process, started with the Deployment's own arguments and the chart's ServiceAccount
-    token, serves a ModelReplicaSet: token Secret, pods with the contract, status, readiness gate.
-    No kubelet runs here: this test plays the kubelet's part (pod IP, running) as the admin."""
+@pytest.mark.parametrize("replicas", [1, 2], ids=["standalone", "peering"])
+def test_real_operator_runs_as_the_chart_service_account(
+    tools, helm_bin, control_plane, api_client, crd, tmp_path, replicas
+):
+    """The operator process, started with the Deployment's own command and arguments and the chart's
+    ServiceAccount token, serves a ModelReplicaSet: token Secret, pods with the contract, status,
+    readiness gate. With 2 replicas the chart's start-up script runs too and the process joins kopf
+    peering through the chart's KopfPeering object. No kubelet runs here: this test plays the
+    kubelet's part (pod IP, running) as the admin."""
     import os
     import signal
     import subprocess
@@ -298,7 +303,7 @@ def test_real_operator_runs_as_the_chart_service_account(tools, helm_bin, contro
     core = client.CoreV1Api(api_client)
     core.create_namespace({"metadata": {"name": work}})
     _install(tools, helm_bin, control_plane, release, ns, "--set", "rbac.clusterWide=false",
-             "--set", f"watchNamespaces={{{work}}}")  # fmt: skip
+             "--set", f"watchNamespaces={{{work}}}", "--set", f"operator.replicas={replicas}")  # fmt: skip
     deploy = client.AppsV1Api(api_client).read_namespaced_deployment(f"{release}-seedfork", ns)
     container = deploy.spec.template.spec.containers[0]
     metrics, health = free_port(), free_port()
@@ -309,15 +314,21 @@ def test_real_operator_runs_as_the_chart_service_account(tools, helm_bin, contro
         for a in container.args
     ]
     assert f"--namespace={work}" in args
+    hostname = tmp_path / "hostname"
+    hostname.write_text(f"{release}-seedfork-5d8f7-x2k9q\n")
+    args = [a.replace("/etc/hostname", str(hostname)) for a in args]  # the pod's name, as the kubelet sets it
     token = tools.token_for(api_client, ns, f"{release}-seedfork")
     kubeconfig = tmp_path / "operator-kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(control_plane.kubeconfig_dict(user="operator-sa", token=token)))
+    # The image has the console scripts on PATH; here they are in the virtualenv.
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     env.update({e.name: e.value for e in container.env or [] if e.value is not None})
-    exe = os.path.join(os.path.dirname(sys.executable), container.command[0])
     log = tmp_path / "operator.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*container.command, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
 
         def healthy() -> bool:
@@ -377,6 +388,10 @@ def test_real_operator_runs_as_the_chart_service_account(tools, helm_bin, contro
             return any(c.type == contract.READINESS_GATE and c.status == "True" for c in conditions)
 
         tools.wait_for(gate_open, 30, "readiness gate set by the operator")
+        if replicas > 1:  # it announced itself in the chart's peering object, with its derived priority
+            peering = custom.get_namespaced_custom_object("kopf.dev", "v1", work, "kopfpeerings", f"{release}-seedfork")
+            peers = [v for v in (peering.get("status") or {}).values() if isinstance(v, dict)]
+            assert len(peers) == 1 and peers[0]["priority"] > 0, peering
         text = log.read_text()
         assert "Forbidden" not in text and " 403" not in text, text[-3000:]
     finally:
