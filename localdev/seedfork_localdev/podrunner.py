@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import subprocess
@@ -108,6 +109,8 @@ IP_LOCK_DIR = Path(tempfile.gettempdir()) / "seedfork-podrunner-ips"
 CONTAINER_ID_SCHEME = "seedfork-podrunner"
 # Environment passed through from the runner to every container (containers get nothing else of it).
 PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TERM")
+# Set in every container: "<runner id>/<pod uid>/<container>/", to find processes that left the group.
+MARK_ENV = "SEEDFORK_PODRUNNER_MARK"
 
 
 def _now() -> str:
@@ -117,6 +120,31 @@ def _now() -> str:
 def _kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _kill_marked(prefix: str, sig: int) -> int:
+    """Signal every process whose environment carries MARK_ENV starting with ``prefix``; returns how many.
+
+    A container's processes can leave its process group (``setsid``, a new session
+    for an engine); they still inherit the mark, so they end with the container.
+    Linux only (reads /proc); elsewhere process groups are all there is.
+    """
+    wanted = f"{MARK_ENV}={prefix}".encode()
+    hits = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            if any(item.startswith(wanted) for item in environ.split(b"\0")):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(entry.name), sig)
+                    hits += 1
+    return hits
 
 
 @dataclass
@@ -212,6 +240,7 @@ class PodRunner:
         self.ip_range = ip_range
         self.started_pids: list[int] = []  # every process group this runner ever started
         self._procs: list[subprocess.Popen] = []
+        self._id = f"{os.getpid()}-{secrets.token_hex(4)}"
 
         self._events: queue.Queue = queue.Queue()
         self._seen: dict[tuple[str, str], dict[str, Any]] = {}  # latest object per pod
@@ -283,6 +312,7 @@ class PodRunner:
                 _kill_group(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
+        _kill_marked(f"{self._id}/", signal.SIGKILL)
         with self._lock:
             for pod in self._pods.values():
                 self._release(pod)
@@ -684,6 +714,7 @@ class PodRunner:
         env.update(self.env)
         env.update(api_env)
         env.update(own)
+        env[MARK_ENV] = self._mark(pod, c)
         c.env = env
         logfile = open(self.log_path(pod.namespace, pod.name, c.name), "a", buffering=1)  # noqa: SIM115
         cwd = c.spec.get("workingDir") or None
@@ -716,6 +747,10 @@ class PodRunner:
         shown = shown if len(shown) < 200 else shown[:200] + "..."
         log.info("started %s/%s container %s pid %d: %s", pod.namespace, pod.name, c.name, proc.pid, shown)
 
+    def _mark(self, pod: _Pod, c: _Container | None = None) -> str:
+        # Matched by prefix: "<id>/" is the runner, "<id>/<uid>/" a pod, "<id>/<uid>/<name>/" a container.
+        return f"{self._id}/{pod.uid}/" + (f"{c.name}/" if c is not None else "")
+
     def _period(self, seconds: float) -> float:
         return min(seconds, self.probe_period) if self.probe_period is not None else seconds
 
@@ -738,6 +773,7 @@ class PodRunner:
     def _on_exit(self, pod: _Pod, c: _Container, code: int, *, reason: str, message: str = "") -> None:
         if c.proc is not None:
             _kill_group(c.proc.pid, signal.SIGKILL)  # the container ends with its main process
+            _kill_marked(self._mark(pod, c), signal.SIGKILL)
         if c.logfile is not None:
             c.logfile.close()
         finished = _now()
@@ -902,8 +938,11 @@ class PodRunner:
     def _kill_pods(self, pods: list[_Pod], grace: float) -> None:
         """SIGTERM every container's process group, wait up to ``grace`` s, then SIGKILL what is left."""
         procs = [(c.proc.pid, c.proc) for pod in pods for c in pod.containers if c.proc is not None]
+        marks = [self._mark(pod) for pod in pods]
         for pgid, _ in procs:
             _kill_group(pgid, signal.SIGTERM)
+        for mark in marks:
+            _kill_marked(mark, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -912,6 +951,8 @@ class PodRunner:
             _kill_group(pgid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        for mark in marks:
+            _kill_marked(mark, signal.SIGKILL)
         for pod in pods:
             for c in pod.containers:
                 if c.logfile is not None:

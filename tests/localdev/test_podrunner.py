@@ -308,25 +308,27 @@ def test_exec_probe_and_runner_shutdown_leaves_no_processes(core, namespace, mak
     flag = tmp_path / "ready-flag"
     child_file = tmp_path / "child.pid"
     # The container forks a child (a second process in its group) that must die with it.
+    # The second child leaves the process group (a new session, as an engine launcher may do).
     script = (
         "import subprocess, time; c = subprocess.Popen(['sleep', '300'])\n"
-        f"open({str(child_file)!r}, 'w').write(str(c.pid)); time.sleep(300)"
+        "d = subprocess.Popen(['sleep', '301'], start_new_session=True)\n"
+        f"open({str(child_file)!r}, 'w').write(f'{{c.pid}} {{d.pid}}'); time.sleep(300)"
     )
     pod = h.command_pod("worker", ["python", "-c", script])
     pod["spec"]["containers"][0]["readinessProbe"] = {"exec": {"command": ["test", "-f", str(flag)]}}
     core.create_namespaced_pod(namespace, pod)
 
     h.wait_for(lambda: read(core, namespace, "worker").status.phase == "Running")
-    child = int(h.wait_for(lambda: child_file.exists() and child_file.read_text()))
+    child, escaped = map(int, h.wait_for(lambda: child_file.exists() and child_file.read_text()).split())
     time.sleep(0.6)
     assert h.conditions(read(core, namespace, "worker"))["Ready"] == "False"
     flag.write_text("")
     h.wait_for(lambda: h.conditions(read(core, namespace, "worker")).get("Ready") == "True", what="exec probe ok")
 
     pids = list(runner.container_pids(namespace, "worker").values())
-    assert pids and all(h.alive(p) for p in pids) and h.alive(child)
+    assert pids and all(h.alive(p) for p in pids) and h.alive(child) and h.alive(escaped)
     runner.stop()
-    assert not any(h.alive(p) for p in [*pids, child]), "runner shutdown must leave no processes"
+    assert not any(h.alive(p) for p in [*pids, child, escaped]), "runner shutdown must leave no processes"
 
 
 def test_cli_runs_pods_and_cleans_up_on_sigterm(core, namespace, control_plane, h, tmp_path):
