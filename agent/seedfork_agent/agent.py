@@ -158,6 +158,21 @@ class Agent:
             return False
         return True
 
+    async def adopt(self, store: WeightStore) -> bool:
+        """Serve a store the caller built and checksummed itself (an engine's own weights, a benchmark)."""
+        self._begin(self.server.progress.attempt + 1, "storage", None, None)
+        return await self._finish(store)
+
+    def release(self) -> None:
+        """Stop serving and free the store (its TransferEngine registration too)."""
+        store, self.server.store = self.server.store, None
+        self.server.progress.state = "pending"
+        self.server.metrics.serving.set(0)
+        if store is not None:
+            if self.server.te is not None:
+                self.server.te.unregister(store.buffer.data_ptr())
+            store.close()
+
     def request(self, seed_ip: str, seed_port: int, backend: str, **kw: Any) -> PullRequest:
         """A pull request carrying this agent's identity, token, device and timeout."""
         expected: Manifest | None = kw.pop("expected", None)

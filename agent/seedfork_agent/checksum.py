@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 _WIDTH = 4096  # words per row: column weights stay small, rows weight the rest
-_CHUNK_WORDS = 1 << 26  # 256 MiB of input per step bounds the int64 temporaries
+_CHUNK_WORDS = 1 << 26  # 256 MiB of input per step bounds the CPU's widened copy
 _MASK = (1 << 64) - 1
 
 
@@ -47,19 +47,22 @@ def checksum(data: torch.Tensor) -> str:
 
 
 def _chunk_sums(words: torch.Tensor, cols: torch.Tensor) -> tuple[int, int]:
+    # Word (r, c) of a rows x W block sits at index r*W + c, so its weight r*W + c + 1 splits into a
+    # column part and a row part: B = sum_c (c+1) * colsum[c] + W * sum_r r * rowsum[r]. Two reductions
+    # that widen to int64 as they read (on GPU): no int64 copy of the data.
     n = words.numel()
     rows, rest = divmod(n, _WIDTH)
     a = torch.zeros((), dtype=torch.int64, device=words.device)
     b = torch.zeros((), dtype=torch.int64, device=words.device)
     if rows:
-        block = words[: rows * _WIDTH].view(rows, _WIDTH).to(torch.int64)
-        row_sums = block.sum(dim=1)
-        a = a + row_sums.sum()
-        # word (r, c) sits at index r*W + c; its weight r*W + c + 1 splits into two sums.
-        b = b + (block * cols).sum()
+        block = words[: rows * _WIDTH].view(rows, _WIDTH)
+        if not block.is_cuda:  # CPU reductions are faster over a widened copy than widening as they read
+            block = block.to(torch.int64)
+        row_sums = block.sum(dim=1, dtype=torch.int64)
+        col_sums = block.sum(dim=0, dtype=torch.int64)
         row_index = torch.arange(rows, dtype=torch.int64, device=words.device)
-        b = b + (row_sums * row_index).sum() * _WIDTH
-        del block
+        a = a + row_sums.sum()
+        b = b + (col_sums * cols).sum() + (row_sums * row_index).sum() * _WIDTH
     if rest:
         tail = words[rows * _WIDTH :].to(torch.int64)
         a = a + tail.sum()

@@ -61,14 +61,29 @@ def pull(
     req: PullRequest,
     te_factory: Callable[[], TransferEngineHandle] | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> WeightStore:
-    """Pull and verify; returns a verified store (registered with TE when TE was used)."""
+    """Pull and verify; returns a verified store (registered with TE when TE was used).
+
+    ``stats``, when given, receives the phase durations (seconds) and the transfer's wall-clock window.
+    """
+    stats = {} if stats is None else stats
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        stats[name] = now - mark
+        mark = now
+
     deadline = time.monotonic() + req.timeout_s
     headers = {"Authorization": f"Bearer {req.token}"}
     with httpx.Client(base_url=req.base_url, headers=headers, timeout=min(30.0, req.timeout_s)) as http:
         manifest = fetch_manifest(http, req)
         check_identity(manifest, req)
+        phase("manifest_s")
         store = WeightStore.empty(manifest, req.device)
+        phase("alloc_s")
         te: TransferEngineHandle | None = None
         done = 0
 
@@ -84,14 +99,18 @@ def pull(
                 if te_factory is None:
                     raise PullError("TransferEngine is not available in this agent")
                 te = te_factory()
-                _pull_te(http, req, store, te, progress, deadline)
+                te.register(store.buffer.data_ptr(), store.nbytes)
+                phase("register_s")
+                _pull_te(http, req, store, te, progress, deadline, stats)
             elif req.backend in ("nccl", "gloo"):
-                _pull_group(http, req, store, progress, deadline)
+                _pull_group(http, req, store, progress, deadline, stats)
             else:
                 raise PullError(f"unknown backend {req.backend!r}")
+            phase("transfer_s")
             if time.monotonic() > deadline:
                 raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
             bad = store.verify(manifest)
+            phase("verify_s")
             if bad:
                 raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
             return store
@@ -133,7 +152,9 @@ def check_identity(manifest: Manifest, req: PullRequest) -> None:
 
 
 # ---- NCCL / gloo: SGLang R-Fork group protocol ------------------------------
-def _pull_group(http: httpx.Client, req: PullRequest, store: WeightStore, progress, deadline: float) -> None:
+def _pull_group(
+    http: httpx.Client, req: PullRequest, store: WeightStore, progress, deadline: float, stats: dict
+) -> None:
     if len(req.group_ports) != 1:
         raise PullError(f"need exactly one group port (tp 1), got {req.group_ports}")
     port = req.group_ports[0]
@@ -174,7 +195,9 @@ def _pull_group(http: httpx.Client, req: PullRequest, store: WeightStore, progre
             )
             tensors = [store.tensor(t.name) for t in store.manifest.tensors]
             try:
+                stats["data_start"] = time.time()
                 groups.broadcast_tensors(pg, tensors, progress)
+                stats["data_end"] = time.time()
             except Exception as e:
                 err = _result_error(send, 2.0)
                 raise PullError(f"receiving weights from {req.seed} failed: {err or e}") from None
@@ -220,9 +243,14 @@ def _local_ip_for(peer: str) -> str:
 
 # ---- TransferEngine: one-sided reads -----------------------------------------
 def _pull_te(
-    http: httpx.Client, req: PullRequest, store: WeightStore, te: TransferEngineHandle, progress, deadline: float
+    http: httpx.Client,
+    req: PullRequest,
+    store: WeightStore,
+    te: TransferEngineHandle,
+    progress,
+    deadline: float,
+    stats: dict,
 ) -> None:
-    te.register(store.buffer.data_ptr(), store.nbytes)
     # Pointers die with the seed process: fetch them fresh for every transfer, never reuse them.
     try:
         r = http.get("/remote_instance_transfer_engine_info", params={"rank": 0})
@@ -250,6 +278,7 @@ def _pull_te(
             lengths.append(t.nbytes)
     _announce(http, req, "start")
     ok = False
+    stats["data_start"] = time.time()
     try:
         i = 0
         while i < len(lengths):
@@ -264,6 +293,7 @@ def _pull_te(
             i = j
         if store.device.type == "cuda":
             torch.cuda.synchronize(store.device)
+        stats["data_end"] = time.time()
         ok = True
     finally:
         _announce(http, req, "done" if ok else "failed", sum(lengths))

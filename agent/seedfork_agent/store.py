@@ -314,6 +314,17 @@ class WeightStore:
 
 def attach(info: dict[str, Any], manifest: Manifest) -> dict[str, torch.Tensor]:
     """In another process: map a store's buffer from ``attach_info`` and return its named tensor views."""
+    buffer = attach_buffer(info)
+    if buffer.numel() != manifest.total_bytes:
+        raise ValueError("mapped buffer size differs from the manifest")
+    return {
+        t.name: buffer[t.offset : t.offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
+        for t in manifest.tensors
+    }
+
+
+def attach_buffer(info: dict[str, Any]) -> torch.Tensor:
+    """In another process: the store's whole uint8 buffer, mapped (no copy)."""
     if info["kind"] == "shm":
         buffer = torch.from_file(info["path"], shared=True, size=int(info["nbytes"]), dtype=torch.uint8)
     elif info["kind"] == "cuda_ipc":
@@ -321,12 +332,7 @@ def attach(info: dict[str, Any], manifest: Manifest) -> dict[str, torch.Tensor]:
         buffer = rebuild(*args)
     else:
         raise ValueError(f"unknown attach kind {info['kind']!r}")
-    if buffer.numel() != manifest.total_bytes:
-        raise ValueError("mapped buffer size differs from the manifest")
-    return {
-        t.name: buffer[t.offset : t.offset + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
-        for t in manifest.tensors
-    }
+    return buffer
 
 
 def _safetensors_dtype(code: str) -> str:
