@@ -1,0 +1,175 @@
+"""How long the reference engine takes to attach to the agent's weights (zero-copy), and to re-check them.
+
+The agent side (this process) builds a WeightStore laid out like a Llama model and publishes its attach
+info; fresh engine processes then attach to it, each timing:
+
+- ``attach``: map the buffer (``/dev/shm`` file on CPU, CUDA IPC handle on GPU) and build every named view,
+  plus the model's name/shape/dtype check: everything between "the agent says verified" and "the engine
+  can serve" except the optional checksum re-check. Target on GPU: < 50 ms for 16 GB.
+- ``verify``: the engine's checksum re-check of every tensor (optional in the engine, ``--no-verify``).
+- ``context``: CUDA context creation in the engine process (paid once at engine start, before attaching).
+
+Zero-copy is checked, not assumed: each engine process writes a marker into the first tensor through its
+mapping, and this process must see it in its own buffer.
+
+    .venv/bin/python bench/engine_attach.py --device cuda --gb 16      # on a GPU machine
+    .venv/bin/python bench/engine_attach.py --device cpu --gb 0.5      # anywhere
+
+Prints a table and writes ``bench/results/engine_attach_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_MS = 50.0
+
+
+def llama_like(gb: float):
+    """A Llama-3-8B-shaped config (291 tensors, bf16) scaled in depth to about ``gb`` gigabytes."""
+    from seedfork_agent.engines.llama import LlamaConfig, weight_shapes
+
+    def config(layers: int) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+            num_attention_heads=32, num_key_value_heads=8, torch_dtype="bfloat16",
+        )  # fmt: skip
+
+    def size(c: LlamaConfig) -> int:
+        return sum(2 * math.prod(s) for s in weight_shapes(c).values())
+
+    layers = 1
+    while size(config(layers + 1)) <= gb * 1e9:
+        layers += 1
+    if size(config(1)) > gb * 1e9:  # too small for one 8B-wide layer: shrink the width instead
+        return LlamaConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=max(1, int(gb * 20)),
+            num_attention_heads=16, num_key_value_heads=4, torch_dtype="bfloat16",
+        )  # fmt: skip
+    return config(layers)
+
+
+def child(spec_path: str) -> None:
+    import torch
+
+    from seedfork_agent.engines.llama import LlamaConfig
+    from seedfork_agent.engines.reference import ReferenceEngine
+
+    spec = json.loads(Path(spec_path).read_text())
+    device = spec["device"]
+    t0 = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+    context_ms = (time.perf_counter() - t0) * 1000
+    engine = ReferenceEngine(LlamaConfig.from_dict(spec["config"]), device)
+    t1 = time.perf_counter()
+    engine.attach(spec["body"], verify=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    attach_ms = (time.perf_counter() - t1) * 1000
+    t2 = time.perf_counter()
+    from seedfork_agent.engines.reference import weights_checksums
+
+    weights_checksums(engine.model.w)
+    verify_ms = (time.perf_counter() - t2) * 1000
+    first = engine.model.w["model.embed_tokens.weight"].view(-1).view(torch.uint8)
+    first[:8] = torch.tensor(spec["marker"], dtype=torch.uint8, device=first.device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"context_ms": context_ms, "attach_ms": attach_ms, "verify_ms": verify_ms}), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--gb", type=float, default=16.0)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
+
+    import dataclasses
+
+    import torch
+
+    from seedfork_agent import store as weight_store
+    from seedfork_agent.engines.llama import weight_shapes
+
+    config = llama_like(args.gb)
+    specs = [(n, "bfloat16", s) for n, s in weight_shapes(config).items()]
+    manifest = weight_store.layout(specs, "bench")
+    t0 = time.perf_counter()
+    store = weight_store.WeightStore(manifest, args.device)
+    alloc_s = time.perf_counter() - t0
+    store.buffer[: min(store.nbytes, 1 << 20)].fill_(7)
+    store.manifest = manifest.with_checksums({t.name: "" for t in manifest.tensors})
+    body = {"attach": store.attach_info(), "manifest": store.manifest.to_dict()}
+    rows = []
+    try:
+        for run in range(args.runs):
+            marker = [(run * 8 + i) % 251 + 1 for i in range(8)]
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(
+                    {"device": args.device, "config": dataclasses.asdict(config), "body": body, "marker": marker}, f
+                )
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", f.name], capture_output=True, text=True, timeout=600, check=True
+            )
+            Path(f.name).unlink()
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            seen = store.buffer[manifest.entry("model.embed_tokens.weight").offset :][:8].cpu().tolist()
+            row["zero_copy"] = seen == marker
+            rows.append(row)
+    finally:
+        store.close()
+
+    def p50(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
+    where = f"{args.device} ({gpu})" if gpu else args.device
+    print(
+        f"engine attach, {where}: {manifest.total_bytes / 1e9:.2f} GB, {len(manifest.tensors)} tensors, "
+        f"{args.runs} fresh engine processes (store alloc {alloc_s:.2f} s)"
+    )
+    print(f"{'run':>4} {'context ms':>11} {'attach ms':>10} {'verify ms':>10} {'zero-copy':>10}")
+    for i, r in enumerate(rows):
+        print(f"{i:>4} {r['context_ms']:>11.1f} {r['attach_ms']:>10.2f} {r['verify_ms']:>10.1f} {r['zero_copy']!s:>10}")
+    print(f"p50  {p50('context_ms'):>11.1f} {p50('attach_ms'):>10.2f} {p50('verify_ms'):>10.1f}")
+    result = {
+        "device": args.device,
+        "gpu": gpu,
+        "host": platform.node(),
+        "bytes": manifest.total_bytes,
+        "tensors": len(manifest.tensors),
+        "runs": rows,
+        "attach_ms_p50": p50("attach_ms"),
+        "verify_ms_p50": p50("verify_ms"),
+        "context_ms_p50": p50("context_ms"),
+        "zero_copy": all(r["zero_copy"] for r in rows),
+        "target_attach_ms": TARGET_MS if args.device == "cuda" else None,
+        "meets_target": p50("attach_ms") < TARGET_MS if args.device == "cuda" else None,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out_path = RESULTS / f"engine_attach_{args.device}.json"
+    out_path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_path}")
+    return 0 if result["zero_copy"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
