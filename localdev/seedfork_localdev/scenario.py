@@ -503,7 +503,7 @@ class ReferenceSet:
     ) -> list[PodRow]:
         """Until exactly ``replicas`` live pods exist and all are Ready; returns their rows."""
 
-        def check() -> list[PodRow] | None:
+        def check() -> tuple[list[PodRow]] | None:
             rows = [r for r in self.rows() if not r.deleting]
             if on_poll:
                 on_poll(rows)
@@ -511,10 +511,11 @@ class ReferenceSet:
             if failed:
                 raise ScenarioError(f"pod {failed[0].name} failed:\n{self.describe()}")
             if len(rows) == replicas and all(r.ready for r in rows):
-                return rows
+                return (rows,)  # truthy also when no pods are wanted
             return None
 
-        return wait_until(check, timeout, f"{replicas} Ready pods of {self.name}", interval, self.describe)
+        (rows,) = wait_until(check, timeout, f"{replicas} Ready pods of {self.name}", interval, self.describe)
+        return rows
 
     def describe(self) -> str:
         """A compact dump for failure messages: each pod's phase, conditions, assignment and report."""

@@ -28,7 +28,8 @@ class Breakdown:
     total: float | None  # created -> Ready
     schedule: float | None  # created -> bound to a node
     start: float | None  # bound -> Running (processes started, status written)
-    boot: float | None  # Running -> transfer starts (agent start-up, reading the assignment, seed handshake)
+    process_start: float | None  # Running -> agent up (Python and torch imports, agent HTTP server)
+    handshake: float | None  # agent up -> transfer starts (read the assignment, seed manifest, transport set-up)
     transfer: float | None
     verify: float | None
     attach: float | None  # engine maps the agent's store and re-checks it
@@ -74,7 +75,8 @@ def breakdown(
         total=total,
         schedule=_diff(seen.get("scheduled"), created),
         start=_diff(running, seen.get("scheduled")),
-        boot=_diff(t_start, running),
+        process_start=_diff(timing.get("started"), running),
+        handshake=_diff(t_start, timing.get("started")),
         transfer=transfer,
         verify=verify,
         attach=attach,
@@ -93,7 +95,18 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return xs[rank - 1]
 
 
-FIGURES = ("total", "schedule", "start", "boot", "transfer", "verify", "attach", "ready_lag", "overhead")
+FIGURES = (
+    "total",
+    "schedule",
+    "start",
+    "process_start",
+    "handshake",
+    "transfer",
+    "verify",
+    "attach",
+    "ready_lag",
+    "overhead",
+)
 
 
 def summary(rows: Iterable[Breakdown]) -> dict[str, dict[str, float | None]]:
