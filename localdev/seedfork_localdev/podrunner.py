@@ -28,7 +28,8 @@ For the namespaces it is given, the runner:
   probes, init containers, volumes and resources are not supported;
 - restarts exited containers by ``restartPolicy`` with exponential back-off;
   when a container's main process exits, the rest of its process group is killed
-  (a container's processes end with it);
+  (a container's processes end with it), and so is any process carrying the
+  container's ``SEEDFORK_PODRUNNER_MARK`` env value (one that left the group);
 - on graceful deletion: SIGTERM to every container's process group, waits the
   grace period (capped by ``max_grace``), SIGKILL, then deletes the pod object with
   grace 0 (what the kubelet's confirmation does) and frees the address;
@@ -76,7 +77,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -122,12 +123,13 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _kill_marked(prefix: str, sig: int) -> int:
+def _kill_marked(prefix: str, sig: int, skip_groups: Collection[int] = ()) -> int:
     """Signal every process whose environment carries MARK_ENV starting with ``prefix``; returns how many.
 
     A container's processes can leave its process group (``setsid``, a new session
     for an engine); they still inherit the mark, so they end with the container.
-    Linux only (reads /proc); elsewhere process groups are all there is.
+    Linux only (reads /proc); elsewhere process groups are all there is. Processes in
+    ``skip_groups`` are left alone (their group is signalled already: one signal each).
     """
     wanted = f"{MARK_ENV}={prefix}".encode()
     hits = 0
@@ -142,8 +144,10 @@ def _kill_marked(prefix: str, sig: int) -> int:
                 continue
             if any(item.startswith(wanted) for item in environ.split(b"\0")):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(int(entry.name), sig)
-                    hits += 1
+                    pid = int(entry.name)
+                    if os.getpgid(pid) not in skip_groups:
+                        os.kill(pid, sig)
+                        hits += 1
     return hits
 
 
@@ -942,7 +946,7 @@ class PodRunner:
         for pgid, _ in procs:
             _kill_group(pgid, signal.SIGTERM)
         for mark in marks:
-            _kill_marked(mark, signal.SIGTERM)
+            _kill_marked(mark, signal.SIGTERM, skip_groups={pgid for pgid, _ in procs})
         deadline = time.monotonic() + grace
         for _, proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -198,14 +198,22 @@ def test_deleting_a_pod_kills_its_processes_and_removes_it(core, namespace, make
     assert h.wait_for(lambda: runner.pod_ip(namespace, "next")) == ip
 
 
-def test_force_deleted_pod_processes_are_killed(core, namespace, make_runner, h):
+def test_force_deleted_pod_processes_are_killed(core, namespace, make_runner, h, tmp_path):
     runner = make_runner([namespace])
-    core.create_namespaced_pod(namespace, h.server_pod("forced", probe=False))
-    pid = h.wait_for(lambda: runner.container_pids(namespace, "forced").get("server"))
+    child_file = tmp_path / "escaped.pid"
+    # The container starts a process in a new session: outside its group, yet it must end with the pod.
+    script = (
+        "import subprocess, time; d = subprocess.Popen(['sleep', '302'], start_new_session=True)\n"
+        f"open({str(child_file)!r}, 'w').write(str(d.pid)); time.sleep(300)"
+    )
+    core.create_namespaced_pod(namespace, h.command_pod("forced", ["python", "-c", script]))
+    pid = h.wait_for(lambda: runner.container_pids(namespace, "forced").get("main"))
+    escaped = int(h.wait_for(lambda: child_file.exists() and child_file.read_text()))
+    assert h.alive(escaped)
     # grace 0 removes the object at once (kubectl delete --force): the runner only sees DELETED.
     core.delete_namespaced_pod("forced", namespace, body={"gracePeriodSeconds": 0})
     assert _absent(core, namespace, "forced")
-    h.wait_for(lambda: not h.alive(pid), what="process killed after a forced delete")
+    h.wait_for(lambda: not h.alive(pid) and not h.alive(escaped), what="processes killed after a forced delete")
     h.wait_for(lambda: runner.pod_ip(namespace, "forced") is None, what="address freed")
 
 
