@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -50,6 +51,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     if getattr(memo, "config", None) is None:
         memo.config = OperatorConfig.from_env()
     memo.wakeups = {}
+    # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="seedfork-api"))
     memo.kube = await asyncio.to_thread(Kube.from_environment)
     metrics.serve(memo.config.metrics_port, memo.config.metrics_addr)
     logger.info("seedfork operator configured: %s", memo.config)

@@ -281,7 +281,7 @@ def _locality_upgrade(
     return False
 
 
-@dataclass
+@dataclass(slots=True)
 class _SeedSlot:
     pod: PodView
     active: int
@@ -310,28 +310,41 @@ def _assign(
     blocks = port_blocks(spec) if backend == "nccl" else []
     keys = spec.transfer.topology_keys
     moving = {n.pod for n in needs}
+    seeds = [p for p in live if p.name not in gone and p.name not in moving and can_seed(spec, fingerprint, p)]
+    # Per-seed bookkeeping only for seeds that serve someone: at 1,000 pods most seeds are idle.
     slots: dict[str, _SeedSlot] = {}
-    for seed in live:
-        if seed.name in gone or seed.name in moving or not can_seed(spec, fingerprint, seed):
-            continue
-        staying = [c for c in clients.get(seed.name, []) if c.name not in moving]
-        used = {tuple(c.assignment.group_ports) for c in staying if c.assignment.group_ports}
-        slots[seed.name] = _SeedSlot(seed, len(staying), used)
+
+    def slot_of(seed: PodView) -> _SeedSlot:
+        slot = slots.get(seed.name)
+        if slot is None:
+            staying = [c for c in clients.get(seed.name, ()) if c.name not in moving]
+            used = {tuple(c.assignment.group_ports) for c in staying if c.assignment.group_ports}
+            slot = slots[seed.name] = _SeedSlot(seed, len(staying), used)
+        return slot
+
+    for seed in seeds:
+        if seed.name in clients:
+            slot_of(seed)
 
     plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
     for need in needs:  # may grow: a replaced pod's successor is planned in the same pass
         client_labels = nodes.get(need.node or "")
+        ranks: dict[str | None, tuple[int, str]] = {}  # per seed node: many seeds share few nodes
         best: tuple | None = None
-        for slot in slots.values():
-            if slot.pod.name in need.excluded or slot.active >= limit:
+        for seed in seeds:
+            slot = slots.get(seed.name)
+            active = slot.active if slot else 0
+            if active >= limit or seed.name in need.excluded:
                 continue
-            joins = cohorts and bool(slot.cohort)
-            if backend == "nccl" and not joins and _free_block(blocks, slot.used_blocks) is None:
+            joins = cohorts and slot is not None and bool(slot.cohort)
+            if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:
                 continue
-            rank, label = locality(client_labels, nodes.get(slot.pod.node or ""), keys)
-            key = (rank, 0 if joins else 1, slot.active, slot.pod.name)
+            shared = ranks.get(seed.node)
+            if shared is None:
+                shared = ranks[seed.node] = locality(client_labels, nodes.get(seed.node or ""), keys)
+            key = (shared[0], 0 if joins else 1, active, seed.name)
             if best is None or key < best[0]:
-                best = (key, slot, label)
+                best = (key, seed, shared[1])
         if best is None:
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":
@@ -345,7 +358,8 @@ def _assign(
             out.choices.append(SeedChoice(need.pod, need.attempt, None, STORAGE, "fallback" if fallback else need.why))
             out.fell_back += int(fallback)
             continue
-        _, slot, label = best
+        _, seed, label = best
+        slot = slot_of(seed)
         slot.active += 1
         out.choices.append(SeedChoice(need.pod, need.attempt, slot.pod.name, label, need.why))
         if cohorts:

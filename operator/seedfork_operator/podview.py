@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -71,22 +72,22 @@ class PodView:
             report=report,
         )
 
-    @property
+    @cached_property
     def current_report(self) -> AgentReport | None:
         """The agent's report for the current attempt; an older report says nothing about it."""
         if self.assignment is None or self.report is None or self.report.attempt != self.assignment.attempt:
             return None
         return self.report
 
-    @property
+    @cached_property
     def state(self) -> str | None:
         report = self.current_report
         return report.state if report else None
 
-    @property
+    @cached_property
     def verified(self) -> bool:
         return self.state == "verified"
 
-    @property
+    @cached_property
     def serving(self) -> bool:
         return bool(self.report and self.report.serving)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -325,5 +326,5 @@ def test_locality_upgrade_before_the_agent_starts():
     client = failed_client(seed="far", state=None)  # on n1, zone a; assigned before it was scheduled
     ((_, a),) = run(spec, [far, near, client]).assign
     assert a.seed_pod == "near" and a.attempt == 2 and a.excluded_seeds == []
-    started = PodView(**{**client.__dict__, "report": AgentReport(attempt=1, state="transferring")})
+    started = replace(client, report=AgentReport(attempt=1, state="transferring"))
     assert run(spec, [far, near, started]).empty  # once the agent runs, the choice stands
