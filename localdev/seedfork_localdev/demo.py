@@ -40,7 +40,7 @@ from .scenario import (
     scale_out,
 )
 
-SET_NAME = "tiny-llama"
+SET_NAME = "llama"
 
 
 def default_device() -> str:
@@ -111,9 +111,9 @@ def result_table(result: ScaleOut) -> str:
 
 
 def check_outputs(result: ScaleOut) -> bool:
-    print(f'\nSame prompt to every replica: "{PROMPT}"')
-    for pod, text in result.outputs.items():
-        print(f"  {pod:<24} -> {text!r}")
+    print(f'\nSame prompt to every replica: "{PROMPT}" (greedy; the new token ids):')
+    for pod, ids in result.outputs.items():
+        print(f"  {pod:<24} -> {ids}")
     if result.identical:
         print(f"OK: all {len(result.outputs)} replicas generate the same text.")
         return True
