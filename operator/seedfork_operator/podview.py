@@ -82,7 +82,19 @@ class PodView:
     @cached_property
     def state(self) -> str | None:
         report = self.current_report
+        if report is None and self.superseded_but_verified:
+            return "verified"
         return report.state if report else None
+
+    @cached_property
+    def superseded_but_verified(self) -> bool:
+        """The agent verified an earlier attempt just as the operator moved on (seed judged gone, closer seed).
+
+        Verified weights are verified whatever attempt brought them, and an agent that already serves
+        takes no new attempt, so waiting for the newer one would hang the pod until it timed out.
+        """
+        r, a = self.report, self.assignment
+        return r is not None and a is not None and r.state == "verified" and 1 <= r.attempt < a.attempt
 
     @cached_property
     def verified(self) -> bool:

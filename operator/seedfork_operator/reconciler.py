@@ -275,7 +275,7 @@ class SetReconciler:
             try:
                 await run(core.create_namespaced_pod, self.namespace, pod)
             except ApiException as err:
-                self.created.pop(name, None)
+                self.created.pop(name, None)  # not created: the next pass plans it again
                 if err.status in (400, 422):
                     return ("PodRejected", f"the apiserver rejected the rendered pod: {_api_message(err)}")
                 raise

@@ -72,6 +72,23 @@ def test_template_without_containers_degrades_and_foreign_pods_are_left_alone(op
     assert sets.get("empty")["status"]["replicas"] == 0
 
 
+def test_pod_the_apiserver_rejects_degrades_with_its_message(operator, nodes, sets, wait):
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "rejected"},
+        "spec": {
+            "model": {"name": "m", "uri": "/m"},
+            "engine": {"kind": "reference"},
+            "template": {"spec": {"containers": [{"name": "Not_A_DNS_Label", "image": "x"}]}},
+        },
+    }
+    sets.create_body(body)
+    degraded = wait("Degraded", lambda: (d := condition(sets, "rejected", "Degraded")) and d["status"] == "True" and d)
+    assert degraded["reason"] == "PodRejected" and "Not_A_DNS_Label" in degraded["message"]
+    assert sets.pods("rejected") == []
+
+
 def test_console_script_runs_the_operator_as_a_process(crd, nodes, sets, wait, namespace, control_plane):
     """`seedfork-operator --namespace X` with KUBECONFIG set, as the demo and the Helm chart run it."""
     port = free_port()

@@ -228,6 +228,21 @@ def test_verified_pod_gets_the_gate_once():
     assert run(make_spec(), [seed_pod("a")]).gate == []
 
 
+def test_gate_needs_a_verified_report_of_a_real_attempt():
+    spec = make_spec(replicas=2)
+    a2 = Assignment(attempt=2, source="seed", backend="transfer_engine", seed_pod="s", assigned_at=NOW)
+    pod = PodView(name="c", fingerprint=FP, assignment=a2)
+    for report, gated in [
+        (AgentReport(attempt=2, state="transferring"), False),
+        (AgentReport(attempt=1, state="failed"), False),
+        (AgentReport(attempt=0, state="verified"), False),  # before any assignment: means nothing
+        (AgentReport(attempt=2, state="verified"), True),
+        # attempt 1 finished just as the operator moved to 2: the weights are verified all the same
+        (AgentReport(attempt=1, state="verified", serving=True), True),
+    ]:
+        assert (run(spec, [seed_pod("s"), replace(pod, report=report)]).gate == ["c"]) is gated, report
+
+
 def test_nccl_cohort_groups_new_pods_on_one_seed_with_one_port_block():
     spec = make_spec(replicas=4, backend="nccl", maxClientsPerSeed=3, tp=2)
     result = run(spec, [seed_pod("s")])
