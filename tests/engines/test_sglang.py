@@ -231,3 +231,49 @@ async def test_te_seed_without_mooncake_is_caught(tiny_model, tmp_path, h):
         assert "TransferEngine validation failed" in out.error
     finally:
         await stop(proc)
+
+
+def pod_env(h, ip, port, backend="transfer_engine"):
+    return {
+        **os.environ,
+        "SEEDFORK_POD_NAME": "p", "SEEDFORK_POD_NAMESPACE": "ns", "SEEDFORK_SET": "s", "SEEDFORK_TOKEN": "k",
+        "SEEDFORK_POD_IP": ip, "SEEDFORK_ENGINE_PORT": str(port), "SEEDFORK_BACKEND": backend, "SEEDFORK_TP": "2",
+    }  # fmt: skip
+
+
+def test_cli_render_reads_the_pod_contract(h):
+    import subprocess
+
+    a = Assignment(attempt=2, source="seed", backend="nccl", seed_ip="10.0.0.9", group_ports=[40010, 40011])
+    out = subprocess.run(
+        [sys.executable, "-m", "seedfork_agent.engines.sglang", "render", "--assignment", a.to_json(), "--", *BASE],
+        env=pod_env(h, "10.0.0.2", 30001), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = json.loads(out.stdout)
+    assert got["role"] == "client" and got["env"]["SGLANG_HOST_IP"] == "10.0.0.2"
+    argv = got["argv"]
+    assert argv[argv.index("--remote-instance-weight-loader-send-weights-group-ports") + 1] == "[40010,40011]"
+    assert argv[argv.index("--remote-instance-weight-loader-seed-instance-service-port") + 1] == "30001"
+    bad = subprocess.run(
+        [sys.executable, "-m", "seedfork_agent.engines.sglang", "render", "--", *BASE, "--dp-size", "2"],
+        env=pod_env(h, "10.0.0.2", 30001), capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "data parallel" in json.loads(bad.stdout)["error"]
+
+
+async def test_cli_launch_supervises_a_seed(tiny_model, tmp_path, h):
+    ip = h.loopback_ip()
+    port = h.free_port(ip)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "seedfork_agent.engines.sglang", "launch", "--log", str(tmp_path / "s.log"),
+        "--timeout", "60", "--", *double_base(tiny_model, 2),
+        env=pod_env(h, ip, port), stdout=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert json.loads(line) == {"state": "verified", "error": None, "canSeed": True}
+        assert proc.returncode is None  # keeps running while SGLang serves
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, 15)
+            await asyncio.wait_for(proc.wait(), 10)

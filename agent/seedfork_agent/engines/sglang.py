@@ -374,3 +374,79 @@ async def launch_and_supervise(
 
     outcome = await SGLangSupervisor(launch, engine_url, seed_url, token).supervise(timeout_s, read_log, proc)
     return proc, outcome
+
+
+def render_for_pod(base_argv: Sequence[str], env, assignment: Assignment | None, bootstrap_port: int = 6789) -> Launch:
+    """``render`` with everything the pod contract (``seedfork_api.contract.PodEnv``) already says.
+
+    The bootstrap port defaults to SGLang's 6789: each pod has its own network namespace; set it
+    explicitly when several instances share one (host networking).
+    """
+    return render(
+        base_argv,
+        pod_ip=env.pod_ip,
+        engine_port=env.engine_port,
+        bootstrap_port=bootstrap_port,
+        assignment=assignment,
+        seed_backend=env.backend,
+        protocol=env.protocol,
+        tp=env.tp,
+        pp=env.pp,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m seedfork_agent.engines.sglang render|launch [--assignment JSON] -- <sglang command>``.
+
+    Reads the pod contract from the environment. ``render`` prints the command and env as JSON;
+    ``launch`` starts SGLang, supervises it, prints the outcome, and then waits on SGLang (exit 1 and
+    SGLang stopped if the outcome is ``failed``).
+    """
+    import argparse
+    import sys
+
+    from seedfork_api.contract import PodEnv
+
+    ap = argparse.ArgumentParser(prog="python -m seedfork_agent.engines.sglang")
+    ap.add_argument("cmd", choices=["render", "launch"])
+    ap.add_argument("--assignment", help="the seedfork.io/assignment annotation (JSON); none: load from storage")
+    ap.add_argument("--bootstrap-port", type=int, default=6789)
+    ap.add_argument("--log", default="sglang.log")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds (default: the contract's timeout)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, base = ap.parse_args(argv[:split]), argv[split + 1 :]
+    if not base:
+        ap.error("give the SGLang command after --")
+    env = PodEnv.from_environ()
+    assignment = Assignment.model_validate_json(args.assignment) if args.assignment else None
+    try:
+        launch = render_for_pod(base, env, assignment, args.bootstrap_port)
+    except LayoutRefused as e:
+        print(json.dumps({"state": "failed", "error": str(e)}), flush=True)
+        return 2
+    if args.cmd == "render":
+        print(json.dumps({"argv": launch.argv, "env": launch.env, "role": launch.role, "canSeed": launch.can_seed}))
+        return 0
+    seed_url = f"http://{assignment.seed_ip}:{env.engine_port}" if assignment and assignment.source == "seed" else None
+
+    async def run() -> int:
+        proc, outcome = await launch_and_supervise(
+            launch, f"http://{env.pod_ip}:{env.engine_port}", seed_url, env.token, args.log,
+            args.timeout or env.timeout_seconds,
+        )  # fmt: skip
+        print(json.dumps({"state": outcome.state, "error": outcome.error, "canSeed": outcome.can_seed}), flush=True)
+        if outcome.state != "verified":
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+            return 1
+        return await proc.wait()
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
