@@ -288,6 +288,7 @@ def derive(r: dict, models: list[str]) -> None:
             r[f"{m}_{backend}_pull_vs_own_raw_ratio"] = r[f"{m}_{backend}_pull_GBps"] / raw
             r[f"{m}_{backend}_data_vs_own_raw_ratio"] = r[f"{m}_{backend}_data_GBps"] / raw
             r[f"{m}_{backend}_pull_vs_link_ratio"] = r[f"{m}_{backend}_pull_GBps"] / link
+            r[f"{m}_{backend}_verify_GBps"] = r[f"{m}_payload_bytes"] / r[f"{m}_{backend}_verify_s"] / GB
         idle = r.get(f"{m}_seed_matmul_idle_TFLOPs")
         for phase in ("nccl", "transfer_engine", "copy_engine", "nccl_raw"):
             v = r.get(f"{m}_seed_matmul_{phase}_TFLOPs")

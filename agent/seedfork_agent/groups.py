@@ -50,6 +50,8 @@ def init_group(
 ) -> dist.ProcessGroup:
     """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store) and build the group; barrier once."""
     timeout = timedelta(seconds=timeout_s)
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # called from worker threads
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     prefixed = PrefixStore(name, store)
@@ -86,6 +88,8 @@ def broadcast_tensors(
     """Broadcast from rank 0, one call per tensor in order (R-Fork's data phase). Returns bytes moved."""
     moved = 0
     start = time.monotonic()
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.set_device(tensors[0].device)  # called from worker threads
     for t in tensors:
         if t.numel() == 0:
             continue

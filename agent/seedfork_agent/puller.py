@@ -77,6 +77,8 @@ def pull(
         mark = now
 
     deadline = time.monotonic() + req.timeout_s
+    if req.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(req.device))  # runs in a worker thread: make its CUDA context current
     headers = {"Authorization": f"Bearer {req.token}"}
     with httpx.Client(base_url=req.base_url, headers=headers, timeout=min(30.0, req.timeout_s)) as http:
         manifest = fetch_manifest(http, req)

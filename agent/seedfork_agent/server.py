@@ -143,6 +143,8 @@ class AgentServer:
 
     def serve(self, store: WeightStore) -> None:
         """Start serving a verified store (register it with TransferEngine once, if enabled)."""
+        if store.device.type == "cuda":
+            torch.cuda.set_device(store.device)  # this may run in a worker thread: make its CUDA context current
         if self._te_factory is not None:
             try:
                 self.te = self._te_factory()

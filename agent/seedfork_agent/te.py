@@ -39,6 +39,9 @@ class TransferEngineHandle:
             os.environ.setdefault("MC_INTRANODE_NVLINK", "1")
         elif protocol == "tcp":
             os.environ.setdefault("MC_FORCE_TCP", "1")
+        # A peer may register new memory after we first connected (a seed that reloaded its store):
+        # never trust a cached copy of its segment descriptor, as we never reuse its pointers.
+        os.environ.setdefault("MC_DISABLE_METACACHE", "1")
         # A sync read gives up after this many seconds (plus ~1 s per GB); Mooncake's minimum is 5.
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(5, int(timeout_s)))
         self.protocol = protocol
