@@ -189,29 +189,27 @@ def test_corruption_at_the_seed_is_caught_before_the_client_engine_serves(seed, 
     assert client.engine_info()["state"] == "waiting"
 
 
-def test_engine_rechecks_checksums_when_it_attaches(procs, tiny_model, h):
+def test_engine_rechecks_checksums_when_it_attaches(seed, procs, tiny_model, h):
     """Bytes that change between the agent's verification and the attach are refused by the engine."""
-    pod = Pod(h, procs, "pod")
-    agent = pod.agent("serve", "--weights", str(tiny_model), "--no-te")
-    pod.wait_agent_verified(agent)
-    raw = map_tensor(pod.attach_info(), "lm_head.weight")
+    late = Pod(h, procs, "late")  # a second engine next to the seed's agent
+    late.agent_url = seed.agent_url
+    raw = map_tensor(seed.attach_info(), "lm_head.weight")
     raw[7] ^= 0x01
-    engine = pod.engine_attach(tiny_model)
-    h.wait_status(f"{pod.engine_url}/v1/engine", 200, proc=engine, headers={"Authorization": f"Bearer {h.TOKEN}"})
-    for _ in range(100):
-        info = pod.engine_info()
-        if info["state"] != "waiting":
-            break
-        time.sleep(0.1)
+    try:
+        engine = late.engine_attach(tiny_model)
+        h.wait_status(f"{late.engine_url}/v1/engine", 200, proc=engine, headers={"Authorization": f"Bearer {h.TOKEN}"})
+        for _ in range(300):
+            info = late.engine_info()
+            if info["state"] != "waiting":
+                break
+            time.sleep(0.1)
+    finally:
+        raw[7] ^= 0x01  # the seed is shared with the other tests of this module
     assert info["state"] == "failed" and "lm_head.weight" in info["error"]
-    r = httpx.get(f"{pod.engine_url}/health")
+    r = httpx.get(f"{late.engine_url}/health")
     assert r.status_code == 503 and "checksum mismatch" in r.text
-    assert (
-        httpx.post(
-            f"{pod.engine_url}/generate", json={"input_ids": [1]}, headers={"Authorization": f"Bearer {h.TOKEN}"}
-        ).status_code
-        == 503
-    )
+    auth = {"Authorization": f"Bearer {h.TOKEN}"}
+    assert httpx.post(f"{late.engine_url}/generate", json={"input_ids": [1]}, headers=auth).status_code == 503
 
 
 def test_engine_requires_token(seed, h):
