@@ -241,7 +241,7 @@ def pod_env(h, ip, port, backend="transfer_engine"):
     }  # fmt: skip
 
 
-def test_cli_render_reads_the_pod_contract(h):
+def test_cli_render_reads_the_pod_contract(h, tmp_path):
     import subprocess
 
     a = Assignment(attempt=2, source="seed", backend="nccl", seed_ip="10.0.0.9", group_ports=[40010, 40011])
@@ -251,6 +251,13 @@ def test_cli_render_reads_the_pod_contract(h):
     )  # fmt: skip
     got = json.loads(out.stdout)
     assert got["role"] == "client" and got["env"]["SGLANG_HOST_IP"] == "10.0.0.2"
+    ann = tmp_path / "assignment"
+    ann.write_text(a.to_json())  # as a downward-API volume shows the annotation
+    from_file = subprocess.run(
+        [sys.executable, "-m", "seedfork_agent.engines.sglang", "render", "--assignment-file", str(ann), "--", *BASE],
+        env=pod_env(h, "10.0.0.2", 30001), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(from_file.stdout) == got
     argv = got["argv"]
     assert argv[argv.index("--remote-instance-weight-loader-send-weights-group-ports") + 1] == "[40010,40011]"
     assert argv[argv.index("--remote-instance-weight-loader-seed-instance-service-port") + 1] == "30001"

@@ -395,6 +395,23 @@ def render_for_pod(base_argv: Sequence[str], env, assignment: Assignment | None,
     )
 
 
+def wait_for_file(path: str, timeout_s: float) -> str:
+    """The content of ``path`` once non-empty (a downward-API volume updates when the annotation appears)."""
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = Path(path).read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return text
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no assignment in {path} after {timeout_s}s")
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m seedfork_agent.engines.sglang render|launch [--assignment JSON] -- <sglang command>``.
 
@@ -409,7 +426,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m seedfork_agent.engines.sglang")
     ap.add_argument("cmd", choices=["render", "launch"])
-    ap.add_argument("--assignment", help="the seedfork.io/assignment annotation (JSON); none: load from storage")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--assignment", help="the seedfork.io/assignment annotation (JSON); none: load from storage")
+    src.add_argument(
+        "--assignment-file",
+        help="a downward-API file holding that annotation; waits (up to --timeout) until the operator wrote it",
+    )
     ap.add_argument("--bootstrap-port", type=int, default=6789)
     ap.add_argument("--log", default="sglang.log")
     ap.add_argument("--timeout", type=float, default=None, help="seconds (default: the contract's timeout)")
@@ -419,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     if not base:
         ap.error("give the SGLang command after --")
     env = PodEnv.from_environ()
-    assignment = Assignment.model_validate_json(args.assignment) if args.assignment else None
+    raw = args.assignment
+    if args.assignment_file:
+        raw = wait_for_file(args.assignment_file, args.timeout or env.timeout_seconds)
+    assignment = Assignment.model_validate_json(raw) if raw else None
     try:
         launch = render_for_pod(base, env, assignment, args.bootstrap_port)
     except LayoutRefused as e:
