@@ -216,3 +216,25 @@ def test_engine_requires_token(seed, h):
     assert httpx.post(f"{seed.engine_url}/generate", json={"input_ids": [1]}).status_code == 401
     assert httpx.post(f"{seed.engine_url}/weights_checker", json={"action": "checksum"}).status_code == 401
     assert httpx.get(f"{seed.engine_url}/health").status_code == 200
+
+
+def test_engine_rejects_bad_requests_and_keeps_serving(seed, h, want):
+    auth = {"Authorization": f"Bearer {h.TOKEN}"}
+    url = seed.engine_url
+    for body, status in [
+        ("not json", 400),
+        ({"text": "x", "sampling_params": {"max_new_tokens": -1}}, 400),
+        ({"input_ids": [300]}, 400),  # outside the vocabulary
+        ({"input_ids": []}, 400),
+        ({}, 400),
+        ({"input_ids": [1] * 600}, 400),  # longer than max_position_embeddings
+    ]:
+        kw = {"content": body} if isinstance(body, str) else {"json": body}
+        r = httpx.post(f"{url}/generate", headers=auth, **kw)
+        assert r.status_code == status, (body, r.text)
+    assert httpx.post(f"{url}/weights_checker", json={"action": "nope"}, headers=auth).status_code == 400
+    assert httpx.post(f"{url}/collective_rpc", json={"method": "x"}, headers=auth).status_code == 400
+    assert httpx.post(f"{url}/update_weights_from_ipc", content="[", headers=auth).status_code == 400
+    r = httpx.post(f"{url}/generate", json={"text": "hello"}, headers=auth)
+    assert r.status_code == 200 and isinstance(r.json()["text"], str)
+    assert h.generations(url) == want

@@ -166,8 +166,8 @@ class ReferenceEngine:
     async def generate(self, request: web.Request) -> web.Response:
         if self.model is None:
             return web.json_response({"error": "weights not attached"}, status=503)
+        body = await self._body(request)
         try:
-            body = await request.json()
             params = body.get("sampling_params") or {}
             max_new = int(params.get("max_new_tokens", body.get("max_new_tokens", 16)))
             if "input_ids" in body:
@@ -192,10 +192,7 @@ class ReferenceEngine:
         return web.json_response({"output_ids": out, "text": text, "meta_info": {"prompt_tokens": len(prompt)}})
 
     async def weights_checker(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
+        body = await self._body(request)
         if body.get("action") != "checksum":
             return web.json_response({"success": False, "message": "only action 'checksum' is supported"}, status=400)
         if self.model is None:
@@ -218,15 +215,24 @@ class ReferenceEngine:
         self.timings["ipc_ms"] = (time.perf_counter() - t0) * 1000
         return web.json_response({"success": True, "message": "weights updated"})
 
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="body must be JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return body
+
     async def update_weights_from_ipc(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         handles = body.get("zmq_handles")
         if not isinstance(handles, dict):
             return web.json_response({"success": False, "message": "zmq_handles must be an object"}, status=400)
         return await self._ipc(handles)
 
     async def collective_rpc(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         args = body.get("args") or []
         if body.get("method") != "update_weights_from_ipc" or len(args) != 1 or not isinstance(args[0], dict):
             return web.json_response({"error": "only method update_weights_from_ipc with one handle map"}, status=400)
