@@ -1,8 +1,9 @@
 """GPU variants (run on a machine with 2 GPUs: ``pytest -m gpu tests/engines``): CUDA IPC attach,
 NCCL and TransferEngine nvlink_intra identity checks, and the IPC handoff over a CUDA buffer.
 
-Each pod gets its own GPU through CUDA_VISIBLE_DEVICES (seed: GPU 0, client: GPU 1); agent and
-engine of one pod share it, as containers of one pod do.
+Each pod uses its own GPU (seed: cuda:0, client: cuda:1), shared by its agent and engine as containers
+of one pod share theirs. Both GPUs stay visible to every process, so TransferEngine's nvlink_intra
+transport and CUDA IPC can open the peer's memory.
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ class GpuPod:
         self.ip = h.loopback_ip()
         self.agent_port, self.engine_port = h.free_port(self.ip), h.free_port(self.ip)
         self.agent_url, self.engine_url = f"http://{self.ip}:{self.agent_port}", f"http://{self.ip}:{self.engine_port}"
-        self.env = {"SEEDFORK_TOKEN": h.TOKEN, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        self.device = f"cuda:{gpu}"
+        self.env = {"SEEDFORK_TOKEN": h.TOKEN}
         self.auth = {"Authorization": f"Bearer {h.TOKEN}"}
 
     def agent(self, cmd, *extra, env=None):
         args = ["-m", "seedfork_agent", cmd, "--host", self.ip, "--port", str(self.agent_port)]
-        args += ["--fingerprint", FP, "--device", "cuda", *extra]
+        args += ["--fingerprint", FP, "--device", self.device, *extra]
         return self.procs.start(args, f"{self.name}-agent", {**self.env, **(env or {})})
 
     def engine(self, model_dir, *source):
         args = ["-m", "seedfork_agent.engines.reference", "serve", "--config", str(model_dir), *source]
-        args += ["--host", self.ip, "--port", str(self.engine_port), "--token", self.h.TOKEN, "--device", "cuda"]
+        args += ["--host", self.ip, "--port", str(self.engine_port), "--token", self.h.TOKEN, "--device", self.device]
         return self.procs.start(args, f"{self.name}-engine", self.env)
 
     def info(self):
