@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -280,6 +281,12 @@ async def test_cli_launch_supervises_a_seed(tiny_model, tmp_path, h):
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert json.loads(line) == {"state": "verified", "error": None, "canSeed": True}
         assert proc.returncode is None  # keeps running while SGLang serves
+        proc.terminate()  # the pod stops: SGLang (in its own session) must stop too
+        await asyncio.wait_for(proc.wait(), 20)
+        with pytest.raises(OSError):
+            for _ in range(50):
+                socket.create_connection((ip, port), timeout=1).close()
+                await asyncio.sleep(0.2)
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, 15)

@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     SGLang stopped if the outcome is ``failed``).
     """
     import argparse
+    import signal
     import sys
 
     from seedfork_api.contract import PodEnv
@@ -460,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             launch, f"http://{env.pod_ip}:{env.engine_port}", seed_url, env.token, args.log,
             args.timeout or env.timeout_seconds,
         )  # fmt: skip
+        # SGLang runs in its own session: pass the pod's stop signal on, so it never outlives us.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: proc.returncode is None and proc.terminate())
         print(json.dumps({"state": outcome.state, "error": outcome.error, "canSeed": outcome.can_seed}), flush=True)
         if outcome.state != "verified":
             if proc.returncode is None:
