@@ -72,6 +72,7 @@ def test_gloo_then_transfer_engine_chain(kit, agents, seed, weight_tensors):
 def test_gloo_cohort_of_three(kit, agents, seed, weight_tensors):
     port = kit.new_port()
     before = _metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
+    broadcasts = _metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}')
     clients = []
     for rank in (1, 2, 3):
         cip = kit.new_ip()
@@ -83,6 +84,7 @@ def test_gloo_cohort_of_three(kit, agents, seed, weight_tensors):
     # One broadcast group of 1 seed + 3 clients served them all.
     after = _metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
     assert after - before == 3
+    assert _metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}') - broadcasts == 1
 
 
 def test_weight_endpoints_need_the_token(kit, seed):
@@ -108,6 +110,20 @@ def test_weight_endpoints_need_the_token(kit, seed):
     assert bad.status_code == 400 and bad.json() == {"error": {"message": "Missing or invalid rank parameter"}}
     r = httpx.post(seed.url + "/init_weights_send_group_for_remote_instance", headers=auth, content=b"{", timeout=5)
     assert r.status_code == 400
+    two_ports = {"master_address": seed.ip, "ports": "1,2", "group_rank": 0, "world_size": 2, "group_name": "x"}
+    r = httpx.post(seed.url + "/init_weights_send_group_for_remote_instance", headers=auth, json=two_ports, timeout=5)
+    assert r.status_code == 400 and r.json()["success"] is False and "tp_size 1" in r.json()["message"]
+    r = httpx.post(
+        seed.url + "/send_weights_to_remote_instance",
+        headers=auth,
+        json={"master_address": seed.ip, "ports": "1", "group_name": "never_initialised"},
+        timeout=5,
+    )
+    assert r.status_code == 400 and r.json()["success"] is False and "init_weights_send_group" in r.json()["message"]
+    r = httpx.get(seed.url + "/remote_instance_transfer_engine_info?rank=1", headers=auth, timeout=5)
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "Failed to get transfer engine info for rank 1"}}
+    assert httpx.get(seed.url + "/healthz", timeout=5).status_code == 200  # still alive after bad requests
     with pytest.raises(PullError, match="401"):
         pull(_request(kit, seed.ip, "transfer_engine", token="wrong"), _te_factory)
 
