@@ -20,7 +20,7 @@ import torch
 
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer
-from .store import Manifest, WeightStore
+from .store import Manifest, WeightStore, remove_stale_shm
 from .te import TransferEngineHandle, engine, resolve_protocol
 
 log = logging.getLogger("seedfork.agent")
@@ -56,6 +56,9 @@ def load_hook(spec: str | None) -> EngineHook | None:
 
 class Agent:
     def __init__(self, config: AgentConfig, hook: EngineHook | None = None) -> None:
+        removed = remove_stale_shm()
+        if removed:
+            log.info("removed %d store files of dead agent processes", len(removed))
         self.config = config
         self.device = torch.device(config.device)
         self.protocol = resolve_protocol(config.protocol, self.device)

@@ -9,6 +9,7 @@ shared through a CUDA IPC handle. Tensors start at 256-byte aligned offsets.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +25,11 @@ import torch
 from .checksum import checksum
 
 ALIGN = 256
-SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+# In a pod, /dev/shm must be a memory-backed emptyDir large enough for the weights (the default is 64 MiB).
+SHM_DIR = Path(
+    os.environ.get("SEEDFORK_SHM_DIR") or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+)
+_SHM_PREFIX = "seedfork-"
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -193,13 +198,14 @@ class WeightStore:
         self.manifest = manifest
         self.device = torch.device(device)
         self._shm_path: Path | None = None
+        self._lock_fd: int | None = None
         n = manifest.total_bytes
         if self.device.type == "cpu":
             directory = shm_dir or SHM_DIR
-            self._shm_path = directory / f"seedfork-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            with open(self._shm_path, "wb") as f:
-                f.truncate(n)
-            os.chmod(self._shm_path, 0o600)
+            self._shm_path = directory / f"{_SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self._lock_fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # "owner alive" marker for remove_stale_shm
+            os.ftruncate(self._lock_fd, n)
             self.buffer = torch.from_file(str(self._shm_path), shared=True, size=n, dtype=torch.uint8)
         else:
             self.buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
@@ -302,6 +308,8 @@ class WeightStore:
                 self._shm_path.unlink()
             except FileNotFoundError:
                 pass
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
         elif self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -310,6 +318,33 @@ class WeightStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def remove_stale_shm(directory: Path | None = None) -> list[Path]:
+    """Unlink store files whose owner died without closing them.
+
+    An owner holds a shared flock on its file for the store's lifetime; a file we can lock
+    exclusively has no owner left (this works across PID namespaces, unlike checking pids).
+    """
+    removed = []
+    for path in (directory or SHM_DIR).glob(f"{_SHM_PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner is alive
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def attach(info: dict[str, Any], manifest: Manifest) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seedfork_agent.checksum import checksum
-from seedfork_agent.store import ALIGN, Manifest, WeightStore, attach, layout
+from seedfork_agent.store import ALIGN, Manifest, WeightStore, attach, layout, remove_stale_shm
 
 MASK = (1 << 64) - 1
 
@@ -124,3 +125,23 @@ def test_attach_from_another_process_is_zero_copy(weights_dir):
         # The other process wrote through its mapping: same pages.
         assert float(store.tensor(name).view(-1)[0]) == 42
         assert attach(info, store.manifest)[name].data_ptr() != store.tensor(name).data_ptr()
+
+
+def test_stale_store_files_of_dead_processes_are_removed(tmp_path):
+    # A store created in a process that then dies without close() leaves its file behind.
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from seedfork_agent.store import WeightStore, layout\n"
+        "s = WeightStore.empty(layout([('a', 'float32', (4,))], 'fp'), shm_dir=Path(sys.argv[1]))\n"
+        "print(s.attach_info()['path'])\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    stale = Path(out.stdout.strip())
+    assert stale.exists()
+    with WeightStore.empty(layout([("a", "float32", (4,))], "fp"), shm_dir=tmp_path) as live:
+        other = tmp_path / "unrelated-file"
+        other.write_bytes(b"y")
+        assert remove_stale_shm(tmp_path) == [stale]
+        assert Path(live.attach_info()["path"]).exists() and other.exists()
