@@ -87,6 +87,8 @@ def pull(
         check_identity(manifest, req)
         phase("manifest_s")
         store = WeightStore.empty(manifest, req.device)
+        if store.device.type == "cpu":
+            store.buffer.zero_()  # fault the shared-memory pages in now, not inside the transport's receive path
         phase("alloc_s")
         te: TransferEngineHandle | None = None
         done = 0
