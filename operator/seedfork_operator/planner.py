@@ -107,15 +107,27 @@ def locality(client: Mapping[str, str] | None, seed: Mapping[str, str] | None, k
     return len(keys), NO_LOCALITY
 
 
+def deadline(spec: ModelReplicaSetSpec, pod: PodView) -> float:
+    """When a seed attempt without ``verified`` counts as failed.
+
+    The clock starts at the assignment, restarts with each report of progress on this attempt
+    (a transfer that moves is not stuck), and waits while the agent is still busy with an older
+    attempt (its own timeout ends that one first), but never beyond two timeouts after assignment.
+    """
+    a, r, t = pod.assignment, pod.report, spec.transfer.timeout_seconds
+    start = a.assigned_at
+    if r is not None and r.state in ("pending", "transferring"):
+        if r.attempt == a.attempt:
+            start = max(start, r.updated_at)
+        elif r.attempt < a.attempt:
+            start = min(max(start, r.updated_at + t), a.assigned_at + t)
+    return start + t
+
+
 def timed_out(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
     a = pod.assignment
     # Storage loads take as long as the disk needs; the transfer timeout bounds seed transfers only.
-    return (
-        a is not None
-        and a.source == "seed"
-        and not pod.verified
-        and now > a.assigned_at + spec.transfer.timeout_seconds
-    )
+    return a is not None and a.source == "seed" and not pod.verified and now > deadline(spec, pod)
 
 
 def is_active_client(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:

@@ -303,6 +303,24 @@ def test_timeout_counts_as_failure_and_fallback_fail_replaces_the_pod():
     assert run(spec, [seed_pod("s1"), failed_client(state=None, assigned_at=NOW - 29)]).empty
 
 
+def test_timeout_clock_follows_the_agent():
+    spec = make_spec(replicas=2, timeoutSeconds=60)
+    a = Assignment(attempt=2, source="seed", backend="nccl", seed_pod="s", assigned_at=NOW - 61)
+    pod = PodView(name="c", fingerprint=FP, assignment=a)
+    assert planner.timed_out(spec, pod, NOW)  # silent agent: 60 s after the assignment
+    moving = AgentReport(attempt=2, state="transferring", updatedAt=NOW - 10)
+    assert not planner.timed_out(spec, replace(pod, report=moving), NOW)  # progress restarts the clock
+    assert planner.timed_out(spec, replace(pod, report=moving), NOW + 51)
+    # still finishing attempt 1 (its own timeout ends it by NOW + 40): attempt 2 waits for that,
+    # but never past two timeouts after its assignment (NOW - 61 + 120)
+    busy = AgentReport(attempt=1, state="transferring", updatedAt=NOW - 20)
+    assert not planner.timed_out(spec, replace(pod, report=busy), NOW + 50)
+    assert planner.timed_out(spec, replace(pod, report=busy), NOW + 60)
+    fresh = replace(pod, assignment=a.model_copy(update={"assigned_at": NOW}))
+    assert not planner.timed_out(spec, replace(fresh, report=busy), NOW + 60)  # attempt 1 ends at NOW + 40
+    assert planner.timed_out(spec, replace(fresh, report=busy), NOW + 101)
+
+
 def test_seed_gone_reassigns_and_storage_failure_replaces():
     spec = make_spec(replicas=2)
     result = run(spec, [seed_pod("s2"), failed_client(state="transferring")])  # s1 no longer exists
