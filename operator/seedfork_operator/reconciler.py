@@ -89,6 +89,8 @@ class SetReconciler:
     token_checked: str | None = None
     last_status: dict[str, Any] = field(default_factory=dict)
     last_warning: str | None = None
+    assigned: dict[str, tuple[float, c.Assignment]] = field(default_factory=dict)  # written, not yet watched
+    gating: dict[str, float] = field(default_factory=dict)  # gate set, not yet watched
     gated: set[str] = field(default_factory=set)  # pod uids this process gated, for the Ready histogram
 
     # ------------------------------------------------------------ one pass
@@ -164,12 +166,29 @@ class SetReconciler:
         return f"{self.name[:50]}-{secrets.token_hex(3)}"
 
     def _with_expectations(self, indexed: list[PodView], now: float) -> list[PodView]:
-        seen = {p.name for p in indexed}
+        """The pods as the index shows them, corrected by our own writes the watch has not delivered yet."""
+        seen = {p.name: p for p in indexed}
         for name in [n for n, (t, _) in self.created.items() if n in seen or now - t > EXPECTATION_TTL]:
             del self.created[name]
         for name in [n for n, t in self.deleted.items() if n not in seen or now - t > EXPECTATION_TTL]:
             del self.deleted[name]
-        pods = [p if p.name not in self.deleted else _deleting(p) for p in indexed]
+        for name, (t, a) in list(self.assigned.items()):
+            p = seen.get(name)
+            if p is None or (p.assignment and p.assignment.attempt >= a.attempt) or now - t > EXPECTATION_TTL:
+                del self.assigned[name]
+        for name, t in list(self.gating.items()):
+            p = seen.get(name)
+            if p is None or p.gate or now - t > EXPECTATION_TTL:
+                del self.gating[name]
+        pods = []
+        for p in indexed:
+            if p.name in self.deleted:
+                p = replace(p, deleting=True)
+            if p.name in self.assigned:
+                p = replace(p, assignment=self.assigned[p.name][1])
+            if p.name in self.gating:
+                p = replace(p, gate=True)
+            pods.append(p)
         return pods + [view for _, view in self.created.values()]
 
     def _counter_base(self, old: Mapping[str, Any]) -> dict[str, int]:
@@ -291,6 +310,8 @@ class SetReconciler:
                 if err.status not in (404, 409):
                     raise
                 log.info("assignment of %s skipped (%s); next pass decides again", name, err.status)
+                return
+            self.assigned[name] = (time.time(), assignment)
 
         async def gate(name: str) -> None:
             condition = {
@@ -308,6 +329,7 @@ class SetReconciler:
                 if err.status != 404:
                     raise
                 return
+            self.gating[name] = time.time()
             counts["completed"] += 1
             metrics.VERIFIED.labels(self.namespace, self.name).inc()
             if name in uids:
@@ -333,10 +355,6 @@ class SetReconciler:
             if pod.uid in self.gated and pod.ready and pod.created:
                 metrics.POD_READY_SECONDS.labels(self.namespace, self.name).observe(max(time.time() - pod.created, 0))
                 self.gated.discard(pod.uid)
-
-
-def _deleting(pod: PodView) -> PodView:
-    return replace(pod, deleting=True)
 
 
 def _api_message(err: ApiException) -> str:
