@@ -149,14 +149,21 @@ def active_clients(spec: ModelReplicaSetSpec, pods: Iterable[PodView], now: floa
     return out
 
 
+def seed_check(spec: ModelReplicaSetSpec, fingerprint: str) -> Callable[[PodView], bool]:
+    """Could a pod serve weights at all (capacity aside)? Built once per pass: it runs for every pod."""
+    # SGLang 0.5.x does not republish weights it received through TransferEngine.
+    storage_only = spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine"
+
+    def check(pod: PodView) -> bool:
+        if pod.deleting or not pod.ready or not pod.ip or pod.fingerprint != fingerprint or not pod.serving:
+            return False
+        return not storage_only or (pod.assignment is not None and pod.assignment.source == "storage")
+
+    return check
+
+
 def can_seed(spec: ModelReplicaSetSpec, fingerprint: str, pod: PodView) -> bool:
-    """Could this pod serve weights at all (capacity aside)?"""
-    if pod.deleting or not pod.ready or not pod.serving or not pod.ip or pod.fingerprint != fingerprint:
-        return False
-    if spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine":
-        # SGLang 0.5.x does not republish weights it received through TransferEngine.
-        return pod.assignment is not None and pod.assignment.source == "storage"
-    return True
+    return seed_check(spec, fingerprint)(pod)
 
 
 def scale_down_order(pods: list[PodView], clients: Mapping[str, list[PodView]]) -> list[PodView]:
@@ -322,7 +329,8 @@ def _assign(
     blocks = port_blocks(spec) if backend == "nccl" else []
     keys = spec.transfer.topology_keys
     moving = {n.pod for n in needs}
-    seeds = [p for p in live if p.name not in gone and p.name not in moving and can_seed(spec, fingerprint, p)]
+    check = seed_check(spec, fingerprint)
+    seeds = [p for p in live if check(p) and p.name not in gone and p.name not in moving]
     # Per-seed bookkeeping only for seeds that serve someone: at 1,000 pods most seeds are idle.
     slots: dict[str, _SeedSlot] = {}
 
@@ -334,29 +342,36 @@ def _assign(
             slot = slots[seed.name] = _SeedSlot(seed, len(staying), used)
         return slot
 
+    by_node: dict[str | None, list[PodView]] = {}
     for seed in seeds:
+        by_node.setdefault(seed.node, []).append(seed)
         if seed.name in clients:
             slot_of(seed)
 
     plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
     for need in needs:  # may grow: a replaced pod's successor is planned in the same pass
+        # Locality depends only on the seed's node: rank the nodes, then scan seeds best level first.
         client_labels = nodes.get(need.node or "")
-        ranks: dict[str | None, tuple[int, str]] = {}  # per seed node: many seeds share few nodes
+        levels: dict[int, list[tuple[str | None, str]]] = {}
+        for node in by_node:
+            rank, label = locality(client_labels, nodes.get(node or ""), keys)
+            levels.setdefault(rank, []).append((node, label))
         best: tuple | None = None
-        for seed in seeds:
-            slot = slots.get(seed.name)
-            active = slot.active if slot else 0
-            if active >= limit or seed.name in need.excluded:
-                continue
-            joins = cohorts and slot is not None and bool(slot.cohort)
-            if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:
-                continue
-            shared = ranks.get(seed.node)
-            if shared is None:
-                shared = ranks[seed.node] = locality(client_labels, nodes.get(seed.node or ""), keys)
-            key = (shared[0], 0 if joins else 1, active, seed.name)
-            if best is None or key < best[0]:
-                best = (key, seed, shared[1])
+        for rank in sorted(levels):
+            for node, label in levels[rank]:
+                for seed in by_node[node]:
+                    slot = slots.get(seed.name)
+                    active = slot.active if slot else 0
+                    if active >= limit or seed.name in need.excluded:
+                        continue
+                    joins = cohorts and slot is not None and bool(slot.cohort)
+                    if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:
+                        continue
+                    key = (0 if joins else 1, active, seed.name)
+                    if best is None or key < best[0]:
+                        best = (key, seed, label)
+            if best is not None:
+                break
         if best is None:
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":

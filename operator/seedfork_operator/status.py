@@ -13,7 +13,7 @@ from typing import Any
 
 from seedfork_api.spec import ModelReplicaSetSpec
 
-from .planner import can_seed
+from .planner import seed_check
 from .podview import PodView
 
 
@@ -53,7 +53,7 @@ def compute_status(
     """``counts``: increments of completed / failed / fellBack from this pass."""
     live = [p for p in pods if not p.deleting]
     ready = sum(p.ready for p in live)
-    seeds = sum(can_seed(spec, fingerprint, p) for p in live) if spec else 0
+    seeds = sum(map(seed_check(spec, fingerprint), live)) if spec else 0
     in_flight = sum(p.assignment is not None and p.state not in ("verified", "failed") for p in live)
     before = old.get("transfers") or {}
     transfers = {
