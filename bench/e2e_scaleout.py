@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -61,6 +62,10 @@ def machine() -> dict:
     }
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="transfer_engine", choices=["transfer_engine", "nccl"])
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=240)
     p.add_argument("--out", help="JSON path (default bench/results/e2e_scaleout_<backend>_<size>.json)")
     args = p.parse_args(argv)
+    # SIGTERM (a timeout) unwinds like Ctrl-C, so the pod runner and the control plane stop their processes.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     env = machine()
     runs = []
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             ns = new_namespace(api, "bench")
             install_agent_rbac(api, ns)
-            body = reference_set_body("llama", model, backend=args.backend, replicas=1, device=args.device)
+            body = reference_set_body(
+                "llama", model, backend=args.backend, replicas=1, device=args.device, agent_device=args.device
+            )
             try:
                 with (
                     LocalCluster(cp.kubeconfig, ns, work / f"run{i}") as cluster,

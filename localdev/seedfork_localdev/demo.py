@@ -47,7 +47,7 @@ def default_device() -> str:
     try:
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
 
@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
             t = time.time()
             model_dir = make_model(workdir / "models" / args.size, args.size)
             print(f"Test model: {model_dir} ({human_bytes(model_bytes(model_dir))}, {time.time() - t:.1f} s)")
-            body = reference_set_body(SET_NAME, model_dir, backend=args.backend, replicas=1, device=device)
+            body = reference_set_body(
+                SET_NAME, model_dir, backend=args.backend, replicas=1, device=device, agent_device=device
+            )
             with LocalCluster(cp.kubeconfig, namespace, workdir) as cluster:
                 print(f"Pod runner nodes: {', '.join(n.name for n in cluster.runner.nodes)}; operator started")
                 rset = ReferenceSet(api, namespace, SET_NAME)

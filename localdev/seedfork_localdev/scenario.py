@@ -382,11 +382,14 @@ def reference_set_body(
     timeout_seconds: int = 60,
     retries: int = 2,
     bandwidth_limit_mbps: int | None = None,
+    agent_device: str | None = None,
 ) -> dict[str, Any]:
     """A ModelReplicaSet of the reference engine: the engine container attaches to its agent's weights.
 
     The pod runner ignores images and runs ``command`` on this machine, so the command is this
     interpreter; the operator adds the agent sidecar (``seedfork-agent run``) and the contract env.
+    With ``agent_device`` the template runs the agent itself (``seedfork-agent run --device ...``),
+    so agent and engine use the same device even where the agent's default (cuda when present) differs.
     """
     engine_cmd = [
         sys.executable,
@@ -437,11 +440,23 @@ def reference_set_body(
                                 "periodSeconds": 1,
                                 "failureThreshold": 3,
                             },
-                        }
+                        },
+                        *([agent_container(agent_device)] if agent_device else []),
                     ],
                 }
             },
         },
+    }
+
+
+def agent_container(device: str, port: int = 18080) -> dict[str, Any]:
+    """The agent as a container of the template (the operator then injects none)."""
+    return {
+        "name": "seedfork-agent",
+        "image": "seedfork/agent:dev",
+        "command": ["seedfork-agent", "run", "--device", device],
+        "ports": [{"name": "sf-agent", "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 1, "failureThreshold": 3},
     }
 
 
@@ -663,12 +678,10 @@ def make_model(out: Path | str, size: str = "tiny") -> Path:
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    subprocess.run(
-        [sys.executable, "-m", "seedfork_agent.engines.reference", "make-model", "--out", str(out), "--size", size],
-        check=True,
-        capture_output=True,
-        env=child_env(),
-    )
+    argv = [sys.executable, "-m", "seedfork_agent.engines.reference", "make-model", "--out", str(out), "--size", size]
+    done = subprocess.run(argv, capture_output=True, text=True, env=child_env())
+    if done.returncode != 0:
+        raise ScenarioError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return out
 
 
