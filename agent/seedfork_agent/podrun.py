@@ -46,6 +46,9 @@ class PodAgent:
         self._dirty = asyncio.Event()
         self._last: dict | None = None
         self._handled = 0
+        # One patch at a time, each built when it is sent: a patch built before the attempt finished must
+        # never land after one built from the final state (it would leave a stale report or timing).
+        self._publishing = asyncio.Lock()
 
     def report(self) -> AgentReport:
         p = self.agent.server.progress
@@ -61,6 +64,24 @@ class PodAgent:
             serving=self.agent.server.serving,
             activeClients=self.agent.server.active_clients,
             fingerprint=self.env.fingerprint,
+        )
+
+    def current_timing(self) -> PodTiming | None:
+        """The timing annotation, written with a final state only; the phases come from the agent's clock."""
+        p = self.agent.server.progress
+        if p.state == "failed":
+            return self.timing
+        if p.state != "verified":
+            return None
+        t = self.agent.timing
+        return self.timing.model_copy(
+            update={
+                "transfer_start": t.get("transfer_start"),
+                "transfer_end": t.get("transfer_end"),
+                "verified": t.get("verified"),
+                "engine_attached": t.get("engine_attached"),
+                "bytes": p.bytes_total,
+            }
         )
 
     async def run(self) -> None:
@@ -104,7 +125,7 @@ class PodAgent:
             if not self.env.model_uri:
                 self._fail_now(a, "assigned storage but the pod has no model URI")
                 return
-            ok = await self.agent.load_storage(self.env.model_uri, a.attempt)
+            await self.agent.load_storage(self.env.model_uri, a.attempt)
         else:
             if not a.seed_ip:
                 self._fail_now(a, "assigned a seed without its IP")
@@ -119,14 +140,7 @@ class PodAgent:
                 cohort_rank=a.cohort_rank,
                 cohort_size=a.cohort_size,
             )
-            ok = await self.agent.pull_seed(req, a.attempt)
-        if ok:
-            t = self.agent.timing
-            self.timing.transfer_start = t.get("transfer_start")
-            self.timing.transfer_end = t.get("transfer_end")
-            self.timing.verified = t.get("verified")
-            self.timing.engine_attached = t.get("engine_attached")
-            self.timing.bytes = self.agent.server.progress.bytes_total
+            await self.agent.pull_seed(req, a.attempt)
         await self._publish(force=True)
 
     def _fail_now(self, a: Assignment, reason: str) -> None:
@@ -147,10 +161,10 @@ class PodAgent:
                 log.warning("could not patch the pod report: %s", e)
 
     async def _publish(self, force: bool = False) -> None:
-        report = self.report()
-        key = report.model_dump(exclude={"updated_at"})
-        if key == self._last and not force:
-            return
-        timing = self.timing if report.state in ("verified", "failed") else None
-        await asyncio.to_thread(self.kube.report, report, timing)
-        self._last = key
+        async with self._publishing:
+            report = self.report()
+            key = report.model_dump(exclude={"updated_at"})
+            if key == self._last and not force:
+                return
+            await asyncio.to_thread(self.kube.report, report, self.current_timing())
+            self._last = key
