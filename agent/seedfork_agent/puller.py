@@ -20,7 +20,7 @@ import httpx
 import torch
 
 from . import groups
-from .store import Manifest, WeightStore
+from .store import Manifest, WeightStore, resolve_device
 from .te import TransferEngineHandle
 
 log = logging.getLogger("seedfork.agent.puller")
@@ -80,7 +80,7 @@ def pull(
 
     deadline = time.monotonic() + req.timeout_s
     if req.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(req.device))  # runs in a worker thread: make its CUDA context current
+        torch.cuda.set_device(resolve_device(req.device))  # runs in a worker thread: make its CUDA context current
     headers = {"Authorization": f"Bearer {req.token}"}
     with httpx.Client(base_url=req.base_url, headers=headers, timeout=min(30.0, req.timeout_s)) as http:
         manifest = fetch_manifest(http, req)

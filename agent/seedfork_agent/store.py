@@ -182,6 +182,15 @@ def layout(specs: list[tuple[str, str, tuple[int, ...]]], fingerprint: str) -> M
     return Manifest(fingerprint, tuple(entries), max(offset, ALIGN))
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device with its index: a bare ``cuda`` means the current CUDA device, so that worker threads
+    can make it current with ``torch.cuda.set_device`` (which refuses a device without an index)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -196,7 +205,7 @@ class WeightStore:
     def __init__(self, manifest: Manifest, device: str = "cpu", shm_dir: Path | None = None) -> None:
         manifest.validate()
         self.manifest = manifest
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self._shm_path: Path | None = None
         self._lock_fd: int | None = None
         n = manifest.total_bytes
