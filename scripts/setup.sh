@@ -37,4 +37,5 @@ if ! go_ok; then
   export PATH="$PWD/.venv/bin:$PATH"
   go_ok || { echo "no usable Go toolchain (need >= 1.26)" >&2; exit 1; }
 fi
-.venv/bin/seedfork-localdev build kube-apiserver etcd >/dev/null
+# helm and kubeconform too, so the chart tests never build inside a test's time limit.
+.venv/bin/seedfork-localdev build kube-apiserver etcd helm kubeconform >/dev/null

@@ -29,7 +29,7 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
     # cluster-scoped: kopf discovers the API and the CRD
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
-    # cluster-scoped, only with --all-namespaces: kopf lists namespaces to follow them
+    # cluster-scoped, in every mode: kopf lists and watches namespaces to follow them, even with --namespace
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     # HA only (--peering NAME): kopf's peering objects (create the CRDs from kopf's peering.yaml)
     {
