@@ -4,7 +4,8 @@
     seedfork-agent pull  --host IP --port P --seed IP:PORT [--seed ...] --backend nccl|transfer_engine \
                          --group-port N --fingerprint F
     seedfork-agent manifest DIR --fingerprint F        (print the manifest with checksums)
-    seedfork-agent run                                  (in a pod: everything from the pod contract)
+    seedfork-agent run [-- <engine command>]           (in a pod: everything from the pod contract; with
+                                                        engine sglang, the SGLang command to launch)
 """
 
 from __future__ import annotations
@@ -59,10 +60,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     man = sub.add_parser("manifest", help="print the manifest (with checksums) of a safetensors directory")
     man.add_argument("weights")
     man.add_argument("--fingerprint", required=True)
-    run = sub.add_parser("run", help="in a pod: follow the pod contract (env + annotations)")
+    run = sub.add_parser(
+        "run", help="in a pod: follow the pod contract (env + annotations); engine sglang: run -- <sglang command>"
+    )
     run.add_argument("--device", default=None)
     run.add_argument("--engine-hook", default=os.environ.get("SEEDFORK_ENGINE_HOOK"), help="module:callable")
-    return ap.parse_args(argv)
+    run.add_argument("--engine-log-dir", default=None, help="engine sglang: where SGLang's output goes (default: tmp)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:split])
+    args.engine_argv = argv[split + 1 :]
+    if args.engine_argv and args.cmd != "run":
+        ap.error("only 'run' takes an engine command after --")
+    return args
 
 
 def _token() -> str:
@@ -172,10 +182,21 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from .podrun import PodAgent
-
     env = PodEnv.from_environ()
-    pod = PodAgent(env, args.device or default_device(), load_hook(args.engine_hook))
+    if env.engine == "sglang":
+        from .engines.sglang_pod import SGLangPod
+
+        if not args.engine_argv:
+            raise SystemExit(
+                "engine sglang: give the SGLang command after --, e.g. run -- python3 -m sglang.launch_server ..."
+            )
+        pod = SGLangPod(env, args.engine_argv, args.engine_log_dir)
+    elif args.engine_argv:
+        raise SystemExit(f"engine {env.engine}: the agent moves the bytes and launches no engine command; drop -- ...")
+    else:
+        from .podrun import PodAgent
+
+        pod = PodAgent(env, args.device or default_device(), load_hook(args.engine_hook))
     task = asyncio.create_task(pod.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

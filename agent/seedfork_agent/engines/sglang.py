@@ -343,6 +343,30 @@ class SGLangSupervisor:
         return Outcome("verified", can_seed=self.launch.can_seed, resolved=resolved)
 
 
+async def start(launch: Launch, log_path: str, base_env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start SGLang with the rendered command and env, output to ``log_path``, in its own session."""
+    import os
+
+    env = {**(os.environ if base_env is None else base_env), **launch.env}
+    log = open(log_path, "wb")  # noqa: ASYNC230, SIM115 (a local file, handed to the child)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *launch.argv, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
+        )
+    finally:
+        log.close()
+
+
+def log_reader(log_path: str):
+    """A callable returning the log so far (``SGLangSupervisor.supervise``'s ``log_text``)."""
+
+    def read_log() -> str:
+        with open(log_path, errors="replace") as f:
+            return f.read()
+
+    return read_log
+
+
 async def launch_and_supervise(
     launch: Launch,
     engine_url: str,
@@ -352,27 +376,15 @@ async def launch_and_supervise(
     timeout_s: float = 600.0,
     base_env: Mapping[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, Outcome]:
-    """Start SGLang with the rendered command and env (output to ``log_path``), then supervise it.
+    """``start`` SGLang, then supervise it.
 
     On a failed outcome the process is left running for the caller to inspect and stop: the pod
     restarts it with a new assignment (another seed, or storage).
     """
-    import os
-
-    env = {**(os.environ if base_env is None else base_env), **launch.env}
-    log = open(log_path, "wb")  # noqa: ASYNC230, SIM115 (a local file, handed to the child)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *launch.argv, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
-        )
-    finally:
-        log.close()
-
-    def read_log() -> str:
-        with open(log_path, errors="replace") as f:
-            return f.read()
-
-    outcome = await SGLangSupervisor(launch, engine_url, seed_url, token).supervise(timeout_s, read_log, proc)
+    proc = await start(launch, log_path, base_env)
+    outcome = await SGLangSupervisor(launch, engine_url, seed_url, token).supervise(
+        timeout_s, log_reader(log_path), proc
+    )
     return proc, outcome
 
 

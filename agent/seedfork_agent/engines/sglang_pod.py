@@ -1,0 +1,132 @@
+"""In-pod mode for engine ``sglang``: ``seedfork-agent run -- <sglang command>``; SGLang moves its own bytes.
+
+For each assignment the agent renders SGLang's R-Fork launch (``sglang.render_for_pod``), stops the
+SGLang of a previous attempt, launches the new one and supervises it (healthy, no silent fallback to
+disk, ``/weights_checker`` equal to the seed's). The report says ``verified`` or ``failed`` with the
+reason; ``serving`` is whether this SGLang can seed others (a TransferEngine-loaded SGLang 0.5.x
+cannot), so the operator picks it as a seed only then. ``bytesDone``/``bytesTotal`` stay 0: SGLang does
+not say how many bytes it moved. A failed attempt stops SGLang and waits for the next assignment, which
+relaunches SGLang in the same container. If a verified SGLang exits, the report turns ``failed`` and the
+operator re-assigns the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
+
+from ..podloop import PodLoop
+from . import sglang
+from .sglang import LayoutRefused, SGLangSupervisor, render_for_pod
+
+log = logging.getLogger("seedfork.agent.sglang")
+
+_STOP_GRACE_S = 30.0
+# Loading from storage is bounded by the disk, not by the transfer timeout (the operator does not time it out
+# either); SGLang's own start (CUDA graphs, warm-up) counts too.
+_STORAGE_TIMEOUT_S = 3600.0
+
+
+class SGLangPod(PodLoop):
+    def __init__(self, env: PodEnv, engine_argv: Sequence[str], log_dir: str | None = None) -> None:
+        super().__init__(env)
+        self.engine_argv = list(engine_argv)
+        self.log_dir = Path(log_dir or tempfile.gettempdir())
+        self.proc: asyncio.subprocess.Process | None = None
+        self.current = AgentReport(attempt=0, state="pending", fingerprint=env.fingerprint)
+        self._exit_watch: asyncio.Task | None = None
+
+    def report(self) -> AgentReport:
+        return self.current.model_copy(update={"updated_at": time.time()})
+
+    def current_timing(self) -> PodTiming | None:
+        return self.timing if self.current.state in ("verified", "failed") else None
+
+    def done(self) -> bool:
+        return self.current.state == "verified"
+
+    def _set(self, **values) -> None:
+        self.current = self.current.model_copy(update=values)
+        self.notify()
+
+    def _fail(self, reason: str) -> None:
+        log.warning("attempt %d failed: %s", self.current.attempt, reason)
+        self._set(state="failed", error=reason, serving=False)
+
+    async def attempt(self, a: Assignment) -> None:
+        seed = a.source == "seed"
+        self._set(
+            attempt=a.attempt,
+            state="transferring",
+            source=a.source,
+            seed_pod=a.seed_pod if seed else None,
+            backend=a.backend if seed else None,
+            error=None,
+            serving=False,
+        )
+        await self.stop_engine()
+        self.timing = self.timing.model_copy(
+            update={"transfer_start": time.time(), "transfer_end": None, "verified": None, "engine_attached": None}
+        )
+        try:
+            launch = render_for_pod(self.engine_argv, self.env, a)
+        except LayoutRefused as e:
+            self._fail(str(e))
+            return
+        port = self.env.engine_port
+        seed_url = f"http://{a.seed_ip}:{port}" if seed else None
+        log_path = self.log_dir / f"sglang-{self.env.pod_name}-attempt-{a.attempt}.log"
+        log.info("attempt %d: launching SGLang as %s (log %s): %s", a.attempt, launch.role, log_path, launch.argv)
+        try:
+            # Kept before supervision starts, so a stop signal during supervision stops this SGLang too.
+            self.proc = await sglang.start(launch, str(log_path))
+        except OSError as e:  # the command does not exist in this image
+            self._fail(f"could not start SGLang: {e}")
+            return
+        supervisor = SGLangSupervisor(launch, f"http://{self.env.pod_ip}:{port}", seed_url, self.env.token)
+        timeout_s = self.env.timeout_seconds if seed else max(self.env.timeout_seconds, _STORAGE_TIMEOUT_S)
+        outcome = await supervisor.supervise(timeout_s, sglang.log_reader(str(log_path)), self.proc)
+        if outcome.state != "verified":
+            await self.stop_engine()
+            self._fail(outcome.error or "SGLang supervision failed")
+            return
+        now = time.time()
+        self.timing = self.timing.model_copy(update={"transfer_end": now, "verified": now, "engine_attached": now})
+        self._set(state="verified", serving=outcome.can_seed)
+        log.info("attempt %d verified (can seed: %s)", a.attempt, outcome.can_seed)
+        self._exit_watch = asyncio.create_task(self._watch_exit(self.proc))
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if proc is self.proc and self.current.state == "verified":
+            self._fail(f"SGLang exited with code {code} after it was verified")
+
+    async def stop_engine(self) -> None:
+        """SIGTERM SGLang's session (its TP workers too) and wait; SIGKILL after the grace period."""
+        proc, self.proc = self.proc, None
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+            self._exit_watch = None
+        if proc is None or proc.returncode is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+                return
+            except TimeoutError:
+                log.warning("SGLang (pid %d) ignored %s", proc.pid, sig.name)
+
+    async def stop(self) -> None:
+        await self.stop_engine()
