@@ -33,34 +33,12 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from seedfork_agent.engines.testmodel import tensor_specs  # noqa: E402
+
 GB = 1e9
 TOKEN = "bench-token"
 SEED_HOST, CLIENT_HOST, AGENT_PORT = "127.0.0.1", "127.0.0.2", 18080
 MATMUL_N = 8192
-
-
-def shapes(model: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Llama-architecture tensor shapes (vocab, hidden, intermediate, layers, kv width)."""
-    vocab, hidden, inter, layers, kv = {
-        "llama8b": (128256, 4096, 14336, 32, 1024),
-        "qwen32b": (152064, 5120, 27648, 64, 1024),
-    }[model]
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return [(n, "bfloat16", s) for n, s in out]
 
 
 class MatmulLoop:
@@ -121,7 +99,7 @@ def seed_main(models: list[str], to_client, from_client) -> None:
         mm = MatmulLoop(0)
         mm.start()
         for model in models:
-            manifest = layout(shapes(model), "bench")
+            manifest = layout(tensor_specs(model), "bench")
             store = WeightStore.empty(manifest, "cuda:0")
             for t in manifest.tensors:
                 store.tensor(t.name).uniform_(-1, 1)

@@ -46,36 +46,13 @@ os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # Mooncake: no per-engine INFO
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from seedfork_agent.engines.testmodel import tensor_specs  # noqa: E402
+
 GB = 1e9
 TOKEN = "bench-token"
 FINGERPRINT = "bench-fanout"
 SCENARIOS = ("single_nccl", "single_te", "one_by_one_nccl", "one_by_one_te", "cohort_nccl", "tree_te")
 TARGET_RATIO, TARGET_CLIENTS = 1.5, 7
-
-
-def shapes(model: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Llama-architecture tensor shapes, bf16 (as bench/agent_gpu.py); "tiny" is a few MB for CPU checks."""
-    vocab, hidden, inter, layers, kv = {
-        "tiny": (2000, 256, 704, 2, 64),
-        "llama8b": (128256, 4096, 14336, 32, 1024),
-        "qwen32b": (152064, 5120, 27648, 64, 1024),
-    }[model]
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return [(n, "bfloat16", s) for n, s in out]
 
 
 def host(cfg: dict, rank: int) -> str:
@@ -113,7 +90,7 @@ async def _worker(rank: int, cfg: dict, cmds, out) -> None:
     info: dict = {"device_name": torch.cuda.get_device_name(rank) if cuda else "cpu"}
     if rank == 0:
         t0 = time.perf_counter()
-        manifest = layout(shapes(cfg["model"]), FINGERPRINT)
+        manifest = layout(tensor_specs(cfg["model"]), FINGERPRINT)
         store = WeightStore.empty(manifest, device)
         gen = torch.Generator(device=device).manual_seed(0)
         for t in manifest.tensors:

@@ -32,7 +32,34 @@ SIZES: dict[str, LlamaConfig] = {
         torch_dtype="bfloat16",
     ),
 }
+# The shapes of real models (bf16), for benchmarks that move and verify bytes but never generate.
+SHAPED_LIKE: dict[str, LlamaConfig] = {
+    "llama8b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        torch_dtype="bfloat16",
+    ),
+    "qwen32b": LlamaConfig(
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        torch_dtype="bfloat16",
+    ),
+}
 SEED = 20240917
+
+
+def tensor_specs(name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every weight of a named size or real-model shape, for ``store.layout``."""
+    config = SIZES.get(name) or SHAPED_LIKE[name]
+    return [(tensor, config.torch_dtype, shape) for tensor, shape in weight_shapes(config).items()]
 
 
 def make_weights(config: LlamaConfig, seed: int = SEED) -> dict[str, torch.Tensor]:
