@@ -6,8 +6,12 @@ What the operator adds (``seedfork_api.contract`` names every key):
 - the readiness gate, so the pod is Ready only after the weights are verified;
 - the static contract env vars in every container: pod name/namespace/IP through the
   downward API, the token through a secretKeyRef (never a literal);
-- an agent sidecar, unless the template already runs the agent (a container named
-  ``seedfork-agent`` or one whose command/args invoke it, e.g. ``seedfork-agent run -- sglang ...``).
+- the agent, unless the template already runs it (a container named ``seedfork-agent`` or one whose
+  command/args invoke it, e.g. ``seedfork-agent run -- python3 -m sglang.launch_server ...``):
+  - engine ``sglang``: SGLang moves its own bytes and the agent launches and supervises it, so the agent
+    becomes the entry point of the engine container (the first one): its command turns into
+    ``seedfork-agent run -- <command> <args>``. The engine image must therefore contain seedfork.
+  - other engines: an agent sidecar that moves the bytes into its own store.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .planner import resolve_backend
 
 AGENT_CONTAINER = "seedfork-agent"
 AGENT_COMMAND = ["seedfork-agent", "run"]
+AGENT_ENTRY_POINT = [*AGENT_COMMAND, "--"]
 
 
 class TemplateError(ValueError):
@@ -86,6 +91,23 @@ def _with_env(container: dict[str, Any], env: list[dict]) -> dict[str, Any]:
     return container
 
 
+def wrap_engine(container: dict[str, Any]) -> dict[str, Any]:
+    """The engine container with the agent as its entry point: ``seedfork-agent run -- <command> <args>``.
+
+    Wrapping keeps the template a plain SGLang container; the agent adds the R-Fork flags per assignment.
+    """
+    command = container.get("command")
+    if not command:
+        raise TemplateError(
+            f"engine sglang: container {container['name']!r} needs an explicit command, e.g. "
+            "command: [python3, -m, sglang.launch_server]; the operator runs it as "
+            "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
+        )
+    container["command"] = [*AGENT_ENTRY_POINT, *command, *(container.get("args") or [])]
+    container.pop("args", None)
+    return container
+
+
 def agent_container(spec: ModelReplicaSetSpec, image: str, env: list[dict]) -> dict[str, Any]:
     port = spec.transfer.agent_port
     return {
@@ -118,7 +140,10 @@ def render_pod(
 
     containers = [_with_env(ct, env) for ct in pod_spec["containers"]]
     if not any(runs_agent(ct) for ct in containers):
-        containers.append(agent_container(spec, agent_image, env))
+        if spec.engine.kind == "sglang":
+            containers[0] = wrap_engine(containers[0])
+        else:
+            containers.append(agent_container(spec, agent_image, env))
     pod_spec["containers"] = containers
     gates = [g for g in pod_spec.get("readinessGates") or [] if g.get("conditionType") != c.READINESS_GATE]
     pod_spec["readinessGates"] = [*gates, {"conditionType": c.READINESS_GATE}]

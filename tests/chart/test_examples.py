@@ -122,3 +122,32 @@ def test_all_examples_pass_kubeconform_strict(tools, kubeconform_bin, schema_dir
     for good, bad in (("minReplicaCount:", "minReplicas:"), ("    maxClientsPerSeed: 1", "    maxClientPerSeed: 1")):
         proc = tools.kubeconform(kubeconform_bin, schema_dir, text.replace(good, bad, 1))
         assert proc.returncode != 0 and json.loads(proc.stdout)["summary"]["invalid"] == 1, bad
+
+
+@pytest.mark.parametrize("name", ["sglang-transfer-engine.yaml", "sglang-nccl.yaml"])
+def test_sglang_example_renders_a_pod_whose_agent_accepts_the_engine_command(tools, name):
+    """The operator wraps the example's engine command; the agent must then render R-Fork flags from it for a
+    storage seed and for a seed client (a --host the agent does not own, say, would fail every pod)."""
+    from seedfork_agent.engines.sglang import render_for_pod
+    from seedfork_api import contract as c
+    from seedfork_operator.render import render_pod
+
+    body = _load(tools, name)
+    spec = api.ModelReplicaSetSpec.model_validate(body["spec"])
+    pod = render_pod(
+        spec=spec, set_name=body["metadata"]["name"], set_uid="u", namespace="ns", pod_name="p-0",
+        fingerprint=spec.fingerprint(), assignment=c.Assignment(attempt=1, source="storage"), token_secret="t",
+        agent_image="agent:1",
+    )  # fmt: skip
+    (engine, *others) = pod["spec"]["containers"]
+    assert not [ct for ct in others if ct["name"] == "seedfork-agent"]  # no byte-moving sidecar
+    assert engine["command"][:3] == ["seedfork-agent", "run", "--"] and "args" not in engine
+    env = {e["name"]: e.get("value", "x") for e in engine["env"]} | {c.ENV_POD_IP: "10.0.0.2", c.ENV_TOKEN: "t"}
+    pod_env = c.PodEnv.from_environ(env)
+    backend = spec.transfer.backend
+    ports = list(range(spec.transfer.ports.start, spec.transfer.ports.start + spec.engine.parallelism.tp))
+    client = c.Assignment(attempt=1, source="seed", backend=backend, seedIP="10.0.0.1", groupPorts=ports)
+    for assignment in (c.Assignment(attempt=1, source="storage"), client):
+        launch = render_for_pod(engine["command"][3:], pod_env, assignment)
+        argv = launch.argv
+        assert argv[argv.index("--host") + 1] == "10.0.0.2" and argv[argv.index("--port") + 1] == str(spec.engine.port)

@@ -12,19 +12,19 @@ from seedfork_operator.podview import PodView
 from seedfork_operator.status import compute_status
 
 
-def spec_with(template, **transfer) -> ModelReplicaSetSpec:
+def spec_with(template, kind="sglang", **transfer) -> ModelReplicaSetSpec:
     return ModelReplicaSetSpec.model_validate(
         {
             "model": {"name": "m", "uri": "/models/m"},
-            "engine": {"kind": "sglang", "parallelism": {"tp": 2}},
+            "engine": {"kind": kind, "parallelism": {"tp": 2}},
             "transfer": transfer,
             "template": template,
         }
     )
 
 
-def rendered(template, **transfer):
-    spec = spec_with(template, **transfer)
+def rendered(template, kind="sglang", **transfer):
+    spec = spec_with(template, kind, **transfer)
     return render.render_pod(
         spec=spec,
         set_name="llama",
@@ -41,17 +41,18 @@ def rendered(template, **transfer):
 ENGINE = {
     "name": "engine",
     "image": "sglang:1",
+    "command": ["python3", "-m", "sglang.launch_server"],
     "env": [{"name": "KEEP", "value": "1"}, {"name": c.ENV_TP, "value": "9"}],
 }
 
 
 def test_pod_gets_contract_gate_labels_owner_and_agent_sidecar():
-    pod = rendered({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [ENGINE]}}, backend="auto")
+    pod = rendered({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [ENGINE]}}, "vllm", backend="auto")
     meta = pod["metadata"]
     assert meta["labels"] == {
         "app": "x",
         c.LABEL_SET: "llama",
-        c.LABEL_FINGERPRINT: spec_with({}).fingerprint(),
+        c.LABEL_FINGERPRINT: spec_with({}, "vllm").fingerprint(),
         c.LABEL_MANAGED_BY: c.MANAGED_BY,
     }
     assert meta["ownerReferences"][0]["uid"] == "uid-1" and meta["ownerReferences"][0]["controller"] is True
@@ -87,9 +88,41 @@ def test_pod_gets_contract_gate_labels_owner_and_agent_sidecar():
         {"name": "engine", "image": "a", "command": ["sh"], "args": ["seedfork-agent"]},
     ],
 )
-def test_no_sidecar_when_the_agent_is_the_entry_point(container):
-    pod = rendered({"spec": {"containers": [container]}})
-    assert [ct["name"] for ct in pod["spec"]["containers"]] == [container["name"]]
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_no_sidecar_when_the_agent_is_the_entry_point(container, kind):
+    pod = rendered({"spec": {"containers": [container]}}, kind)
+    (got,) = pod["spec"]["containers"]
+    assert got["name"] == container["name"]
+    assert (got.get("command"), got.get("args")) == (container.get("command"), container.get("args"))  # not rewrapped
+
+
+SGLANG = {
+    "name": "engine",
+    "image": "sglang-with-seedfork:1",
+    "command": ["python3", "-m", "sglang.launch_server"],
+    "args": ["--model-path", "/models/m", "--tp-size", "2"],
+}
+
+
+def test_sglang_engine_gets_the_agent_as_its_entry_point_and_no_sidecar():
+    """SGLang moves its own bytes: a byte-moving sidecar would hold a second copy of the weights."""
+    logger = {"name": "logs", "image": "busybox", "command": ["tail", "-f", "/dev/null"]}
+    pod = rendered({"spec": {"containers": [SGLANG, logger]}}, backend="nccl")
+    engine, other = pod["spec"]["containers"]
+    assert engine["command"] == [
+        "seedfork-agent", "run", "--", "python3", "-m", "sglang.launch_server", "--model-path", "/models/m",
+        "--tp-size", "2",
+    ]  # fmt: skip
+    assert "args" not in engine and render.runs_agent(engine)
+    assert {e["name"]: e.get("value") for e in engine["env"]}[c.ENV_ENGINE] == "sglang"
+    assert other["command"] == logger["command"] and "args" not in other  # only the first container is the engine
+    assert SGLANG["args"] == ["--model-path", "/models/m", "--tp-size", "2"]  # the spec's template is not mutated
+
+
+def test_sglang_engine_without_a_command_is_refused_with_what_to_write():
+    entrypoint_only = {"name": "engine", "image": "sglang:1", "args": ["--model-path", "/m"]}
+    with pytest.raises(render.TemplateError, match=r"needs an explicit command, e\.g\. command: \[python3"):
+        rendered({"spec": {"containers": [entrypoint_only]}})
 
 
 def test_existing_readiness_gates_are_kept_and_ours_not_duplicated():
