@@ -4,7 +4,7 @@ The operator writes an ``Assignment`` annotation (storage or seed, attempt n); t
 ``AgentReport`` (and ``PodTiming``) on its own pod. A failed attempt is reported with its reason and the
 loop keeps watching for the next attempt, in the same process. Subclasses say how one attempt runs and
 what the report says: ``podrun.PodAgent`` (the agent moves the bytes) and ``engines.sglang_pod``
-(SGLang moves its own bytes). No torch here: the SGLang entry point imports only this.
+(SGLang moves its own bytes).
 """
 
 from __future__ import annotations
