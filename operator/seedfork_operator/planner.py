@@ -193,6 +193,9 @@ class _Need:
     excluded: list[str]
     why: str
     new: bool = False
+    # The pod's agent is still inside an earlier attempt (e.g. joining a seed that just died) and starts this
+    # one only when that ends, up to a timeout later: in a cohort it would hold every other member waiting.
+    late: bool = False
 
 
 def plan(
@@ -250,7 +253,8 @@ def plan(
             continue
         excluded = [*a.excluded_seeds, *([a.seed_pod] if a.seed_pod and a.seed_pod not in a.excluded_seeds else [])]
         if len(excluded) <= spec.transfer.retries:
-            needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "retry"))
+            busy = pod.report is not None and pod.report.state == "transferring"
+            needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "retry", late=busy))
         elif spec.transfer.fallback == "storage":
             storage = Assignment(attempt=a.attempt + 1, source="storage", excluded_seeds=excluded, assigned_at=now)
             out.assign.append((pod.name, storage))
@@ -364,7 +368,7 @@ def _assign(
                     active = slot.active if slot else 0
                     if active >= limit or seed.name in need.excluded:
                         continue
-                    joins = cohorts and slot is not None and bool(slot.cohort)
+                    joins = cohorts and not need.late and slot is not None and bool(slot.cohort)
                     if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:
                         continue
                     key = (0 if joins else 1, active, seed.name)
@@ -389,7 +393,7 @@ def _assign(
         slot = slot_of(seed)
         slot.active += 1
         out.choices.append(SeedChoice(need.pod, need.attempt, slot.pod.name, label, need.why))
-        if cohorts:
+        if cohorts and not need.late:
             if not slot.cohort:
                 slot.cohort_ports = _free_block(blocks, slot.used_blocks) or []
                 slot.used_blocks.add(tuple(slot.cohort_ports))

@@ -336,6 +336,29 @@ def test_seed_gone_reassigns_and_storage_failure_replaces():
     assert result.delete and result.delete[0][0] == "b" and len(result.create) == 1
 
 
+def test_a_retry_whose_agent_is_still_busy_never_joins_a_cohort():
+    """The seed of a pulling pod dies: the pod is re-assigned at once, but its agent starts the new attempt
+    only when its current one ends (up to a timeout later). A new pod planned in the same pass must not wait
+    for it in one cohort: the late pod gets its own group and port block."""
+    spec = make_spec(replicas=3, backend="nccl", maxClientsPerSeed=4)
+    busy = replace(failed_client(state="transferring"), assignment=failed_client().assignment.model_copy(
+        update={"backend": "nccl", "group_ports": [40000], "cohort_id": "c-old", "cohort_rank": 1, "cohort_size": 2}
+    ))  # fmt: skip
+    result = run(spec, [seed_pod("s2"), busy])  # s1, its seed, is gone
+    ((name, retry),) = result.assign
+    ((_, new),) = result.create
+    assert name == "c" and retry.seed_pod == new.seed_pod == "s2" and retry.attempt == 2
+    assert retry.cohort_id is None and retry.cohort_size is None
+    assert new.cohort_id is not None and new.cohort_size == 2  # the new pod's cohort: s2 and itself
+    assert set(retry.group_ports).isdisjoint(new.group_ports)
+    # An agent that already reported the failure is idle: its retry may share a cohort with the new pod.
+    idle = replace(busy, report=AgentReport(attempt=1, state="failed", error="seed died"))
+    result = run(spec, [seed_pod("s2"), idle])
+    ((_, retry),) = result.assign
+    ((_, new),) = result.create
+    assert retry.cohort_id == new.cohort_id is not None and retry.cohort_size == 3
+
+
 def test_scale_down_order():
     busy = seed_pod("busy", created=1)
     idle_old, idle_new = seed_pod("idle-old", created=2), seed_pod("idle-new", created=3)
