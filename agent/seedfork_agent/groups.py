@@ -10,6 +10,7 @@ several at once (one per client, or a cohort) and make new ones after a failure.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,29 @@ def local_backend(requested: str, device: torch.device) -> str:
     return "nccl"
 
 
+class JoinAborted(RuntimeError):
+    """A client gave up joining a group because ``abort`` gave a reason (e.g. the seed refused the group)."""
+
+
+def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], str | None]) -> None:
+    """Wait until rank 0's store listens, asking ``abort`` between short tries: a seed that died or refused
+    the group then costs a second, not the whole rendezvous timeout. (Plain connects: torch's own store
+    client logs a stack trace for every failed try.)"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reason = abort()
+        if reason:
+            raise JoinAborted(reason)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return  # the store's own connect reports the timeout
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, left)):
+                return
+        except OSError:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
 def init_group(
     backend: str,
     host: str,
@@ -47,11 +71,18 @@ def init_group(
     name: str,
     timeout_s: float,
     device: torch.device | None = None,
+    abort: Callable[[], str | None] | None = None,
 ) -> dist.ProcessGroup:
-    """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store) and build the group; barrier once."""
+    """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store) and build the group; barrier once.
+
+    ``abort`` (clients only) is asked while connecting; a reason ends the join with ``JoinAborted``."""
     timeout = timedelta(seconds=timeout_s)
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # called from worker threads
+    if rank > 0 and abort is not None:
+        started = time.monotonic()
+        _wait_listening(host, port, timeout_s, abort)
+        timeout = timedelta(seconds=max(1.0, timeout_s - (time.monotonic() - started)))
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     prefixed = PrefixStore(name, store)

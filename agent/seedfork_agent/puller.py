@@ -186,9 +186,13 @@ def _pull_group(
     with ThreadPoolExecutor(2) as pool:
         # The seed answers the init call only after every member joined: send it while we join.
         init = pool.submit(_post, http, "/init_weights_send_group_for_remote_instance", body, remaining)
+
+        def refused() -> str | None:  # the seed answers once all joined; a failed answer before that ends the join
+            return _result_error(init, 0) if init.done() else None
+
         try:
             pg = groups.init_group(
-                backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device
+                backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device, refused
             )
         except Exception as e:
             err = _result_error(init, 5.0)

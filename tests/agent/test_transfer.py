@@ -8,6 +8,7 @@ puller called in the test process against a real seed process (saves a process s
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import httpx
@@ -42,7 +43,7 @@ def _request(kit, seed_ip: str, backend: str, **kw) -> PullRequest:
         backend=backend,
         fingerprint=kw.pop("fingerprint", "fp-test"),
         client_id=kw.pop("client_id", "test-client"),
-        timeout_s=20,
+        timeout_s=kw.pop("timeout_s", 20),
         **kw,
     )
 
@@ -166,6 +167,19 @@ def test_seed_killed_mid_transfer_then_retry_from_second_seed(kit, agents, weigh
     assert time.monotonic() - killed < timeout_s
     assert client.progress()["attempt"] == 2
     kit.assert_same_weights(client.tensors(), weight_tensors)
+
+
+def test_a_group_the_seed_refuses_ends_the_join_at_once(kit, seed):
+    """The seed cannot build the group (here another process has bound the group port on its address) and
+    answers the init call with a failure: the client stops joining and reports the seed's reason, instead of
+    waiting out its rendezvous timeout, so the operator can re-seed it at once."""
+    port = kit.new_port()
+    with socket.socket() as squatter:
+        squatter.bind((seed.ip, port))  # bound, not listening: the seed's store cannot bind, clients are refused
+        started = time.monotonic()
+        with pytest.raises(PullError, match="failed to build group"):
+            pull(_request(kit, seed.ip, "gloo", group_ports=[port], timeout_s=120))
+        assert time.monotonic() - started < 60  # half the rendezvous timeout: the refusal ended it, not the clock
 
 
 def test_corrupted_bytes_never_verified(kit, agents, weights_dir):
