@@ -11,6 +11,7 @@ several at once (one per client, or a cohort) and make new ones after a failure.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +57,10 @@ def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], 
         if left <= 0:
             return  # the store's own connect reports the timeout
         try:
-            with socket.create_connection((host, port), timeout=min(1.0, left)):
+            with socket.create_connection((host, port), timeout=min(1.0, left)) as probe:
+                # Close with a reset: a probe left in TIME_WAIT would hold its local port, which a group
+                # store on this host may want to bind next.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
         except OSError:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -55,7 +55,8 @@ TOKEN = "test-token-5f2c"
 AGENT_PORT = 18080
 _NET = random.randint(20, 230)  # a /16 of 127/8 per test session, so parallel sessions rarely collide
 _HOSTS = itertools.count(2)
-_PORTS = itertools.count(41000 + random.randint(0, 400) * 20)
+# Group ports below Linux's ephemeral range (32768-60999): a port an outgoing connection holds cannot be bound.
+_PORTS = itertools.count(20000 + random.randint(0, 400) * 20)
 
 
 def new_ip() -> str:
