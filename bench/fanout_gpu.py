@@ -190,42 +190,38 @@ class Driver:
         self.cmd_qs[rank].put((kind, cid, *args))
         return cid
 
+    def _next(self, during: str = "") -> tuple[str, int, int, dict] | None:
+        """The next worker message, or None after a quiet second; a crashed or dead worker raises."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Deadline()
+        try:
+            kind, cid, rank, body = self.out.get(timeout=min(1.0, left))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+            if dead:
+                raise WorkerDied(f"worker(s) {dead} exited{during}") from None
+            return None
+        if kind == "crash":
+            raise WorkerDied(f"rank {rank} crashed{during}:\n{body['error']}")
+        return kind, cid, rank, body
+
     def wait(self, cids) -> dict[int, dict]:
         """Bodies of the replies to ``cids``, keyed by command id."""
         want, got = set(cids), {}
         while want - got.keys():
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise Deadline()
-            try:
-                kind, cid, rank, body = self.out.get(timeout=min(1.0, left))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
-                if dead:
-                    raise WorkerDied(f"worker(s) {dead} exited") from None
-                continue
-            if kind == "crash":
-                raise WorkerDied(f"rank {rank} crashed:\n{body['error']}")
-            if cid in want:
+            msg = self._next()
+            if msg and msg[1] in want:
+                _, cid, rank, body = msg
                 got[cid] = {**body, "rank": rank}
         return got
 
     def wait_ready(self, n: int) -> dict[int, dict]:
         ready: dict[int, dict] = {}
         while len(ready) < n:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise Deadline()
-            try:
-                kind, _, rank, body = self.out.get(timeout=min(1.0, left))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
-                if dead:
-                    raise WorkerDied(f"worker(s) {dead} exited during start") from None
-                continue
-            if kind == "crash":
-                raise WorkerDied(f"rank {rank} crashed during start:\n{body['error']}")
-            if kind == "ready":
+            msg = self._next(" during start")
+            if msg and msg[0] == "ready":
+                _, _, rank, body = msg
                 ready[rank] = body
         return ready
 
