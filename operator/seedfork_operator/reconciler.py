@@ -115,7 +115,7 @@ class SetReconciler:
             token_secret, problem = await self._ensure_token(spec.transfer.token_secret_name)
             degraded = degraded or problem
             try:
-                render.check_template(spec.template)
+                render.check_template(spec.template, spec.engine.kind)
             except render.TemplateError as err:
                 degraded = degraded or ("InvalidTemplate", str(err))
 

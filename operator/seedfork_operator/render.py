@@ -42,7 +42,9 @@ def pod_labels(set_name: str, fingerprint: str) -> dict[str, str]:
     return {c.LABEL_SET: set_name, c.LABEL_FINGERPRINT: fingerprint, c.LABEL_MANAGED_BY: c.MANAGED_BY}
 
 
-def check_template(template: dict[str, Any]) -> None:
+def check_template(template: dict[str, Any], engine: str = "") -> None:
+    """Refuse a template that cannot become an engine pod; the reconciler runs this before planning, so the
+    reason lands in the Degraded condition instead of failing every pod's render."""
     containers = (template.get("spec") or {}).get("containers")
     if not isinstance(containers, list) or not containers:
         raise TemplateError("spec.template.spec.containers is empty: the template needs the engine container")
@@ -51,6 +53,13 @@ def check_template(template: dict[str, Any]) -> None:
         raise TemplateError("every container in spec.template.spec.containers needs a name")
     if len(set(names)) != len(names):
         raise TemplateError("container names in spec.template.spec.containers must be unique")
+    engine_container = containers[0]
+    if engine == "sglang" and not any(runs_agent(ct) for ct in containers) and not engine_container.get("command"):
+        raise TemplateError(
+            f"engine sglang: container {engine_container['name']!r} needs an explicit command, e.g. "
+            "command: [python3, -m, sglang.launch_server]; the operator runs it as "
+            "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
+        )
 
 
 def runs_agent(container: dict[str, Any]) -> bool:
@@ -95,15 +104,9 @@ def wrap_engine(container: dict[str, Any]) -> dict[str, Any]:
     """The engine container with the agent as its entry point: ``seedfork-agent run -- <command> <args>``.
 
     Wrapping keeps the template a plain SGLang container; the agent adds the R-Fork flags per assignment.
+    ``check_template`` made sure the container has a command.
     """
-    command = container.get("command")
-    if not command:
-        raise TemplateError(
-            f"engine sglang: container {container['name']!r} needs an explicit command, e.g. "
-            "command: [python3, -m, sglang.launch_server]; the operator runs it as "
-            "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
-        )
-    container["command"] = [*AGENT_ENTRY_POINT, *command, *(container.get("args") or [])]
+    container["command"] = [*AGENT_ENTRY_POINT, *container["command"], *(container.get("args") or [])]
     container.pop("args", None)
     return container
 
@@ -133,7 +136,7 @@ def render_pod(
     agent_image: str,
 ) -> dict[str, Any]:
     template = copy.deepcopy(spec.template)
-    check_template(template)
+    check_template(template, spec.engine.kind)
     meta = template.get("metadata") or {}
     pod_spec = template["spec"]
     env = contract_env(spec, set_name, fingerprint, token_secret)

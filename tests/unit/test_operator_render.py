@@ -123,6 +123,11 @@ def test_sglang_engine_without_a_command_is_refused_with_what_to_write():
     entrypoint_only = {"name": "engine", "image": "sglang:1", "args": ["--model-path", "/m"]}
     with pytest.raises(render.TemplateError, match=r"needs an explicit command, e\.g\. command: \[python3"):
         rendered({"spec": {"containers": [entrypoint_only]}})
+    # The reconciler's check before planning catches it too (a Degraded condition, not a failing render) ...
+    with pytest.raises(render.TemplateError, match="needs an explicit command"):
+        render.check_template({"spec": {"containers": [entrypoint_only]}}, "sglang")
+    # ... and only for sglang, where the operator must wrap the command.
+    render.check_template({"spec": {"containers": [entrypoint_only]}}, "reference")
 
 
 def test_existing_readiness_gates_are_kept_and_ours_not_duplicated():
