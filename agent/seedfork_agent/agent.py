@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .checksum import warm_up
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer
 from .store import Manifest, WeightStore, remove_stale_shm
@@ -72,6 +73,7 @@ class Agent:
             te_factory=self.te if config.serve_te else None,
         )
         self.timing: dict[str, float] = {}
+        self._warm: asyncio.Task | None = None
         self.on_progress: Callable[[], None] | None = None
 
     def te(self) -> TransferEngineHandle:
@@ -79,6 +81,8 @@ class Agent:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.device.type == "cuda":  # compile the GPU checksum kernel now, not on the first pull's clock
+            self._warm = asyncio.create_task(asyncio.to_thread(warm_up, self.device))
 
     async def stop(self) -> None:
         await self.server.stop()

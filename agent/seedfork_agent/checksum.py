@@ -12,11 +12,21 @@ Leftover bytes (nbytes % 4) are folded in with their own positions. The result
 is the 32 hex digits of A and B. It guards against transport bugs (truncation,
 misplaced slices, zeroed or flipped bytes), not against an adversary: the bearer
 token and the fingerprint check keep foreign peers out.
+
+``checksums`` does many byte ranges of one buffer at once. On a GPU with Triton it
+is one kernel pass over all of them (per-block partial sums, combined per range
+by a prefix sum) and one device-to-host copy; elsewhere it checksums range by range.
+Both give the same digits: wrap-around integer sums do not depend on their order.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import torch
+
+log = logging.getLogger("seedfork.checksum")
 
 _WIDTH = 4096  # words per row: column weights stay small, rows weight the rest
 _CHUNK_WORDS = 1 << 26  # 256 MiB of input per step bounds the CPU's widened copy
@@ -68,3 +78,127 @@ def _chunk_sums(words: torch.Tensor, cols: torch.Tensor) -> tuple[int, int]:
         a = a + tail.sum()
         b = b + (tail * (cols[:rest] + rows * _WIDTH)).sum()
     return int(a.item()) & _MASK, int(b.item()) & _MASK
+
+
+def checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """Checksums of the byte ranges ``(offset, nbytes)`` of a 1-D uint8 ``buffer``, in order."""
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise ValueError("checksums takes a 1-D uint8 tensor")
+    global _kernel, _kernel_proven
+    if buffer.is_cuda and _kernel_ready() and all(offset % _SPAN_ALIGN == 0 for offset, _ in spans):
+        try:
+            sums = block_checksums(buffer, spans)
+            _kernel_proven = True
+            return sums
+        except Exception as err:
+            if _kernel_proven:
+                raise
+            # Triton compiles at the first launch and needs a C compiler for that: an image without one
+            # still verifies, with torch's reductions.
+            log.warning("checksum kernel unavailable (%s: %s); using torch reductions", type(err).__name__, err)
+            _kernel = False
+    return [checksum(buffer[offset : offset + nbytes]) for offset, nbytes in spans]
+
+
+def warm_up(device: torch.device | str) -> None:
+    """Run ``checksums`` once on a small buffer of ``device``: a GPU's kernel compiles (or loads) here."""
+    try:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # may run in a worker thread
+        checksums(torch.zeros(4 * _SPAN_ALIGN, dtype=torch.uint8, device=device), [(0, 1000), (_SPAN_ALIGN * 3, 9)])
+    except Exception as err:  # only a warm-up: the real call reports real errors
+        log.warning("checksum warm-up failed: %s", err)
+
+
+# ---- the one-pass kernel (GPU; also runs on CPU under TRITON_INTERPRET=1, which the tests use) ----
+_SPAN_ALIGN = 256  # ranges start 64-word aligned (the store's layout), so loads can be vectorised
+_LANES = 1024  # words one program reads per step
+_STEPS = 32  # steps per program: 128 KiB of input per program
+_BLOCK_WORDS = _LANES * _STEPS
+_kernel = None
+_kernel_proven = False
+
+
+def _kernel_ready() -> bool:
+    global _kernel
+    if _kernel is None:
+        try:
+            _kernel = _build_kernel()
+        except Exception:  # no Triton, or no compiler for it: the torch path is always there
+            _kernel = False
+    return _kernel is not False
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_sums(words, starts64, positions, counts, out, LANES: tl.constexpr, STEPS: tl.constexpr):
+        # One program sums one block (up to LANES * STEPS words) of one range: A = sum(w) and
+        # B = sum(w * (position in its range + 1)), both wrapping at 64 bits.
+        pid = tl.program_id(0)
+        start = tl.load(starts64 + pid) * 64  # a multiple of 64 words: the compiler may vectorise loads
+        position = tl.load(positions + pid)
+        count = tl.load(counts + pid)
+        lanes = tl.arange(0, LANES)
+        acc_a = tl.zeros([LANES], dtype=tl.int64)
+        acc_b = tl.zeros([LANES], dtype=tl.int64)
+        if count == LANES * STEPS:  # a full block: no masks
+            for step in range(STEPS):
+                idx = step * LANES + lanes
+                w = tl.load(words + start + idx).to(tl.int64)
+                acc_a += w
+                acc_b += w * (position + idx + 1)
+        else:  # the last block of a range: only the steps it needs
+            for step in range(tl.cdiv(count, LANES)):
+                idx = step * LANES + lanes
+                w = tl.load(words + start + idx, mask=idx < count, other=0).to(tl.int64)
+                acc_a += w
+                acc_b += w * (position + idx + 1)
+        tl.store(out + 2 * pid, tl.sum(acc_a, axis=0))
+        tl.store(out + 2 * pid + 1, tl.sum(acc_b, axis=0))
+
+    return block_sums
+
+
+def block_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """``checksums`` through the one-pass kernel (ranges must start at multiples of 256 bytes)."""
+    if not _kernel_ready():
+        raise RuntimeError("the checksum kernel needs Triton")
+    for offset, nbytes in spans:
+        if offset % _SPAN_ALIGN or offset + nbytes > buffer.numel():
+            raise ValueError(f"range ({offset}, {nbytes}) is unaligned or outside the buffer")
+    words = buffer[: buffer.numel() // 4 * 4].view(torch.int32)
+    nwords = [nbytes // 4 for _, nbytes in spans]
+    nblocks = [-(-n // _BLOCK_WORDS) for n in nwords]
+    total = sum(nblocks)
+    totals_a = [0] * len(spans)
+    totals_b = [0] * len(spans)
+    if total:
+        # The block table (range start, position in the range, words) is built on the device from the
+        # per-range numbers: a few small copies instead of one entry per block from the host.
+        dev = buffer.device
+        per_span = torch.tensor([[o // 4 for o, _ in spans], nwords, nblocks], dtype=torch.int64).to(dev)
+        span_of = torch.repeat_interleave(torch.arange(len(spans), device=dev), per_span[2], output_size=total)
+        bounds = torch.zeros(len(spans) + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(per_span[2], 0, out=bounds[1:])
+        positions = (torch.arange(total, device=dev) - bounds[span_of]) * _BLOCK_WORDS
+        starts64 = (per_span[0][span_of] + positions) // 64
+        counts = torch.clamp(per_span[1][span_of] - positions, max=_BLOCK_WORDS)
+        partial = torch.empty((total, 2), dtype=torch.int64, device=dev)
+        _kernel[(total,)](words, starts64, positions, counts, partial, LANES=_LANES, STEPS=_STEPS)
+        # Prefix sums (wrapping) turn per-block partials into per-range totals; one copy to the host.
+        running = torch.cat([torch.zeros((1, 2), dtype=torch.int64, device=dev), partial.cumsum(0)])
+        sums = (running[bounds[1:]] - running[bounds[:-1]]).tolist()
+        totals_a = [a & _MASK for a, _ in sums]
+        totals_b = [b & _MASK for _, b in sums]
+    out = []
+    for (offset, nbytes), a, b in zip(spans, totals_a, totals_b, strict=True):
+        for k in range(nbytes // 4 * 4, nbytes):  # at most 3 tail bytes, as in ``checksum``
+            value = int(buffer[offset + k].item())
+            a = (a + value) & _MASK
+            b = (b + value * (k + 1) * 0x9E3779B1) & _MASK
+        out.append(f"{a:016x}{b:016x}")
+    return out

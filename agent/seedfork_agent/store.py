@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .checksum import checksum
+from .checksum import checksums
 
 ALIGN = 256
 # In a pod, /dev/shm must be a memory-backed emptyDir large enough for the weights (the default is 64 MiB).
@@ -277,10 +277,7 @@ class WeightStore:
 
     # ---- verification -----------------------------------------------------
     def compute_checksums(self) -> dict[str, str]:
-        sums = {t.name: checksum(self.raw(t.name)) for t in self.manifest.tensors}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return sums
+        return manifest_checksums(self.buffer, self.manifest)
 
     def verify(self, expected: Manifest) -> list[str]:
         """Names whose bytes do not match ``expected``'s checksums (empty list: all good)."""
@@ -356,9 +353,19 @@ def remove_stale_shm(directory: Path | None = None) -> list[Path]:
     return removed
 
 
+def manifest_checksums(buffer: torch.Tensor, manifest: Manifest) -> dict[str, str]:
+    """Every tensor's checksum, read from a store's whole buffer laid out as ``manifest`` says."""
+    sums = checksums(buffer, [(t.offset, t.nbytes) for t in manifest.tensors])
+    return {t.name: s for t, s in zip(manifest.tensors, sums, strict=True)}
+
+
 def attach(info: dict[str, Any], manifest: Manifest) -> dict[str, torch.Tensor]:
     """In another process: map a store's buffer from ``attach_info`` and return its named tensor views."""
-    buffer = attach_buffer(info)
+    return tensor_views(attach_buffer(info), manifest)
+
+
+def tensor_views(buffer: torch.Tensor, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The named tensors of a store's whole buffer (views, no copy)."""
     if buffer.numel() != manifest.total_bytes:
         raise ValueError("mapped buffer size differs from the manifest")
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,28 @@ def test_checksum_matches_definition(data):
     assert checksum(
         torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     ) == reference_checksum(data)
+
+
+KERNEL_CHECK = """
+import sys, torch
+from seedfork_agent.checksum import block_checksums, checksum
+buf = torch.randint(0, 256, (3_000_064,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+# Empty, tiny, with 1-3 tail bytes, exactly one block, one block and a word, many blocks, at the buffer end.
+spans = [(0, 0), (256, 1), (512, 6), (1024, 7), (2048, 4 * 32768), (2048 + 4 * 32768 + 256 - 1024, 4 * 32769),
+         (400_128, 2_000_003), (3_000_064 - 1280, 1280)]
+got = block_checksums(buf, spans)
+want = [checksum(buf[o:o + n]) for o, n in spans]
+print(sum(g == w for g, w in zip(got, want)), len(want))
+"""
+
+
+def test_checksum_kernel_gives_the_same_digits(tmp_path):
+    """The one-pass GPU kernel, run on the CPU by Triton's interpreter, agrees with the torch definition."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "agent")}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["8", "8"]
 
 
 def test_checksum_detects_flip_and_swap():

@@ -79,11 +79,12 @@ class ReferenceEngine:
         """Map the agent's store (zero-copy) and, unless told not to, re-check every checksum."""
         manifest = weight_store.Manifest.from_dict(body["manifest"])
         t0 = time.perf_counter()
-        weights = weight_store.attach(body["attach"], manifest)
+        buffer = weight_store.attach_buffer(body["attach"])
+        weights = weight_store.tensor_views(buffer, manifest)
         self.timings["attach_ms"] = (time.perf_counter() - t0) * 1000
         if verify:
             t1 = time.perf_counter()
-            got = weights_checksums(weights)
+            got = weight_store.manifest_checksums(buffer, manifest)
             bad = [t.name for t in manifest.tensors if got[t.name] != t.checksum]
             self.timings["verify_ms"] = (time.perf_counter() - t1) * 1000
             if bad:
