@@ -237,6 +237,8 @@ def client_main(models: list[str], pulls: dict[str, int], from_seed, to_seed, re
                 if i:
                     rows.append(stats)
                     windows[backend].append((stats["data_start"], stats["data_end"]))
+                else:  # a new pod's only pull looks like this one (first TE handshake with the seed)
+                    out[f"{model}_{backend}_first_pull_total_s"] = stats["total_s"]
             for key in ("manifest_s", "alloc_s", "register_s", "transfer_s", "verify_s", "total_s"):
                 vals = [r[key] for r in rows if key in r]
                 if vals:

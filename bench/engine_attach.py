@@ -6,9 +6,9 @@ info; fresh engine processes then attach to it, each timing:
 - ``attach``: map the buffer (``/dev/shm`` file on CPU, CUDA IPC handle on GPU) and build every named view,
   plus the model's name/shape/dtype check: everything between "the agent says verified" and "the engine
   can serve" except the optional checksum re-check. Target on GPU: < 50 ms for 16 GB.
-- ``verify``: the engine's checksum re-check of every tensor (optional in the engine, ``--no-verify``); the first
-  run of a fresh machine also pays the GPU checksum kernel's one-time compile.
-- ``context``: CUDA context creation in the engine process (paid once at engine start, before attaching).
+- ``verify``: the engine's checksum re-check of every tensor (optional in the engine, ``--no-verify``).
+- ``context``: engine start before attaching: CUDA context creation and, on GPU, loading (on a fresh machine:
+  compiling) the checksum kernel.
 
 Zero-copy is checked, not assumed: each engine process writes a marker into the first tensor through its
 mapping, and this process must see it in its own buffer.
@@ -70,8 +70,11 @@ def child(spec_path: str) -> None:
     device = spec["device"]
     t0 = time.perf_counter()
     if device == "cuda":
+        from seedfork_agent.checksum import warm_up
+
         torch.cuda.init()
         torch.empty(1, device="cuda")
+        warm_up("cuda")  # as the engine does at start, while the agent still pulls
         torch.cuda.synchronize()
     context_ms = (time.perf_counter() - t0) * 1000
     engine = ReferenceEngine(LlamaConfig.from_dict(spec["config"]), device)

@@ -20,14 +20,17 @@ import httpx
 import torch
 
 from . import groups
-from .store import Manifest, WeightStore, resolve_device
+from .checksum import begin_checksums
+from .store import ALIGN, Manifest, WeightStore, resolve_device
 from .te import TransferEngineHandle
 
 log = logging.getLogger("seedfork.agent.puller")
 
 # One batch_transfer_sync_read per pull, as SGLang does. With Mooncake's metadata cache off (te.py) each call
 # re-handshakes with the seed; in 1 GiB batches that cost 2.7x in data rate on 2xH200 (bench/results).
-_TE_BATCH_BYTES = 1 << 62
+# Reads are also coalesced when the seed is one of our agents (see _coalesce). On a GPU a pull reads in chunks
+# of about this many bytes, checksumming each chunk while the next one moves.
+_VERIFY_CHUNK_BYTES = 4 << 30
 
 
 class PullError(RuntimeError):
@@ -88,6 +91,7 @@ def pull(
     timeout = min(30.0, req.timeout_s)
     with httpx.Client(base_url=req.base_url, headers=headers, timeout=timeout, verify=not plain) as http:
         manifest = fetch_manifest(http, req)
+        seed_is_agent = manifest is not req.expected  # stock SGLang seeds publish no manifest
         check_identity(manifest, req)
         phase("manifest_s")
         store = WeightStore.empty(manifest, req.device)
@@ -111,15 +115,16 @@ def pull(
                 te = te_factory()
                 te.register(store.buffer.data_ptr(), store.nbytes)
                 phase("register_s")
-                _pull_te(http, req, store, te, progress, deadline, stats)
+                sums = _pull_te(http, req, store, te, progress, stats, coalesce=seed_is_agent)
             elif req.backend in ("nccl", "gloo"):
+                sums = None
                 _pull_group(http, req, store, progress, deadline, stats)
             else:
                 raise PullError(f"unknown backend {req.backend!r}")
             phase("transfer_s")
             if time.monotonic() > deadline:
                 raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
-            bad = store.verify(manifest)
+            bad = store.verify(manifest, sums)
             phase("verify_s")
             if bad:
                 raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
@@ -262,9 +267,9 @@ def _pull_te(
     store: WeightStore,
     te: TransferEngineHandle,
     progress,
-    deadline: float,
     stats: dict,
-) -> None:
+    coalesce: bool,
+) -> dict[str, str] | None:
     # Pointers die with the seed process: fetch them fresh for every transfer, never reuse them.
     try:
         r = http.get("/remote_instance_transfer_engine_info", params={"rank": 0})
@@ -278,7 +283,7 @@ def _pull_te(
         session_id, remote = r.json()["remote_instance_transfer_engine_info"]
     except (ValueError, KeyError, TypeError):
         raise PullError(f"seed {req.seed} sent malformed TransferEngine info") from None
-    local_ptrs, remote_ptrs, lengths = [], [], []
+    reads = []  # (local, remote, nbytes) per tensor, in manifest order
     for t in store.manifest.tensors:
         info = remote.get(t.name)
         if info is None:
@@ -286,31 +291,74 @@ def _pull_te(
         ptr, numel, elsize = (int(x) for x in info)
         if numel != t.numel or elsize != t.element_size:
             raise PullError(f"tensor {t.name}: seed has {numel}x{elsize} bytes, expected {t.numel}x{t.element_size}")
-        if t.nbytes:  # Mooncake rejects zero-length slices
-            local_ptrs.append(store.data_ptr(t.name))
-            remote_ptrs.append(ptr)
-            lengths.append(t.nbytes)
+        reads.append((store.data_ptr(t.name), ptr, t.nbytes))
+    # On a GPU the weights arrive in a few chunks and each chunk's checksums run while the next one moves,
+    # so verification adds only the last chunk's time. Elsewhere: one read, verified afterwards by the caller.
+    on_gpu = store.device.type == "cuda"
+    chunks = _chunks([n for _, _, n in reads], _VERIFY_CHUNK_BYTES if on_gpu else None)
+    pending = []
+    payload = sum(n for _, _, n in reads)  # tensor bytes: what progress and the seed's byte counters report
     _announce(http, req, "start")
     ok = False
     stats["data_start"] = time.time()
     try:
-        i = 0
-        while i < len(lengths):
-            j, size = i, 0
-            while j < len(lengths) and (j == i or size + lengths[j] <= _TE_BATCH_BYTES):
-                size += lengths[j]
-                j += 1
-            if time.monotonic() > deadline:
-                raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
-            te.read(session_id, local_ptrs[i:j], remote_ptrs[i:j], lengths[i:j])
-            progress(size)
-            i = j
-        if store.device.type == "cuda":
+        for lo, hi in chunks:
+            chunk = [r for r in reads[lo:hi] if r[2]]  # Mooncake rejects zero-length slices
+            local, remote_ptrs, lengths = ([r[i] for r in chunk] for i in range(3))
+            if coalesce:
+                local, remote_ptrs, lengths = _coalesce(local, remote_ptrs, lengths)
+            te.read(session_id, local, remote_ptrs, lengths)
+            progress(sum(r[2] for r in chunk))
+            if on_gpu:
+                # Whatever stream the transport copied on has finished (and so has the previous chunk's
+                # kernel, which ran during this read) before this chunk's checksums are queued.
+                torch.cuda.synchronize(store.device)
+                spans = [(t.offset, t.nbytes) for t in store.manifest.tensors[lo:hi]]
+                pending.append(begin_checksums(store.buffer, spans))
+        if on_gpu:
             torch.cuda.synchronize(store.device)
         stats["data_end"] = time.time()
         ok = True
     finally:
-        _announce(http, req, "done" if ok else "failed", sum(lengths))
+        _announce(http, req, "done" if ok else "failed", payload)
+    if not on_gpu:
+        return None
+    sums = [s for finish in pending for s in finish()]
+    return {t.name: s for t, s in zip(store.manifest.tensors, sums, strict=True)}
+
+
+def _chunks(sizes: list[int], target: int | None) -> list[tuple[int, int]]:
+    """Consecutive index ranges of about ``target`` bytes each (one range when ``target`` is None)."""
+    if target is None or not sizes:
+        return [(0, len(sizes))]
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target:
+            out.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def _coalesce(local: list[int], remote: list[int], lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Merge neighbouring reads whose gaps match on both sides into one read (padding included).
+
+    Our seed's store has our layout in one registered buffer, so a pull becomes one read instead of one
+    per tensor: Mooncake looks the seed's segment up again for every request while its metadata cache is
+    off. Only for our own seeds: a stock seed may register each tensor apart, and a read must not span two.
+    """
+    out_local, out_remote, out_len = local[:1], remote[:1], lengths[:1]
+    for lo, re, n in zip(local[1:], remote[1:], lengths[1:], strict=True):
+        gap = lo - (out_local[-1] + out_len[-1])
+        if 0 <= gap < ALIGN and re - out_remote[-1] == lo - out_local[-1]:
+            out_len[-1] = lo + n - out_local[-1]
+        else:
+            out_local.append(lo)
+            out_remote.append(re)
+            out_len.append(n)
+    return out_local, out_remote, out_len
 
 
 def _announce(http: httpx.Client, req: PullRequest, event: str, nbytes: int = 0) -> None:

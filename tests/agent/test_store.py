@@ -41,12 +41,14 @@ def test_checksum_matches_definition(data):
 
 
 KERNEL_CHECK = """
-import sys, torch
-from seedfork_agent.checksum import block_checksums, checksum
-buf = torch.randint(0, 256, (3_000_064,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
-# Empty, tiny, with 1-3 tail bytes, exactly one block, one block and a word, many blocks, at the buffer end.
-spans = [(0, 0), (256, 1), (512, 6), (1024, 7), (2048, 4 * 32768), (2048 + 4 * 32768 + 256 - 1024, 4 * 32769),
-         (400_128, 2_000_003), (3_000_064 - 1280, 1280)]
+import torch
+from seedfork_agent.checksum import _BLOCK_WORDS, block_checksums, checksum
+B = 4 * _BLOCK_WORDS  # bytes one kernel program reads
+size = 3 * B + 4096
+buf = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+# Empty, tiny, with 1-3 tail bytes, exactly one block, one block and a word, several blocks, at the buffer end.
+spans = [(0, 0), (256, 1), (512, 6), (1024, 7), (2048, B), (2048 + B, B + 4), (2048 + 2 * B + 256, B // 2 + 3),
+         (size - 1280, 1280)]
 got = block_checksums(buf, spans)
 want = [checksum(buf[o:o + n]) for o, n in spans]
 print(sum(g == w for g, w in zip(got, want)), len(want))

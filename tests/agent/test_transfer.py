@@ -192,3 +192,27 @@ def test_corrupted_bytes_never_verified(kit, agents, weights_dir):
     for backend, ports in (("transfer_engine", []), ("gloo", [kit.new_port()])):
         with pytest.raises(PullError, match=f"checksum mismatch in 1 of .* first {name}"):
             pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+
+
+def test_reads_from_our_seed_coalesce_only_where_both_sides_mirror():
+    from seedfork_agent.puller import _coalesce
+
+    # Three tensors back to back (padding 0 and 56 bytes), mirrored on the seed: one read covering all.
+    assert _coalesce([1000, 2000, 3256], [9000, 10000, 11256], [1000, 1200, 10]) == ([1000], [9000], [2266])
+    # The seed's third tensor sits elsewhere: two reads. A gap of a whole alignment unit or more: no merge.
+    assert _coalesce([1000, 2000, 3256], [9000, 10000, 50000], [1000, 1200, 10]) == (
+        [1000, 3256],
+        [9000, 50000],
+        [2200, 10],
+    )
+    assert _coalesce([0, 1256], [0, 1256], [1000, 8]) == ([0, 1256], [0, 1256], [1000, 8])
+    assert _coalesce([], [], []) == ([], [], [])
+
+
+def test_chunks_cover_every_tensor_once_in_order():
+    from seedfork_agent.puller import _chunks
+
+    assert _chunks([5, 5, 5, 5, 5], 10) == [(0, 2), (2, 4), (4, 5)]
+    assert _chunks([30, 1, 1], 10) == [(0, 1), (1, 3)]
+    assert _chunks([5, 5], None) == [(0, 2)]
+    assert _chunks([], 10) == [(0, 0)]

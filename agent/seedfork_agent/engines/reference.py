@@ -37,7 +37,7 @@ import torch
 from aiohttp import web
 
 from .. import store as weight_store
-from ..checksum import checksum
+from ..checksum import checksum, warm_up
 from . import ipc
 from .llama import LlamaConfig, LlamaModel, weight_shapes
 
@@ -289,6 +289,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("reference engine on http://%s:%d", args.host, args.port)
     attaching = None
     if args.agent:
+        if engine.device.type == "cuda" and not args.no_verify:  # compile the checksum kernel while weights move
+            await asyncio.to_thread(warm_up, engine.device)
         attaching = asyncio.create_task(
             attach_when_verified(engine, args.agent.rstrip("/"), args.token, not args.no_verify)
         )
