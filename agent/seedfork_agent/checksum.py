@@ -22,7 +22,7 @@ Both give the same digits: wrap-around integer sums do not depend on their order
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -171,25 +171,6 @@ def _build_kernel():
 
 def block_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[str]:
     """``checksums`` through the one-pass kernel (ranges must start at multiples of 256 bytes)."""
-    return launch_checksums(buffer, spans)()
-
-
-def begin_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> Callable[[], list[str]]:
-    """``checksums`` split in two: on a GPU the kernel is queued now and the returned call waits for it,
-    so the caller can overlap it with other work (the next transfer); elsewhere the digits are computed now."""
-    if buffer.is_cuda and _kernel_ready() and _kernel_proven and all(o % _SPAN_ALIGN == 0 for o, _ in spans):
-        # On a stream of its own: work on the legacy default stream would wait for (and hold up) copies that
-        # a transport queues on its own blocking stream meanwhile.
-        side = torch.cuda.Stream(buffer.device)
-        side.wait_stream(torch.cuda.current_stream(buffer.device))
-        with torch.cuda.stream(side):
-            return launch_checksums(buffer, spans)
-    sums = checksums(buffer, spans)
-    return lambda: sums
-
-
-def launch_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> Callable[[], list[str]]:
-    """Queue the kernel for ``spans`` on the current stream; the returned call waits and formats the digits."""
     if not _kernel_ready():
         raise RuntimeError("the checksum kernel needs Triton")
     for offset, nbytes in spans:
@@ -199,7 +180,7 @@ def launch_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> 
     nwords = [nbytes // 4 for _, nbytes in spans]
     nblocks = [-(-n // _BLOCK_WORDS) for n in nwords]
     total = sum(nblocks)
-    per_range = None
+    sums = [[0, 0]] * len(spans)
     if total:
         # The block table (range start, position in the range, words) is built on the device from the
         # per-range numbers: a few small copies instead of one entry per block from the host.
@@ -215,29 +196,13 @@ def launch_checksums(buffer: torch.Tensor, spans: Sequence[tuple[int, int]]) -> 
         _kernel[(total,)](words, starts64, positions, counts, partial, LANES=_LANES, STEPS=_STEPS, num_warps=_WARPS)
         # Prefix sums (wrapping) turn per-block partials into per-range totals.
         running = torch.cat([torch.zeros((1, 2), dtype=torch.int64, device=dev), partial.cumsum(0)])
-        per_range = running[bounds[1:]] - running[bounds[:-1]]
-        if per_range.is_cuda:
-            per_range = per_range.to("cpu", non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            done = None
-
-    def finish() -> list[str]:
-        if per_range is None:
-            sums = [(0, 0)] * len(spans)
-        else:
-            if done is not None:
-                done.synchronize()
-            sums = per_range.tolist()
-        out = []
-        for (offset, nbytes), (a, b) in zip(spans, sums, strict=True):
-            a, b = a & _MASK, b & _MASK
-            tail = buffer[offset + nbytes // 4 * 4 : offset + nbytes].tolist() if nbytes % 4 else []
-            for k, value in enumerate(tail, start=nbytes // 4 * 4):  # at most 3 bytes, as in ``checksum``
-                a = (a + value) & _MASK
-                b = (b + value * (k + 1) * 0x9E3779B1) & _MASK
-            out.append(f"{a:016x}{b:016x}")
-        return out
-
-    return finish
+        sums = (running[bounds[1:]] - running[bounds[:-1]]).tolist()  # the one copy back to the host
+    out = []
+    for (offset, nbytes), (a, b) in zip(spans, sums, strict=True):
+        a, b = a & _MASK, b & _MASK
+        tail = buffer[offset + nbytes // 4 * 4 : offset + nbytes].tolist() if nbytes % 4 else []
+        for k, value in enumerate(tail, start=nbytes // 4 * 4):  # at most 3 bytes, as in ``checksum``
+            a = (a + value) & _MASK
+            b = (b + value * (k + 1) * 0x9E3779B1) & _MASK
+        out.append(f"{a:016x}{b:016x}")
+    return out

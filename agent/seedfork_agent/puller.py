@@ -20,7 +20,6 @@ import httpx
 import torch
 
 from . import groups
-from .checksum import begin_checksums
 from .store import ALIGN, Manifest, WeightStore, resolve_device
 from .te import TransferEngineHandle
 
@@ -28,9 +27,9 @@ log = logging.getLogger("seedfork.agent.puller")
 
 # One batch_transfer_sync_read per pull, as SGLang does. With Mooncake's metadata cache off (te.py) each call
 # re-handshakes with the seed; in 1 GiB batches that cost 2.7x in data rate on 2xH200 (bench/results).
-# Reads are also coalesced when the seed is one of our agents (see _coalesce). On a GPU a pull reads in chunks
-# of about this many bytes, checksumming each chunk while the next one moves.
-_VERIFY_CHUNK_BYTES = 4 << 30
+# Reads are also coalesced when the seed is one of our agents (see _coalesce). Checksumming 4 GiB chunks while
+# the next one moved saved nothing measurable once the checksum kernel ran at 1.6-2.2 TB/s (2xH200: 16 GB
+# 95 vs 91 ms, 65 GB 254 vs 255 ms), so a pull reads once and verifies after.
 
 
 class PullError(RuntimeError):
@@ -115,16 +114,15 @@ def pull(
                 te = te_factory()
                 te.register(store.buffer.data_ptr(), store.nbytes)
                 phase("register_s")
-                sums = _pull_te(http, req, store, te, progress, stats, coalesce=seed_is_agent)
+                _pull_te(http, req, store, te, progress, stats, coalesce=seed_is_agent)
             elif req.backend in ("nccl", "gloo"):
-                sums = None
                 _pull_group(http, req, store, progress, deadline, stats)
             else:
                 raise PullError(f"unknown backend {req.backend!r}")
             phase("transfer_s")
             if time.monotonic() > deadline:
                 raise PullError(f"transfer from {req.seed} exceeded its {req.timeout_s:.0f}s timeout")
-            bad = store.verify(manifest, sums)
+            bad = store.verify(manifest)
             phase("verify_s")
             if bad:
                 raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
@@ -269,7 +267,7 @@ def _pull_te(
     progress,
     stats: dict,
     coalesce: bool,
-) -> dict[str, str] | None:
+) -> None:
     # Pointers die with the seed process: fetch them fresh for every transfer, never reuse them.
     try:
         r = http.get("/remote_instance_transfer_engine_info", params={"rank": 0})
@@ -292,54 +290,22 @@ def _pull_te(
         if numel != t.numel or elsize != t.element_size:
             raise PullError(f"tensor {t.name}: seed has {numel}x{elsize} bytes, expected {t.numel}x{t.element_size}")
         reads.append((store.data_ptr(t.name), ptr, t.nbytes))
-    # On a GPU the weights arrive in a few chunks and each chunk's checksums run while the next one moves,
-    # so verification adds only the last chunk's time. Elsewhere: one read, verified afterwards by the caller.
-    on_gpu = store.device.type == "cuda"
-    chunks = _chunks([n for _, _, n in reads], _VERIFY_CHUNK_BYTES if on_gpu else None)
-    pending = []
     payload = sum(n for _, _, n in reads)  # tensor bytes: what progress and the seed's byte counters report
+    local, remote_ptrs, lengths = ([r[i] for r in reads if r[2]] for i in range(3))  # Mooncake rejects 0 bytes
+    if coalesce:
+        local, remote_ptrs, lengths = _coalesce(local, remote_ptrs, lengths)
     _announce(http, req, "start")
     ok = False
     stats["data_start"] = time.time()
     try:
-        for lo, hi in chunks:
-            chunk = [r for r in reads[lo:hi] if r[2]]  # Mooncake rejects zero-length slices
-            local, remote_ptrs, lengths = ([r[i] for r in chunk] for i in range(3))
-            if coalesce:
-                local, remote_ptrs, lengths = _coalesce(local, remote_ptrs, lengths)
-            te.read(session_id, local, remote_ptrs, lengths)
-            progress(sum(r[2] for r in chunk))
-            if on_gpu:
-                # Whatever stream the transport copied on has finished (and so has the previous chunk's
-                # kernel, which ran during this read) before this chunk's checksums are queued.
-                torch.cuda.synchronize(store.device)
-                spans = [(t.offset, t.nbytes) for t in store.manifest.tensors[lo:hi]]
-                pending.append(begin_checksums(store.buffer, spans))
-        if on_gpu:
+        te.read(session_id, local, remote_ptrs, lengths)
+        progress(payload)
+        if store.device.type == "cuda":
             torch.cuda.synchronize(store.device)
         stats["data_end"] = time.time()
         ok = True
     finally:
         _announce(http, req, "done" if ok else "failed", payload)
-    if not on_gpu:
-        return None
-    sums = [s for finish in pending for s in finish()]
-    return {t.name: s for t, s in zip(store.manifest.tensors, sums, strict=True)}
-
-
-def _chunks(sizes: list[int], target: int | None) -> list[tuple[int, int]]:
-    """Consecutive index ranges of about ``target`` bytes each (one range when ``target`` is None)."""
-    if target is None or not sizes:
-        return [(0, len(sizes))]
-    out, start, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += n
-        if acc >= target:
-            out.append((start, i + 1))
-            start, acc = i + 1, 0
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
 
 
 def _coalesce(local: list[int], remote: list[int], lengths: list[int]) -> tuple[list[int], list[int], list[int]]:

@@ -279,16 +279,13 @@ class WeightStore:
     def compute_checksums(self) -> dict[str, str]:
         return manifest_checksums(self.buffer, self.manifest)
 
-    def verify(self, expected: Manifest, got: dict[str, str] | None = None) -> list[str]:
-        """Names whose bytes do not match ``expected``'s checksums (empty list: all good).
-
-        ``got``: this store's checksums when the caller already computed them (while transferring)."""
+    def verify(self, expected: Manifest) -> list[str]:
+        """Names whose bytes do not match ``expected``'s checksums (empty list: all good)."""
         if [(t.name, t.offset, t.nbytes) for t in expected.tensors] != [
             (t.name, t.offset, t.nbytes) for t in self.manifest.tensors
         ]:
             raise ValueError("store layout differs from the expected manifest")
-        if got is None:
-            got = self.compute_checksums()
+        got = self.compute_checksums()
         return [t.name for t in expected.tensors if not t.checksum or got[t.name] != t.checksum]
 
     # ---- sharing with a local engine process -----------------------------

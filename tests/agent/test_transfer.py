@@ -207,12 +207,3 @@ def test_reads_from_our_seed_coalesce_only_where_both_sides_mirror():
     )
     assert _coalesce([0, 1256], [0, 1256], [1000, 8]) == ([0, 1256], [0, 1256], [1000, 8])
     assert _coalesce([], [], []) == ([], [], [])
-
-
-def test_chunks_cover_every_tensor_once_in_order():
-    from seedfork_agent.puller import _chunks
-
-    assert _chunks([5, 5, 5, 5, 5], 10) == [(0, 2), (2, 4), (4, 5)]
-    assert _chunks([30, 1, 1], 10) == [(0, 1), (1, 3)]
-    assert _chunks([5, 5], None) == [(0, 2)]
-    assert _chunks([], 10) == [(0, 0)]
