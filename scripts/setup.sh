@@ -39,3 +39,5 @@ if ! go_ok; then
 fi
 # helm and kubeconform too, so the chart tests never build inside a test's time limit.
 .venv/bin/seedfork-localdev build kube-apiserver etcd helm kubeconform >/dev/null
+# The Prometheus Operator ServiceMonitor CRD the chart's ServiceMonitor is checked against (pinned, cached).
+.venv/bin/python -m seedfork_localdev.upstream >/dev/null

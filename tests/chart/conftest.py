@@ -228,7 +228,10 @@ def wait_for(check, timeout: float = 15.0, what: str = "condition"):
 @pytest.fixture(scope="session")
 def tools() -> SimpleNamespace:
     """The helpers above, for test modules (pytest's importlib mode cannot import conftest)."""
-    funcs = (run, helm_template, by_kind, kubeconform, token_for, client_as, status_of, wait_for, schema_file_name)
+    funcs = (
+        run, helm_template, by_kind, kubeconform, token_for, client_as, status_of, wait_for, schema_file_name,
+        write_crd_schemas,
+    )  # fmt: skip
     return SimpleNamespace(
         **{f.__name__: f for f in funcs}, REPO=REPO, CHART=CHART, EXAMPLES=EXAMPLES, KUBE_VERSION=KUBE_VERSION
     )
