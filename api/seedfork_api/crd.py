@@ -8,11 +8,14 @@ differences handled here: ``$ref`` is inlined, ``Optional`` becomes an omitted
 field, ``additionalProperties: false`` is dropped (the apiserver prunes unknown
 fields instead), free-form objects get ``x-kubernetes-preserve-unknown-fields``,
 and fields built by a default factory get that value as their default, so an
-absent ``transfer`` is filled in whole by the apiserver.
+absent ``transfer`` is filled in by the apiserver, except the policy fields a
+cluster admin may default (``TransferSpec.CLUSTER_DEFAULTED``): those stay unset
+and the operator resolves them.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,15 +85,30 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], models: dict[str, 
 
 
 def _add_model_details(model: type[BaseModel], out: dict[str, Any]) -> None:
+    cluster_defaulted = getattr(model, "CLUSTER_DEFAULTED", ())
     for name, field in model.model_fields.items():
         prop = out["properties"].get(field.alias or name)
         if prop is None:
             continue
+        if name in cluster_defaulted:  # left unset at admission: the operator resolves it (spec.resolve_transfer)
+            builtin = field.default_factory() if field.default_factory is not None else prop.pop("default", None)
+            prop.pop("default", None)
+            unset = "the operator's transferDefaults, else " + ("none" if builtin is None else json.dumps(builtin))
+            prop["description"] = f"{prop.get('description', '').rstrip()} Unset: {unset}.".lstrip()
+            continue
         if field.default_factory is not None and "default" not in prop:
             value = field.default_factory()
             # The full value, not {}: CEL rules are checked against the default itself.
-            prop["default"] = value.to_api() if isinstance(value, api.ApiModel) else value
+            prop["default"] = _admission_default(value)
     out.update(_EXTRA.get(model, {}))
+
+
+def _admission_default(value: Any) -> Any:
+    if not isinstance(value, api.ApiModel):
+        return value
+    return value.model_dump(
+        by_alias=True, exclude_none=True, mode="json", exclude=set(getattr(value, "CLUSTER_DEFAULTED", ()))
+    )
 
 
 def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
@@ -148,7 +166,7 @@ def crd() -> dict[str, Any]:
                         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Seeds", "type": "integer", "jsonPath": ".status.seeds"},
-                        {"name": "Backend", "type": "string", "jsonPath": ".spec.transfer.backend"},
+                        {"name": "Backend", "type": "string", "jsonPath": ".status.backend"},
                         {"name": "Engine", "type": "string", "jsonPath": ".spec.engine.kind", "priority": 1},
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

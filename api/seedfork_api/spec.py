@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -92,6 +92,20 @@ class PortRange(ApiModel):
 
 
 class TransferSpec(ApiModel):
+    # Policy fields a cluster admin may default for every set (the operator's transfer defaults, chart value
+    # ``transferDefaults``). The CRD gives them no admission default, so the operator can tell "unset" (the
+    # admin's default, else the value here) from a value the user chose.
+    CLUSTER_DEFAULTED: ClassVar[tuple[str, ...]] = (
+        "backend",
+        "protocol",
+        "max_clients_per_seed",
+        "timeout_seconds",
+        "retries",
+        "fallback",
+        "topology_keys",
+        "bandwidth_limit_mbps",
+    )
+
     backend: Backend = Field(
         default="auto",
         description="transfer_engine (one-sided reads), nccl (broadcast), or auto (transfer_engine when available).",
@@ -130,16 +144,46 @@ class TransferSpec(ApiModel):
     )
 
 
+def resolve_transfer(transfer: TransferSpec, defaults: TransferSpec | None, engine_kind: str) -> TransferSpec:
+    """The policy a set runs with: what its spec sets, else the cluster's default, else the built-in one.
+
+    SGLang seeds serve one NCCL client at a time, so sglang with nccl gets one client per seed unless the
+    spec itself says otherwise (which ``transfer_problem`` then reports).
+    """
+    chosen = transfer.model_dump(include=transfer.model_fields_set)
+    if defaults is not None:
+        admin = defaults.model_dump(include=defaults.model_fields_set & set(TransferSpec.CLUSTER_DEFAULTED))
+        chosen = {**admin, **chosen}
+    merged = TransferSpec.model_validate(chosen)
+    if engine_kind == "sglang" and merged.backend == "nccl" and "max_clients_per_seed" not in transfer.model_fields_set:
+        merged.max_clients_per_seed = 1
+    return merged
+
+
+def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
+    """What the resolved policy asks that the engine cannot do (the CRD's CEL rules see only explicit values)."""
+    t, e = spec.transfer, spec.engine
+    if e.kind == "sglang" and t.backend != "nccl" and e.parallelism.pp > 1:
+        return (
+            f"backend {t.backend} (resolves to transfer_engine) needs engine.parallelism.pp 1 for engine sglang; "
+            "set spec.transfer.backend: nccl or pp: 1"
+        )
+    if e.kind == "sglang" and t.backend == "nccl" and t.max_clients_per_seed != 1:
+        return "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl"
+    return None
+
+
 SPEC_RULES = [
     cel(
-        "!(self.engine.kind == 'sglang' && self.transfer.backend == 'transfer_engine' "
+        "!(self.engine.kind == 'sglang' && has(self.transfer.backend) && self.transfer.backend == 'transfer_engine' "
         "&& self.engine.parallelism.pp > 1)",
         "engine.parallelism.pp must be 1 for engine sglang with backend transfer_engine "
         "(SGLang keys TransferEngine info by TP rank only)",
         ".engine.parallelism.pp",
     ),
     cel(
-        "!(self.engine.kind == 'sglang' && self.transfer.backend == 'nccl' && self.transfer.maxClientsPerSeed != 1)",
+        "!(self.engine.kind == 'sglang' && has(self.transfer.backend) && self.transfer.backend == 'nccl' "
+        "&& has(self.transfer.maxClientsPerSeed) && self.transfer.maxClientsPerSeed != 1)",
         "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl "
         "(an SGLang seed serves one NCCL client at a time)",
         ".transfer.maxClientsPerSeed",
@@ -247,6 +291,7 @@ class ModelReplicaSetStatus(ApiModel):
     replicas: int = 0
     ready_replicas: int = 0
     seeds: int = 0
+    backend: str = ""  # the resolved backend (spec, else the cluster's default): transfer_engine or nccl
     transfers: TransferCounts = Field(default_factory=TransferCounts)
     selector: str = ""
     fingerprint: str = ""

@@ -5,7 +5,7 @@
 
 Kubernetes access: in-cluster service account, else $KUBECONFIG / ~/.kube/config.
 Environment: SEEDFORK_AGENT_IMAGE (agent sidecar image), SEEDFORK_RECONCILE_INTERVAL (s),
-SEEDFORK_METRICS_PORT; flags override them.
+SEEDFORK_METRICS_PORT, SEEDFORK_TRANSFER_DEFAULTS (JSON); flags override them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import kopf
 
-from .config import OperatorConfig
+from .config import ConfigError, OperatorConfig, parse_transfer_defaults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,12 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     peering.add_argument("--peering", default=None, help="kopf peering object name for HA (several replicas)")
     p.add_argument("--priority", type=int, default=0, help="peering priority; the highest is active")
     p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument(
+        "--transfer-defaults",
+        default=None,
+        help='the cluster\'s transfer policy for fields a set leaves unset, JSON, e.g. \'{"backend": "nccl"}\'',
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
 def config_from(args: argparse.Namespace) -> OperatorConfig:
     config = OperatorConfig.from_env()
+    if args.transfer_defaults is not None:
+        config = replace(config, transfer_defaults=parse_transfer_defaults(args.transfer_defaults))
     if args.metrics_port is not None:
         config = replace(config, metrics_port=args.metrics_port)
     if args.agent_image:
@@ -50,6 +57,11 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        config = config_from(args)
+    except ConfigError as e:
+        print(f"seedfork-operator: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -63,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(config=config_from(args)),
+        memo=kopf.Memo(config=config),
     )
     return 0
 

@@ -24,7 +24,15 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from seedfork_api import contract as c
-from seedfork_api.spec import GROUP, PLURAL, VERSION, ModelReplicaSet
+from seedfork_api.spec import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ModelReplicaSet,
+    ModelReplicaSetSpec,
+    resolve_transfer,
+    transfer_problem,
+)
 
 from . import metrics, planner, render
 from .config import OperatorConfig
@@ -93,6 +101,11 @@ class SetReconciler:
     gating: dict[str, float] = field(default_factory=dict)  # gate set, not yet watched
     gated: set[str] = field(default_factory=set)  # pod uids this process gated, for the Ready histogram
 
+    def _resolved(self, spec: ModelReplicaSetSpec) -> ModelReplicaSetSpec:
+        """The spec with its transfer policy resolved against the cluster's defaults."""
+        transfer = resolve_transfer(spec.transfer, self.config.transfer_defaults, spec.engine.kind)
+        return spec.model_copy(update={"transfer": transfer})
+
     # ------------------------------------------------------------ one pass
     async def reconcile(self, body: Mapping[str, Any], indexed: list[PodView]) -> None:
         now = time.time()
@@ -108,7 +121,10 @@ class SetReconciler:
         except ValidationError as err:
             mrs = None
             degraded = ("InvalidSpec", f"spec does not parse: {err.errors()[0].get('msg')}")
-        spec = mrs.spec if mrs else None
+        spec = self._resolved(mrs.spec) if mrs else None
+        problem = transfer_problem(spec) if spec else None
+        if problem:
+            degraded = degraded or ("InvalidTransferPolicy", problem)
         fingerprint = spec.fingerprint() if spec else ""
         token_secret = ""
         if spec:

@@ -13,7 +13,7 @@ from typing import Any
 
 from seedfork_api.spec import ModelReplicaSetSpec
 
-from .planner import seed_check
+from .planner import resolve_backend, seed_check
 from .podview import PodView
 
 
@@ -94,6 +94,7 @@ def compute_status(
         "replicas": len(live),
         "readyReplicas": ready,
         "seeds": seeds,
+        "backend": resolve_backend(spec) if spec else "",
         "transfers": transfers,
         "selector": selector,
         "fingerprint": fingerprint,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
 import pytest
 
+from seedfork_api import crd
+from seedfork_api.spec import TransferSpec
 from seedfork_operator import rbac
 from seedfork_operator.__main__ import parse_args
+from seedfork_operator.config import parse_transfer_defaults
 
 # The first test that needs helm builds it once from the Go module proxy (minutes, cold).
 pytestmark = pytest.mark.timeout(900)
@@ -197,6 +201,9 @@ def test_network_policy_admits_only_the_same_set_to_weight_ports(tools, helm_bin
         (["--set", "image.digest=latest"], "/image/digest"),
         (["--set", "networkPolicy.defaults.agentPort=80"], "/networkPolicy/defaults/agentPort"),
         (["--set", "watchNamespaces={Bad_Name}"], "/watchNamespaces/0"),
+        (["--set", "transferDefaults.backend=pigeon"], "/transferDefaults/backend"),
+        (["--set", "metrics.serviceMonitor.interval=thirty seconds"], "/metrics/serviceMonitor/interval"),
+        (["--set", "transferDefaults.agentPort=19000"], "agentPort"),  # ports are per set, not cluster policy
     ],
 )
 def test_values_schema_rejects_bad_values(tools, helm_bin, args, complaint):
@@ -254,3 +261,24 @@ def test_chart_rbac_matches_the_operators_documented_permissions(tools, helm_bin
             if not role["metadata"]["name"].endswith("-agent"):
                 granted |= _expand(role["rules"])
         assert granted == expected, args
+
+
+def test_transfer_defaults_reach_the_operator_as_a_policy_it_accepts(tools, helm_bin):
+    docs = tools.helm_template(
+        helm_bin, "--set", "transferDefaults.backend=nccl", "--set", "transferDefaults.retries=3",
+        "--set", "transferDefaults.topologyKeys={topology.kubernetes.io/zone}",
+    )  # fmt: skip
+    container = tools.by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    policy = parse_transfer_defaults(env["SEEDFORK_TRANSFER_DEFAULTS"])
+    assert (policy.backend, policy.retries, policy.topology_keys) == ("nccl", 3, ["topology.kubernetes.io/zone"])
+    plain = tools.by_kind(tools.helm_template(helm_bin), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "SEEDFORK_TRANSFER_DEFAULTS" not in {e["name"] for e in plain["env"]}
+
+
+def test_values_schema_offers_exactly_the_crds_cluster_defaulted_fields(tools):
+    """The chart's transferDefaults schema is the CRD's, for the fields a cluster may default."""
+    schema = json.loads((tools.CHART / "values.schema.json").read_text())["properties"]["transferDefaults"]
+    crd_fields = crd.spec_schema()["properties"]["transfer"]["properties"]
+    wanted = [TransferSpec.model_fields[f].alias for f in TransferSpec.CLUSTER_DEFAULTED]
+    assert schema["properties"] == {f: crd_fields[f] for f in wanted}

@@ -94,3 +94,37 @@ def test_pod_env_requires_the_token_and_identity():
 def test_unknown_spec_fields_are_rejected_by_the_model():
     with pytest.raises(ValidationError):
         api.ModelReplicaSetSpec.model_validate({"model": {"name": "m"}, "engine": {"kind": "reference"}, "transfr": {}})
+
+
+def _transfer(**fields) -> api.TransferSpec:
+    return api.TransferSpec.model_validate(fields)
+
+
+def test_transfer_policy_resolves_spec_then_cluster_default_then_builtin():
+    cluster = _transfer(backend="nccl", retries=5, timeoutSeconds=60)
+    got = api.resolve_transfer(_transfer(retries=1, agentPort=19000), cluster, "vllm")
+    assert (got.backend, got.retries, got.timeout_seconds) == ("nccl", 1, 60)  # spec wins, then the cluster
+    assert (got.agent_port, got.fallback, got.max_clients_per_seed) == (19000, "storage", 4)  # then built-in
+    assert api.resolve_transfer(_transfer(), None, "vllm") == api.TransferSpec()
+    # Only the policy fields come from the cluster: per-set ports never do.
+    assert api.resolve_transfer(_transfer(), _transfer(agentPort=19999), "vllm").agent_port == 18080
+
+
+def test_sglang_over_nccl_gets_one_client_per_seed_unless_the_spec_says_otherwise():
+    cluster = _transfer(backend="nccl", maxClientsPerSeed=8)
+    assert api.resolve_transfer(_transfer(), cluster, "sglang").max_clients_per_seed == 1
+    assert api.resolve_transfer(_transfer(), cluster, "vllm").max_clients_per_seed == 8
+    explicit = api.resolve_transfer(_transfer(maxClientsPerSeed=3), cluster, "sglang")
+    assert explicit.max_clients_per_seed == 3
+    spec = _spec().model_copy(update={"transfer": explicit, "engine": api.EngineSpec(kind="sglang")})
+    assert "maxClientsPerSeed must be 1" in api.transfer_problem(spec)
+
+
+def test_resolved_policy_problems_the_crd_cannot_see():
+    sglang_pp2 = api.EngineSpec(kind="sglang", parallelism={"tp": 1, "pp": 2})
+    for backend in ("auto", "transfer_engine"):  # auto resolves to TransferEngine, which SGLang keys by TP rank
+        spec = _spec().model_copy(update={"engine": sglang_pp2, "transfer": _transfer(backend=backend)})
+        assert "pp 1" in api.transfer_problem(spec)
+    ok = _spec().model_copy(update={"engine": sglang_pp2, "transfer": _transfer(backend="nccl", maxClientsPerSeed=1)})
+    assert api.transfer_problem(ok) is None
+    assert api.transfer_problem(_spec()) is None
