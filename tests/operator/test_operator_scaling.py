@@ -47,8 +47,7 @@ def test_scale_1_to_5_respects_the_client_limit_and_grows_the_seed_pool(operator
     assert status["replicas"] == 5 and status["transfers"]["completed"] == 5
     conditions = {x["type"]: x for x in status["conditions"]}
     assert conditions["Available"]["status"] == "True" and conditions["Degraded"]["status"] == "False"
-    reasons = Counter(r for r, _ in sets.events())
-    assert reasons["SeedChosen"] >= 5
+    wait("events (kopf posts them from its own queue)", lambda: Counter(r for r, _ in sets.events())["SeedChosen"] >= 5)
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{operator_config.metrics_port}/metrics").read().decode()
     assert 'seedfork_seed_selections_total{locality="storage"' in body
@@ -84,8 +83,12 @@ def test_seeds_are_chosen_by_locality(operator, nodes, sets, wait):
         print(seeds, [(v.name, v.node, v.assignment) for v in sets.views("local")], sets.events())
         raise
     assert sorted(Counter(v.assignment.seed_pod for v in new).values()) == [1, 1]
-    chosen = [m for r, m in sets.events() if r == "SeedChosen"]
-    assert all(any(m.startswith(f"pod {v.name} ") for m in chosen) for v in new)
+
+    def chosen_events_for_all() -> bool:
+        chosen = [m for r, m in sets.events() if r == "SeedChosen"]
+        return all(any(m.startswith(f"pod {v.name} ") for m in chosen) for v in new)
+
+    wait("a SeedChosen event for each client", chosen_events_for_all)
 
 
 def test_seed_deleted_mid_transfer_is_replaced_by_another_seed(operator, nodes, sets, wait):
@@ -111,7 +114,7 @@ def test_seed_deleted_mid_transfer_is_replaced_by_another_seed(operator, nodes, 
     nodes.policy = verify_at_once
     wait("3 ready again", lambda: ready_count(sets, "failover") == 3 and len(sets.views("failover")) == 3)
     assert victim not in {v.name for v in sets.views("failover")}
-    assert any(r == "TransferFailed" and "went away" in m for r, m in sets.events())
+    wait("event", lambda: any(r == "TransferFailed" and "went away" in m for r, m in sets.events()))
 
 
 def test_failed_transfers_retry_another_seed_then_storage(operator, nodes, sets, wait):
@@ -133,7 +136,7 @@ def test_failed_transfers_retry_another_seed_then_storage(operator, nodes, sets,
     assert len(pod.assignment.excluded_seeds) == 2 and set(pod.assignment.excluded_seeds) <= seeds
     transfers = wait("counts", lambda: (t := sets.get("flaky")["status"]["transfers"])["fellBack"] == 1 and t)
     assert transfers["failed"] == 2 and transfers["completed"] == 4
-    assert sum(r == "TransferFailed" and "checksum mismatch" in m for r, m in sets.events()) == 2
+    wait("events", lambda: sum(r == "TransferFailed" and "checksum mismatch" in m for r, m in sets.events()) == 2)
 
 
 def test_fallback_fail_replaces_the_pod(operator, nodes, sets, wait):
