@@ -4,9 +4,9 @@ For each run: a fresh namespace, a ModelReplicaSet of the reference engine with 
 then scaled to N through the scale subresource. Every pod's path from creation to Ready is split into:
 schedule (created -> bound), start (bound -> Running), process start (Running -> agent up: Python and
 torch imports), handshake (agent up -> transfer starts), transfer, verify, attach (engine maps the store
-and re-checks it), ready lag (-> Ready: report, readiness gate, probe). The control-plane overhead is
-the total minus transfer, verify and attach. Times come from a pod watcher and the agent's timing
-annotation, on one clock.
+and re-checks it), ready lag (-> Ready: report, readiness gate, probe). The overhead is the total minus
+transfer, verify and attach; its control-plane part is the overhead minus process start. Times come from
+a pod watcher and the agent's timing annotation, on one clock.
 
     .venv/bin/python bench/e2e_scaleout.py [--backend transfer_engine|nccl] [--size tiny|small] [--runs 3]
 
@@ -159,14 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     overhead_p99 = stats["overhead"]["p99"]
-    without_start = [(b.overhead or 0) - (b.process_start or 0) for b in scaled if b.overhead is not None]
-    p99_wo = percentile(without_start, 99)
+    p99_wo = stats["control_plane"]["p99"]
     met = overhead_p99 is not None and overhead_p99 <= TARGET_OVERHEAD_P99_S
+    met_cp = p99_wo is not None and p99_wo <= TARGET_OVERHEAD_P99_S
+    target = f"target <= {TARGET_OVERHEAD_P99_S * 1000:.0f} ms"
     print(
-        f"\ncontrol-plane overhead per pod: p50 {ms(stats['overhead']['p50'])} ms, p99 {ms(overhead_p99)} ms "
-        f"(target <= {TARGET_OVERHEAD_P99_S * 1000:.0f} ms: {'met' if met else 'NOT met'})"
+        f"\noverhead per pod (all but transfer, verify, attach): p50 {ms(stats['overhead']['p50'])} ms, "
+        f"p99 {ms(overhead_p99)} ms ({target}: {'met' if met else 'NOT met'})"
     )
-    print(f"  of which not process start (imports): p99 {ms(p99_wo)} ms")
+    print(
+        f"  control plane (overhead less the pods' process start, i.e. Python + torch imports): "
+        f"p50 {ms(stats['control_plane']['p50'])} ms, p99 {ms(p99_wo)} ms ({target}: {'met' if met_cp else 'NOT met'})"
+    )
     if reacts:
         print(f"scale request -> pod created: p50 {ms(percentile(reacts, 50))} ms, max {ms(reacts[-1])} ms")
 
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_without_process_start_p99_s": p99_wo,
         "react_s": {"p50": percentile(reacts, 50), "max": reacts[-1] if reacts else None},
         "overhead_target_met": met,
+        "control_plane_target_met": met_cp,
         "runs": runs,
         "failures": failures,
     }

@@ -103,10 +103,13 @@ def result_table(result: ScaleOut) -> str:
                 human_bytes(b.bytes),
                 seconds(b.transfer),
                 seconds(b.total),
-                seconds(b.overhead),
+                seconds(b.process_start),
+                seconds(b.control_plane),
             ]
         )
-    headers = ["pod", "node", "source", "backend", "bytes", "transfer", "created->Ready", "overhead"]
+    # The rest of created->Ready: the pod's processes starting (Python + torch imports) and the control plane.
+    headers = ["pod", "node", "source", "backend", "bytes", "transfer", "created->Ready", "process start"]
+    headers.append("control plane")
     return format_table(headers, rows)
 
 

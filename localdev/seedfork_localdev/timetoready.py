@@ -7,9 +7,9 @@ Inputs, all on one wall clock (one machine):
   assignment time, transfer start/end, verified;
 - ``engine``: the engine's own attach and re-check durations (reference engine ``/v1/engine`` timings).
 
-The control-plane overhead is everything between creation and Ready that is not moving, verifying or
-attaching the weights: scheduling, starting processes, waiting for the assignment, reporting, the
-operator setting the readiness gate and the readiness probe.
+The overhead is everything between creation and Ready that is not moving, verifying or attaching the
+weights; ``control_plane`` is that overhead less the pod's own process start (interpreter and torch
+imports): scheduling, waiting for the assignment, reporting, the readiness gate and the probe.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Breakdown:
     attach: float | None  # engine maps the agent's store and re-checks it
     ready_lag: float | None  # verified + attach -> Ready (report, gate, probe)
     overhead: float | None  # total - transfer - verify - attach
+    control_plane: float | None  # overhead - process_start: scheduling, assignment, reporting, gate, probe
     bytes: int = 0
 
     def as_dict(self) -> dict:
@@ -69,19 +70,22 @@ def breakdown(
     ready_lag = _diff(ready, verified)
     if ready_lag is not None and attach is not None:
         ready_lag = max(0.0, ready_lag - attach)
+    process_start = _diff(timing.get("started"), running)
+    control_plane = None if overhead is None or process_start is None else max(0.0, overhead - process_start)
     return Breakdown(
         pod=pod,
         source=source,
         total=total,
         schedule=_diff(seen.get("scheduled"), created),
         start=_diff(running, seen.get("scheduled")),
-        process_start=_diff(timing.get("started"), running),
+        process_start=process_start,
         handshake=_diff(t_start, timing.get("started")),
         transfer=transfer,
         verify=verify,
         attach=attach,
         ready_lag=ready_lag,
         overhead=overhead,
+        control_plane=control_plane,
         bytes=int(timing.get("bytes") or 0),
     )
 
@@ -106,6 +110,7 @@ FIGURES = (
     "attach",
     "ready_lag",
     "overhead",
+    "control_plane",
 )
 
 

@@ -22,12 +22,14 @@ def test_breakdown_splits_creation_to_ready():
     assert b.ready_lag == pytest.approx(0.65)  # 104.0 - 103.2 - attach
     # overhead = total - transfer - verify - attach
     assert b.overhead == pytest.approx(4.0 - 0.5 - 0.2 - 0.15)
+    assert b.control_plane == pytest.approx(4.0 - 0.5 - 0.2 - 0.15 - 1.7)  # less the process start
     assert b.bytes == 42
 
 
 def test_missing_milestones_give_none_not_zero():
     b = breakdown("p", "storage", {"created": 1.0}, {})
     assert b.total is None and b.transfer is None and b.overhead is None and b.attach is None
+    assert b.control_plane is None
 
 
 def test_percentile_is_nearest_rank():
