@@ -46,15 +46,21 @@ ENTRYPOINT ["seedfork-operator"]
 # ---- agent: runs in every engine pod, moves the weights GPU-to-GPU ----
 FROM base AS agent
 # RDMA user-space libraries for TransferEngine's rdma transport, and libnuma it links against
-# (versions of Debian bookworm, the base image's release).
+# (versions of Debian bookworm, the base image's release). gcc and the C library headers: Triton builds
+# its small launcher for the GPU checksum kernel with them at the first launch (without them the agent
+# still verifies, with torch reductions at a tenth of the speed); libc6-dev must be the base's libc6.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libibverbs1=44.0-2 librdmacm1=44.0-2 ibverbs-providers=44.0-2 libnuma1=2.0.16-1 \
+      gcc=4:12.2.0-3 libc6-dev="$(dpkg-query -W -f='${Version}' libc6)" \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build-agent /opt/venv /opt/venv
-# Let TransferEngine find the CUDA runtime that the torch wheel brought along.
+# Let TransferEngine find the CUDA runtime that the torch wheel brought along. Triton's kernel cache goes
+# to /tmp: the user has no home directory.
 ENV PATH=/opt/venv/bin:${PATH} \
-    LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib \
+    TRITON_CACHE_DIR=/tmp/triton-cache \
+    TRITON_HOME=/tmp
 USER 10001:10001
 EXPOSE 18080
 ENTRYPOINT ["seedfork-agent"]
