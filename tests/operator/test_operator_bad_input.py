@@ -107,3 +107,16 @@ def test_console_script_runs_the_operator_as_a_process(crd, nodes, sets, wait, n
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_policy_the_engine_cannot_run_degrades_the_set_with_the_reason(operator, nodes, sets, wait):
+    spec = {
+        "model": {"name": "test/tiny-llama"},
+        "engine": {"kind": "sglang", "parallelism": {"tp": 1, "pp": 2}},
+        "transfer": {"backend": "auto"},  # auto resolves to TransferEngine: SGLang cannot with pp 2
+        "template": {"spec": {"containers": [{"name": "engine", "image": "e", "command": ["sglang"]}]}},
+    }
+    sets.create_body({"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "pp2"}, "spec": spec})
+    degraded = wait("Degraded", lambda: (d := condition(sets, "pp2", "Degraded")) and d["status"] == "True" and d)
+    assert degraded["reason"] == "InvalidTransferPolicy" and "pp 1" in degraded["message"]
+    assert sets.pods("pp2") == []

@@ -35,26 +35,3 @@ def test_unset_fields_take_the_cluster_default_and_set_ones_win(operator, nodes,
     assert all(v.assignment.backend == "transfer_engine" for v in own if v.assignment.source == "seed")
     wait("status shows the resolved backend", lambda: sets.get("plain")["status"].get("backend") == "nccl")
     wait("... and the set's own", lambda: sets.get("own")["status"].get("backend") == "transfer_engine")
-
-
-def test_a_default_the_engine_cannot_use_degrades_the_set_with_the_reason(operator, nodes, sets, wait):
-    body = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": "pp2"},
-        "spec": {
-            "replicas": 1,
-            "model": {"name": "test/tiny-llama"},
-            "engine": {"kind": "sglang", "parallelism": {"tp": 1, "pp": 2}},
-            "transfer": {"backend": "auto"},  # auto resolves to TransferEngine: SGLang cannot with pp 2
-            "template": {"spec": {"containers": [{"name": "engine", "image": "e", "command": ["sglang"]}]}},
-        },
-    }
-    sets.create_body(body)  # admission cannot know how auto resolves: the operator reports it
-    degraded = wait(
-        "Degraded",
-        lambda: [x for x in sets.get("pp2").get("status", {}).get("conditions", []) if x["type"] == "Degraded"],
-    )[0]
-    assert degraded["status"] == "True" and degraded["reason"] == "InvalidTransferPolicy"
-    assert "pp 1" in degraded["message"]
-    assert sets.pods("pp2") == []
