@@ -91,7 +91,7 @@ def _add_model_details(model: type[BaseModel], out: dict[str, Any]) -> None:
         if prop is None:
             continue
         if name in cluster_defaulted:  # left unset at admission: the operator resolves it (spec.resolve_transfer)
-            builtin = field.default_factory() if field.default_factory is not None else prop.pop("default", None)
+            builtin = field.get_default(call_default_factory=True)
             prop.pop("default", None)
             unset = "the operator's transferDefaults, else " + ("none" if builtin is None else json.dumps(builtin))
             prop["description"] = f"{prop.get('description', '').rstrip()} Unset: {unset}.".lstrip()
