@@ -40,6 +40,15 @@ def test_checksum_matches_definition(data):
     ) == reference_checksum(data)
 
 
+def test_checksum_across_chunk_and_row_boundaries(monkeypatch):
+    """Inputs larger than one step: each step's positions are shifted to the tensor's own."""
+    from seedfork_agent import checksum as ck
+
+    monkeypatch.setattr(ck, "_CHUNK_WORDS", 3 * ck._WIDTH + 5)  # steps that end mid-row
+    data = torch.randint(0, 256, (4 * (7 * ck._WIDTH + 3) + 2,), dtype=torch.uint8, generator=torch.Generator())
+    assert ck.checksum(data) == reference_checksum(bytes(data.tolist()))
+
+
 KERNEL_CHECK = """
 import torch
 from seedfork_agent.checksum import _BLOCK_WORDS, block_checksums, checksum
