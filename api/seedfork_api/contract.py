@@ -20,7 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .spec import GROUP
+from .spec import GROUP, PortRange
+
+_PORTS = PortRange()  # the CRD default, for a pod rendered without the range
 
 # ---- labels -------------------------------------------------------------
 LABEL_SET = f"{GROUP}/set"  # owning ModelReplicaSet name
@@ -179,7 +181,7 @@ class PodEnv(_Model):
         missing = [name for name in (ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SET, ENV_TOKEN) if not env.get(name)]
         if missing:
             raise ValueError(f"pod contract incomplete: missing environment variables {', '.join(missing)}")
-        start, _, end = env.get(ENV_PORT_RANGE, "40000-40099").partition("-")
+        start, _, end = env.get(ENV_PORT_RANGE, f"{_PORTS.start}-{_PORTS.end}").partition("-")
         limit = env.get(ENV_BANDWIDTH_LIMIT_MBPS)
         return cls(
             pod_name=env[ENV_POD_NAME],

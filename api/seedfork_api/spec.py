@@ -83,8 +83,11 @@ class EngineSpec(ApiModel):
 
 
 class PortRange(ApiModel):
-    start: int = Field(default=40000, ge=1024, le=65535)
-    end: int = Field(default=40099, ge=1024, le=65535)
+    # The default range sits below Linux's ephemeral ports (32768-60999): a listening port in that range can
+    # collide with the local port of any outgoing connection in the pod, and then the bind fails even with
+    # SO_REUSEADDR (seen as a failed NCCL cohort when pods shared one host's network in tests).
+    start: int = Field(default=28000, ge=1024, le=65535)
+    end: int = Field(default=28099, ge=1024, le=65535)
 
     @property
     def size(self) -> int:

@@ -178,7 +178,7 @@ def test_network_policy_admits_only_the_same_set_to_weight_ports(tools, helm_bin
     assert weights["from"] == [{"podSelector": {"matchLabels": {"seedfork.io/set": "llama"}}}]
     assert weights["ports"] == [
         {"protocol": "TCP", "port": 18080},
-        {"protocol": "TCP", "port": 40000, "endPort": 40099},
+        {"protocol": "TCP", "port": 28000, "endPort": 28099},
     ]
     assert engine == {"ports": [{"protocol": "TCP", "port": 30000}]}
     q_weights, q_engine = qwen["spec"]["ingress"]

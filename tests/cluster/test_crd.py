@@ -42,7 +42,7 @@ def test_valid_set_is_accepted_with_defaults(api_client, crd, namespace):
     assert spec["engine"]["port"] == 30000
     # Ports are per set and defaulted here; the policy fields stay unset for the operator to resolve
     # (the cluster's transferDefaults, else the built-in values).
-    assert spec["transfer"] == {"agentPort": 18080, "ports": {"start": 40000, "end": 40099}}
+    assert spec["transfer"] == {"agentPort": 18080, "ports": {"start": 28000, "end": 28099}}
     resolved = api.resolve_transfer(api.TransferSpec.model_validate(spec["transfer"]), None, "vllm")
     assert (resolved.backend, resolved.max_clients_per_seed, resolved.fallback) == ("auto", 4, "storage")
     assert resolved.topology_keys == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
@@ -123,7 +123,7 @@ CEL_INVALID = [
     ),
     (
         "agent port inside the group port range",
-        _set(valid_body(), "spec.transfer", {"agentPort": 40010}),
+        _set(valid_body(), "spec.transfer", {"agentPort": api.PortRange().start + 10}),
         "spec.transfer.agentPort",
         "must lie outside transfer.ports",
     ),

@@ -128,3 +128,10 @@ def test_resolved_policy_problems_the_crd_cannot_see():
     ok = _spec().model_copy(update={"engine": sglang_pp2, "transfer": _transfer(backend="nccl", maxClientsPerSeed=1)})
     assert api.transfer_problem(ok) is None
     assert api.transfer_problem(_spec()) is None
+
+
+def test_default_transfer_ports_stay_below_the_ephemeral_range():
+    """A listener in 32768-60999 can collide with any outgoing connection's local port in the pod."""
+    ports = api.PortRange()
+    assert 1024 <= ports.start <= ports.end < 32768
+    assert not ports.start <= api.TransferSpec().agent_port <= ports.end

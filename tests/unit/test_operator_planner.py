@@ -249,7 +249,8 @@ def test_nccl_cohort_groups_new_pods_on_one_seed_with_one_port_block():
     seeded = [a for _, a in result.create if a.source == "seed"]
     assert len(seeded) == 3 and len({a.cohort_id for a in seeded}) == 1
     assert {a.cohort_size for a in seeded} == {4} and sorted(a.cohort_rank for a in seeded) == [1, 2, 3]
-    assert {tuple(a.group_ports) for a in seeded} == {(40000, 40001)}
+    start = spec.transfer.ports.start
+    assert {tuple(a.group_ports) for a in seeded} == {(start, start + 1)}
 
 
 def test_sglang_nccl_serves_one_client_per_seed_and_no_cohorts():

@@ -72,12 +72,12 @@ def test_pod_gets_contract_gate_labels_owner_and_agent_sidecar():
         }
         assert env[c.ENV_BACKEND]["value"] == "transfer_engine"  # auto resolves to TE
         assert env[c.ENV_TP]["value"] == "2"  # the contract wins over the template's value
-        assert env[c.ENV_PORT_RANGE]["value"] == "40000-40099"
+        assert env[c.ENV_PORT_RANGE]["value"] == "28000-28099"
     assert {e["name"] for e in engine["env"]} >= {"KEEP"}
     pod_env = {e["name"]: e for e in engine["env"]}
     assert c.PodEnv.from_environ(
         {k: v.get("value", "x") for k, v in pod_env.items()} | {c.ENV_TOKEN: "t"}
-    ).port_range == (40000, 40099)
+    ).port_range == (28000, 28099)
 
 
 @pytest.mark.parametrize(
