@@ -22,6 +22,7 @@ Prints a table and writes ``bench/results/engine_attach_<device>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -39,12 +40,10 @@ TARGET_MS = 50.0
 def llama_like(gb: float):
     """A Llama-3-8B-shaped config (291 tensors, bf16) scaled in depth to about ``gb`` gigabytes."""
     from seedfork_agent.engines.llama import LlamaConfig, weight_shapes
+    from seedfork_agent.engines.testmodel import SHAPED_LIKE
 
     def config(layers: int) -> LlamaConfig:
-        return LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-            num_attention_heads=32, num_key_value_heads=8, torch_dtype="bfloat16",
-        )  # fmt: skip
+        return dataclasses.replace(SHAPED_LIKE["llama8b"], num_hidden_layers=layers)
 
     def size(c: LlamaConfig) -> int:
         return sum(2 * math.prod(s) for s in weight_shapes(c).values())
@@ -103,8 +102,6 @@ def main() -> int:
     if args.child:
         child(args.child)
         return 0
-
-    import dataclasses
 
     import torch
 
