@@ -28,6 +28,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 STEP = 150.0
 
 
+def watched_ready(s, name: str) -> dict[str, float] | None:
+    """The milestones the pod watch saw for ``name``, once it has seen the pod Ready."""
+    times = dict(s.tracker.times.get(name, {}))
+    return times if "ready" in times else None
+
+
 def assert_verified_everywhere(s, rows, nbytes: int) -> None:
     """Every pod's agent verified all bytes of the current attempt, and no pod was ever Ready before that."""
     assert s.tracker.violations == []
@@ -36,7 +42,8 @@ def assert_verified_everywhere(s, rows, nbytes: int) -> None:
         assert row.state == "verified", row.report
         assert row.bytes_done == row.bytes_total == nbytes, row.report
         assert row.timing.get("verified"), row.timing
-        seen = s.tracker.times[row.name]
+        # The pod watch runs apart from the poll that found the pods Ready: let its Ready event arrive.
+        seen = wait_until(lambda n=row.name: watched_ready(s, n), 10, f"the pod watch to see {row.name} Ready")
         assert seen["ready"] >= seen["verified"], seen
         assert seen["ready"] >= seen["gate"], seen
 
