@@ -178,14 +178,16 @@ def test_corruption_at_the_seed_is_caught_before_the_client_engine_serves(seed, 
     raw[100] ^= 0x10  # bit rot in the seed's memory after it verified
     try:
         client = Pod(h, procs, "client")
-        client.engine_attach(tiny_model)
+        engine = client.engine_attach(tiny_model)
         extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo"]
         agent = client.agent("pull", *extra, "--group-port", str(h.free_port(seed.ip)), "--no-te", "--timeout", "20")
         assert agent.wait(90) == 1  # the pull fails verification
     finally:
         raw[100] ^= 0x10  # the seed is shared with the other tests of this module
     assert "model.layers.0.mlp.up_proj.weight" in procs.log(agent)
-    assert httpx.get(f"{client.engine_url}/health").status_code == 503
+    # The failed pull can end before the engine process has even started listening: wait for it to answer.
+    health = h.wait_status(f"{client.engine_url}/health", 503, 60, proc=engine)
+    assert health.status_code == 503
     assert client.engine_info()["state"] == "waiting"
 
 
