@@ -25,11 +25,12 @@ from .te import TransferEngineHandle
 
 log = logging.getLogger("seedfork.agent.puller")
 
-# One batch_transfer_sync_read per pull, as SGLang does. With Mooncake's metadata cache off (te.py) each call
-# re-handshakes with the seed; in 1 GiB batches that cost 2.7x in data rate on 2xH200 (bench/results).
-# Reads are also coalesced when the seed is one of our agents (see _coalesce). Checksumming 4 GiB chunks while
-# the next one moved saved nothing measurable once the checksum kernel ran at 1.6-2.2 TB/s (2xH200: 16 GB
-# 95 vs 91 ms, 65 GB 254 vs 255 ms), so a pull reads once and verifies after.
+# One batch_transfer_sync_read per pull, as SGLang does. With Mooncake's metadata cache off (te.py) each request
+# looks the seed's segment up again; reads are coalesced when the seed is one of our agents (see _coalesce).
+# A pull reads once, then verifies. Verifying each chunk while the next one moved was measured twice on 2xH200
+# and did not pay: with synchronous chunk reads the per-chunk set-up ate the gain; with every chunk submitted at
+# once and one checksum kernel per landed chunk on a side stream, the copies slowed from 386-392 to 335-350 GB/s
+# while kernels ran, and the full pull went 71 -> 77 ms (16 GB) and 238-256 -> 237 ms (65 GB): a wash.
 
 
 class PullError(RuntimeError):
@@ -88,33 +89,44 @@ def pull(
     # 30-60 ms that loading it costs every new client (a pull's critical path).
     plain = req.base_url.startswith("http://")
     timeout = min(30.0, req.timeout_s)
-    with httpx.Client(base_url=req.base_url, headers=headers, timeout=timeout, verify=not plain) as http:
+    with (
+        httpx.Client(base_url=req.base_url, headers=headers, timeout=timeout, verify=not plain) as http,
+        ThreadPoolExecutor(1, thread_name_prefix="seedfork-pull-http") as background,
+    ):
         manifest = fetch_manifest(http, req)
         seed_is_agent = manifest is not req.expected  # stock SGLang seeds publish no manifest
         check_identity(manifest, req)
         phase("manifest_s")
-        store = WeightStore.empty(manifest, req.device)
-        if store.device.type == "cpu":
-            store.buffer.zero_()  # fault the shared-memory pages in now, not inside the transport's receive path
-        phase("alloc_s")
+        te_info = None
+        if req.backend == "transfer_engine":
+            # The seed's pointers and the start announcement travel while this side allocates.
+            te_info = background.submit(_te_info_and_announce, http, req)
+        store = None
         te: TransferEngineHandle | None = None
-        done = 0
-
-        def progress(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_bytes:
-                on_bytes(done, manifest.payload_bytes)
-
-        progress(0)
         try:
+            store = WeightStore.empty(manifest, req.device)
+            if store.device.type == "cpu":
+                store.buffer.zero_()  # fault the shared-memory pages in now, not inside the transport's receive path
+            phase("alloc_s")
+            done = 0
+
+            def progress(n: int) -> None:
+                nonlocal done
+                done += n
+                if on_bytes:
+                    on_bytes(done, manifest.payload_bytes)
+
+            progress(0)
             if req.backend == "transfer_engine":
                 if te_factory is None:
                     raise PullError("TransferEngine is not available in this agent")
                 te = te_factory()
                 te.register(store.buffer.data_ptr(), store.nbytes)
                 phase("register_s")
-                _pull_te(http, req, store, te, progress, stats, coalesce=seed_is_agent)
+                _pull_te(te_info.result(), req, store, te, progress, stats, coalesce=seed_is_agent)
+                # Best effort and off the critical path (the executor's exit waits for it before returning).
+                background.submit(_announce, http, req, "done", manifest.payload_bytes)
+                te_info = None  # the read is over and announced
             elif req.backend in ("nccl", "gloo"):
                 _pull_group(http, req, store, progress, deadline, stats)
             else:
@@ -128,9 +140,12 @@ def pull(
                 raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
             return store
         except BaseException as e:
-            if te is not None:
-                te.unregister(store.buffer.data_ptr())
-            store.close()
+            if store is not None:
+                if te is not None:
+                    te.unregister(store.buffer.data_ptr())
+                store.close()
+            if te_info is not None and not te_info.cancel() and _te_info_outcome(te_info) is not None:
+                _announce(http, req, "failed")  # the seed was told a read started, and it ended here
             if isinstance(e, PullError):
                 raise
             raise PullError(f"transfer from {req.seed} over {req.backend} failed: {type(e).__name__}: {e}") from e
@@ -259,15 +274,8 @@ def _local_ip_for(peer: str) -> str:
 
 
 # ---- TransferEngine: one-sided reads -----------------------------------------
-def _pull_te(
-    http: httpx.Client,
-    req: PullRequest,
-    store: WeightStore,
-    te: TransferEngineHandle,
-    progress,
-    stats: dict,
-    coalesce: bool,
-) -> None:
+def _te_info_and_announce(http: httpx.Client, req: PullRequest) -> tuple[str, dict]:
+    """The seed's TransferEngine session and tensor pointers, then the start announcement (best effort)."""
     # Pointers die with the seed process: fetch them fresh for every transfer, never reuse them.
     try:
         r = http.get("/remote_instance_transfer_engine_info", params={"rank": 0})
@@ -281,7 +289,30 @@ def _pull_te(
         session_id, remote = r.json()["remote_instance_transfer_engine_info"]
     except (ValueError, KeyError, TypeError):
         raise PullError(f"seed {req.seed} sent malformed TransferEngine info") from None
+    _announce(http, req, "start")
+    return session_id, remote
+
+
+def _te_info_outcome(te_info) -> tuple[str, dict] | None:
+    """After a failed pull: the info if it was fetched (so "start" was announced), else None."""
+    try:
+        return te_info.result()
+    except Exception:
+        return None
+
+
+def _pull_te(
+    te_info: tuple[str, dict],
+    req: PullRequest,
+    store: WeightStore,
+    te: TransferEngineHandle,
+    progress,
+    stats: dict,
+    coalesce: bool,
+) -> None:
+    session_id, remote = te_info
     reads = []  # (local, remote, nbytes) per tensor, in manifest order
+    base = store.buffer.data_ptr()
     for t in store.manifest.tensors:
         info = remote.get(t.name)
         if info is None:
@@ -289,23 +320,21 @@ def _pull_te(
         ptr, numel, elsize = (int(x) for x in info)
         if numel != t.numel or elsize != t.element_size:
             raise PullError(f"tensor {t.name}: seed has {numel}x{elsize} bytes, expected {t.numel}x{t.element_size}")
-        reads.append((store.data_ptr(t.name), ptr, t.nbytes))
+        reads.append((base + t.offset, ptr, t.nbytes))
     payload = sum(n for _, _, n in reads)  # tensor bytes: what progress and the seed's byte counters report
     local, remote_ptrs, lengths = ([r[i] for r in reads if r[2]] for i in range(3))  # Mooncake rejects 0 bytes
     if coalesce:
         local, remote_ptrs, lengths = _coalesce(local, remote_ptrs, lengths)
-    _announce(http, req, "start")
-    ok = False
     stats["data_start"] = time.time()
     try:
         te.read(session_id, local, remote_ptrs, lengths)
-        progress(payload)
-        if store.device.type == "cuda":
-            torch.cuda.synchronize(store.device)
-        stats["data_end"] = time.time()
-        ok = True
     finally:
-        _announce(http, req, "done" if ok else "failed", payload)
+        if store.device.type == "cuda":
+            # The NVLink transport queues cudaMemcpy on the legacy stream and may return before the bytes land:
+            # wait for them, also before a failed pull frees the store.
+            torch.cuda.synchronize(store.device)
+    progress(payload)
+    stats["data_end"] = time.time()
 
 
 def _coalesce(local: list[int], remote: list[int], lengths: list[int]) -> tuple[list[int], list[int], list[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class AgentServer:
         self.active_clients = 0
         self._groups: dict[str, _SendGroup] = {}
         self._te_clients: dict[str, float] = {}
+        self._te_info_body = b""
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self.on_change: Any = None  # called (no args) when activeClients changes
@@ -152,6 +154,12 @@ class AgentServer:
             except TransferEngineError as e:  # NCCL/gloo still work without it
                 log.warning("not serving over TransferEngine: %s", e)
                 self.te = None
+        if self.te is not None:
+            # The pointers stay valid while this store is served: every client gets the same answer, built once.
+            base = store.buffer.data_ptr()
+            weights = {t.name: [base + t.offset, t.numel, t.element_size] for t in store.manifest.tensors}
+            body = {"rank": 0, "remote_instance_transfer_engine_info": [self.te.session_id, weights]}
+            self._te_info_body = json.dumps(body).encode()
         self.store = store
         self.metrics.serving.set(1)
 
@@ -241,7 +249,7 @@ class AgentServer:
         self._require_token(request)
         if not self.serving:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        return web.json_response(self.store.manifest.to_dict())
+        return web.Response(body=self.store.manifest.json_bytes, content_type="application/json")
 
     async def attach_view(self, request: web.Request) -> web.Response:
         self._require_token(request)
@@ -383,9 +391,7 @@ class AgentServer:
             return web.json_response(
                 {"error": {"message": f"Failed to get transfer engine info for rank {rank}"}}, status=400
             )
-        store = self.store
-        weights = {t.name: [store.data_ptr(t.name), t.numel, t.element_size] for t in store.manifest.tensors}
-        return web.json_response({"rank": rank, "remote_instance_transfer_engine_info": [self.te.session_id, weights]})
+        return web.Response(body=self._te_info_body, content_type="application/json")
 
     async def te_info_deprecated(self, request: web.Request) -> web.Response:
         log.warning(

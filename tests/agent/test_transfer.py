@@ -194,6 +194,35 @@ def test_corrupted_bytes_never_verified(kit, agents, weights_dir):
             pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
 
 
+def test_a_failed_read_ends_the_pull_and_the_next_pull_works(kit, seed, weight_tensors, monkeypatch):
+    """The read fails (the seed answered a pointer outside its memory, as a seed that just reloaded might):
+    the pull fails with the transport's error, frees what it registered, tells the seed, and a second pull
+    in the same process succeeds."""
+    from seedfork_agent import puller
+
+    real = puller._te_info_and_announce
+
+    def stale_pointer(http, req):
+        session, remote = real(http, req)
+        name = sorted(remote)[len(remote) // 2]
+        remote[name][0] += 1 << 40
+        return session, remote
+
+    failed = 'seedfork_agent_transfers_total{backend="transfer_engine",result="failed",role="seed"}'
+    before = _metric(seed, failed)
+    monkeypatch.setattr(puller, "_te_info_and_announce", stale_pointer)
+    with pytest.raises(PullError, match="TransferEngineError"):
+        pull(_request(kit, seed.ip, "transfer_engine"), _te_factory)
+    assert _metric(seed, failed) == before + 1
+    monkeypatch.setattr(puller, "_te_info_and_announce", real)
+    store = pull(_request(kit, seed.ip, "transfer_engine"), _te_factory)
+    try:
+        kit.assert_same_weights({t.name: store.tensor(t.name) for t in store.manifest.tensors}, weight_tensors)
+    finally:
+        _te_factory().unregister(store.buffer.data_ptr())
+        store.close()
+
+
 def test_reads_from_our_seed_coalesce_only_where_both_sides_mirror():
     from seedfork_agent.puller import _coalesce
 
