@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +60,19 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_import_s": torch_import_seconds(),
     }
+
+
+def torch_import_seconds(runs: int = 3) -> float:
+    """Median time of a new interpreter that imports torch, on the idle machine: the floor under a pod's
+    process start (each reference-engine pod starts two such processes, agent and engine)."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def _interrupt(*_: object) -> None:
@@ -170,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  control plane (overhead less the pods' process start, i.e. Python + torch imports): "
         f"p50 {ms(stats['control_plane']['p50'])} ms, p99 {ms(p99_wo)} ms ({target}: {'met' if met_cp else 'NOT met'})"
+    )
+    print(
+        f"  a new interpreter importing torch takes {env['torch_import_s']:.2f} s on this idle machine "
+        f"({env['cpus']} CPUs); every scaled pod starts two (agent and engine), {args.replicas - 1} pods at once"
     )
     if reacts:
         print(f"scale request -> pod created: p50 {ms(percentile(reacts, 50))} ms, max {ms(reacts[-1])} ms")

@@ -108,9 +108,12 @@ class Agent:
         log.warning("attempt %d failed: %s", p.attempt, reason)
         self._changed()
 
-    def _verified(self, store: WeightStore) -> None:
+    def _verified(self, store: WeightStore, transfer_end: float | None = None) -> None:
         now = time.time()
-        self.timing["transfer_end"] = self.timing["verified"] = now
+        # A pull reports when its last byte landed, so Time-to-Ready splits transfer from verification;
+        # a storage load checksums as it loads: one phase.
+        self.timing["transfer_end"] = transfer_end or now
+        self.timing["verified"] = now
         if self.hook:
             self.hook(store, {"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
             self.timing["engine_attached"] = time.time()
@@ -143,19 +146,20 @@ class Agent:
         def on_bytes(done: int, total: int) -> None:
             p.bytes_done, p.bytes_total = done, total
 
+        stats: dict[str, float] = {}
         try:
-            store = await asyncio.to_thread(pull, req, self.te, on_bytes)
+            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats)
         except PullError as e:
             self._fail(str(e))
             self.server.metrics.transfers.labels("client", req.backend, "failed").inc()
             return False
         self.server.metrics.transfers.labels("client", req.backend, "ok").inc()
         self.server.metrics.duration.labels("client", req.backend).observe(time.time() - p.started_at)
-        return await self._finish(store)
+        return await self._finish(store, stats.get("data_end"))
 
-    async def _finish(self, store: WeightStore) -> bool:
+    async def _finish(self, store: WeightStore, transfer_end: float | None = None) -> bool:
         try:
-            await asyncio.to_thread(self._verified, store)
+            await asyncio.to_thread(self._verified, store, transfer_end)
         except Exception as e:
             if self.server.te is not None:
                 self.server.te.unregister(store.buffer.data_ptr())
