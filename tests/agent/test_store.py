@@ -179,3 +179,21 @@ def test_stale_store_files_of_dead_processes_are_removed(tmp_path):
         other.write_bytes(b"y")
         assert remove_stale_shm(tmp_path) == [stale]
         assert Path(live.attach_info()["path"]).exists() and other.exists()
+
+
+def test_cpu_checksums_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """Memory-bound reductions on a busy node are far faster on one thread (see checksum._one_cpu_thread)."""
+    from seedfork_agent import checksum as ck
+
+    seen = []
+    real = ck._chunk_sums
+    monkeypatch.setattr(ck, "_chunk_sums", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = torch.arange(1 << 16, dtype=torch.int32).view(torch.uint8)
+        assert ck.checksum(data) == reference_checksum(bytes(data.tolist()))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
