@@ -312,7 +312,6 @@ def _pull_te(
 ) -> None:
     session_id, remote = te_info
     reads = []  # (local, remote, nbytes) per tensor, in manifest order
-    base = store.buffer.data_ptr()
     for t in store.manifest.tensors:
         info = remote.get(t.name)
         if info is None:
@@ -320,7 +319,7 @@ def _pull_te(
         ptr, numel, elsize = (int(x) for x in info)
         if numel != t.numel or elsize != t.element_size:
             raise PullError(f"tensor {t.name}: seed has {numel}x{elsize} bytes, expected {t.numel}x{t.element_size}")
-        reads.append((base + t.offset, ptr, t.nbytes))
+        reads.append((store.data_ptr(t.name), ptr, t.nbytes))
     payload = sum(n for _, _, n in reads)  # tensor bytes: what progress and the seed's byte counters report
     local, remote_ptrs, lengths = ([r[i] for r in reads if r[2]] for i in range(3))  # Mooncake rejects 0 bytes
     if coalesce:

@@ -156,8 +156,7 @@ class AgentServer:
                 self.te = None
         if self.te is not None:
             # The pointers stay valid while this store is served: every client gets the same answer, built once.
-            base = store.buffer.data_ptr()
-            weights = {t.name: [base + t.offset, t.numel, t.element_size] for t in store.manifest.tensors}
+            weights = {t.name: [store.data_ptr(t.name), t.numel, t.element_size] for t in store.manifest.tensors}
             body = {"rank": 0, "remote_instance_transfer_engine_info": [self.te.session_id, weights]}
             self._te_info_body = json.dumps(body).encode()
         self.store = store
