@@ -153,6 +153,8 @@ class Agent:
             self._fail(str(e))
             self.server.metrics.transfers.labels("client", req.backend, "failed").inc()
             return False
+        phases = ", ".join(f"{k[:-2]} {v * 1000:.0f} ms" for k, v in stats.items() if k.endswith("_s"))
+        log.info("pulled %d bytes from %s over %s: %s", store.manifest.payload_bytes, req.seed, req.backend, phases)
         self.server.metrics.transfers.labels("client", req.backend, "ok").inc()
         self.server.metrics.duration.labels("client", req.backend).observe(time.time() - p.started_at)
         return await self._finish(store, stats.get("data_end"))

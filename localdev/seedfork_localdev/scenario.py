@@ -409,7 +409,8 @@ def reference_set_body(
     ]
     transfer: dict[str, Any] = {
         "backend": backend,
-        "protocol": "tcp",
+        # Every local pod shares this host: GPU memory moves over NVLink (copy engines), host memory over TCP.
+        "protocol": "nvlink_intra" if device.startswith("cuda") else "tcp",
         "maxClientsPerSeed": max_clients_per_seed,
         "timeoutSeconds": timeout_seconds,
         "retries": retries,

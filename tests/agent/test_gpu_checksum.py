@@ -48,3 +48,20 @@ def test_without_a_c_compiler_the_gpu_still_verifies_with_torch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
     assert "checksum kernel unavailable" in out.stderr
+
+
+def test_a_pull_never_waits_for_another_threads_kernel_compile(monkeypatch):
+    """While a warm-up compiles the kernel in another thread, checksums use torch's reductions (same digits)."""
+    buf = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device="cuda")
+    spans = [(0, 1000), (4096, 70001)]
+    want = [ck.checksum(buf[o : o + n]) for o, n in spans]
+
+    def must_not_run(*_):
+        raise AssertionError("the kernel was launched while another thread compiled it")
+
+    monkeypatch.setattr(ck, "_kernel_proven", False)
+    monkeypatch.setattr(ck, "_warming", -1)  # some other thread
+    monkeypatch.setattr(ck, "block_checksums", must_not_run)
+    assert ck.checksums(buf, spans) == want
+    monkeypatch.undo()  # no warm-up running: the kernel path again
+    assert ck.checksums(buf, spans) == want
