@@ -10,6 +10,7 @@ from __future__ import annotations
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from .agent import Agent, AgentConfig, EngineHook
+from .engines.gate import EngineGate
 from .podloop import PodLoop
 
 
@@ -29,6 +30,8 @@ class PodAgent(PodLoop):
                 client_id=env.pod_ip,
             ),
             hook,
+            # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
+            gate=EngineGate(env.tp * env.pp) if env.engine == "vllm" else None,
         )
 
     def report(self) -> AgentReport:

