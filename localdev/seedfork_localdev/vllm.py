@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -79,6 +80,54 @@ def serve_args(model_dir: str | Path, host: str, port: int, load_format: str = "
         "--load-format",
         load_format,
     ]
+
+
+def set_body(
+    name: str,
+    model_dir: str | Path,
+    *,
+    replicas: int = 1,
+    backend: str = "transfer_engine",
+    timeout_seconds: int = 600,
+    retries: int = 2,
+    service_account: str = "seedfork-agent",
+) -> dict[str, Any]:
+    """A ModelReplicaSet of real vLLM, written as a user would for the image of the Dockerfile's ``vllm`` target:
+    plain ``vllm serve`` (with ``--load-format dummy`` even: the operator replaces it with ``seedfork``)."""
+    from seedfork_api.contract import ENV_POD_IP
+    from seedfork_api.spec import API_VERSION
+
+    argv = serve_args(model_dir, f"$({ENV_POD_IP})", 30000, load_format="dummy")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ModelReplicaSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "model": {"name": "seedfork/vllm-tiny", "revision": "main", "dtype": "float32", "uri": str(model_dir)},
+            "engine": {"kind": "vllm", "version": VERSION, "port": 30000},
+            "transfer": {
+                "backend": backend,
+                "protocol": "tcp",
+                "timeoutSeconds": timeout_seconds,
+                "retries": retries,
+                "fallback": "storage",
+            },
+            "template": {
+                "spec": {
+                    "serviceAccountName": service_account,
+                    "containers": [
+                        {
+                            "name": "engine",
+                            "image": f"{IMAGE}:{VERSION}",
+                            "command": ["vllm", *argv],
+                            "ports": [{"name": "http", "containerPort": 30000}],
+                        }
+                    ],
+                }
+            },
+        },
+    }
 
 
 PROMPT = "w10 w20 w30 w40 w50 w60"
