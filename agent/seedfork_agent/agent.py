@@ -121,8 +121,11 @@ class Agent:
             self.timing["engine_attached"] = time.time()
         if self.gate is not None:  # the engine loads from the store itself: it must prove it holds the weights
             self.server.offered = store
-            self.gate.wait(self.config.timeout_s)
+            reports = self.gate.wait(self.config.timeout_s)
             self.timing["engine_attached"] = time.time()
+            starts = [r.started_at for r in reports.values() if r.started_at is not None]
+            if starts:
+                self.timing["engine_load_start"] = min(starts)
         self.server.serve(store)
         p = self.server.progress
         p.state, p.finished_at = "verified", now

@@ -64,6 +64,7 @@ class PodAgent(PodLoop):
                 "transfer_end": t.get("transfer_end"),
                 "verified": t.get("verified"),
                 "engine_attached": t.get("engine_attached"),
+                "engine_load_start": t.get("engine_load_start"),
                 "bytes": p.bytes_total,
             }
         )

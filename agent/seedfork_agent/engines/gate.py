@@ -36,6 +36,7 @@ class RankReport:
     params_digest: str  # the engine's own parameters after the load, as that rank holds them
     param_bytes: int
     loaded_tensors: int
+    started_at: float | None = None  # epoch seconds when the engine asked for the weights (its init done)
 
     @classmethod
     def from_json(cls, body: object) -> RankReport:
@@ -58,6 +59,9 @@ class RankReport:
             values[key] = value
         if not 0 <= values["rank"] < values["worldSize"]:
             raise ValueError("rank must lie in [0, worldSize)")
+        started = body.get("startedAt")
+        if started is not None and (not isinstance(started, int | float) or isinstance(started, bool)):
+            raise ValueError("startedAt must be a number")
         return cls(
             rank=values["rank"],
             world_size=values["worldSize"],
@@ -65,6 +69,7 @@ class RankReport:
             params_digest=values["paramsDigest"],
             param_bytes=values["paramBytes"],
             loaded_tensors=values["loadedTensors"],
+            started_at=float(started) if started is not None else None,
         )
 
 

@@ -125,6 +125,7 @@ def params_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int]:
 
 def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> dict[str, Any]:
     """Load the agent's verified weights into ``model`` (one engine rank) and have the agent accept them."""
+    started = time.time()
     try:
         body = link.wait_for_weights()
         manifest = Manifest.from_dict(body["manifest"])
@@ -151,6 +152,7 @@ def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: in
             "paramsDigest": digest,
             "paramBytes": nbytes,
             "loadedTensors": len(manifest.tensors),
+            "startedAt": started,
         }
         link.report(report)
         log.info(
