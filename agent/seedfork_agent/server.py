@@ -272,7 +272,14 @@ class AgentServer:
         if not self.serving:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
         ranks = self.gate.published if self.gate is not None else {}
-        return web.json_response({"ranks": {str(r): d for r, d in sorted(ranks.items())}})
+        sizes = self.gate.param_bytes if self.gate is not None else {}
+        return web.json_response(
+            {
+                "ranks": {str(r): d for r, d in sorted(ranks.items())},
+                "paramBytes": {str(r): n for r, n in sorted(sizes.items())},
+                "storeBytes": self.store.nbytes,
+            }
+        )
 
     async def engine_report(self, request: web.Request) -> web.Response:
         self._require_token(request)

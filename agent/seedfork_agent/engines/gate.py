@@ -88,6 +88,7 @@ class EngineGate:
         self._failure: str | None = None
         # What this pod publishes once verified: its clients' engines must hold the same.
         self.published: dict[int, str] = {}
+        self.param_bytes: dict[int, int] = {}  # what each rank's parameters weigh, as the engine reported
 
     def open(self, manifest_digest: str, expected: dict[int, str] | None) -> None:
         """A new attempt: its verified manifest, and the seed's per-rank digests (None: loaded from storage)."""
@@ -151,13 +152,14 @@ class EngineGate:
             if self._failure is not None:
                 raise EngineGateError(self._failure)
             self.published = {r: rep.params_digest for r, rep in self._reports.items()}
+            self.param_bytes = {r: rep.param_bytes for r, rep in self._reports.items()}
             return dict(self._reports)
 
     def close(self) -> None:
         """The attempt ended without weights (failed, released): nothing is offered any more."""
         with self._cond:
             self._manifest_digest, self._expected = None, None
-            self._reports, self.published = {}, {}
+            self._reports, self.published, self.param_bytes = {}, {}, {}
             self._cond.notify_all()
 
 
