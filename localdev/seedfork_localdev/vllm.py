@@ -10,7 +10,10 @@ environment in for that image (``PodRunner(images=image_env())``).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,8 @@ def python() -> Path:
 
 def cpu_env() -> dict[str, str]:
     """What vLLM's CPU build needs here: the CPU platform, a small KV cache, no thread pinning on a shared
-    machine, no hub and no usage reports; and seedfork's loader from this checkout."""
+    machine, no hub and no usage reports, its own traffic on loopback; and seedfork's loader from this
+    checkout."""
     return {
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -50,6 +54,8 @@ def cpu_env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_LOGGING_LEVEL": "INFO",
+        # vLLM's processes talk to each other (ZMQ queues, gloo) on this address: keep it on loopback.
+        "VLLM_HOST_IP": "127.0.0.1",
         "PYTHONPATH": os.pathsep.join([str(REPO / "agent"), str(REPO / "api")]),
     }
 
@@ -128,6 +134,67 @@ def set_body(
             },
         },
     }
+
+
+class Server:
+    """One ``vllm serve`` process of the test model on ``ip:port``, in its own process group, logging to ``log``.
+
+    ``contract``: the pod-contract variables the operator renders into a vLLM pod's engine container
+    (agent address, token, timeout), for ``--load-format seedfork``."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        ip: str,
+        port: int,
+        log: Path,
+        load_format: str = "seedfork",
+        contract: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = f"http://{ip}:{port}"
+        self.log = log
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        env |= cpu_env() | dict(contract or {})
+        argv = [str(python().parent / "vllm"), *serve_args(model, ip, port, load_format)]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vLLM exited {self.proc.returncode}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vLLM not healthy after {timeout}s:\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Until vLLM exits; asserts it never answered /health while it ran."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            assert not self.healthy(), "vLLM answered /health on weights the agent refused"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vLLM still running after {timeout}s:\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
 
 
 PROMPT = "w10 w20 w30 w40 w50 w60"

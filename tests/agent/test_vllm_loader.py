@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,80 +37,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("vllm-tiny") / "model", "vllm-tiny")
 
 
-class Engine:
-    """One ``vllm serve`` process, started and stopped by this test only."""
-
-    def __init__(self, python: Path, model: Path, ip: str, port: int, log: Path, load_format: str, agent=None):
-        from seedfork_localdev import vllm
-
-        self.url = f"http://{ip}:{port}"
-        self.log = log
-        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-        env |= vllm.cpu_env()
-        if agent is not None:  # the pod contract, as the operator renders it into the engine container
-            env |= {"SEEDFORK_POD_IP": agent.ip, "SEEDFORK_AGENT_PORT": str(agent.port),
-                    "SEEDFORK_TOKEN": agent.token, "SEEDFORK_TIMEOUT_SECONDS": str(agent.timeout)}  # fmt: skip
-        argv = [str(python.parent / "vllm"), *vllm.serve_args(model, ip, port, load_format)]
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=open(log, "wb"),  # noqa: SIM115 (closed with the process)
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_healthy(self, timeout: float = STARTUP_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vLLM exited {self.proc.returncode}:\n{self.output()[-4000:]}")
-            if self.healthy():
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"vLLM not healthy after {timeout}s:\n{self.output()[-4000:]}")
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_exit(self, timeout: float = STARTUP_S) -> int:
-        """Until vLLM exits; asserts it never answered /health while it ran."""
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            assert not self.healthy(), "vLLM answered /health on weights the agent refused"
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM still running after {timeout}s:\n{self.output()[-4000:]}")
-            time.sleep(0.5)
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-class _AgentAddress:
-    def __init__(self, ip: str, port: int, token: str, timeout: float) -> None:
-        self.ip, self.port, self.token, self.timeout = ip, port, token, timeout
-
-
 @pytest.fixture
 def engines(tmp_path, vllm_python, tiny_model, kit):
-    started: list[Engine] = []
+    from seedfork_localdev.vllm import Server
 
-    def start(load_format: str = "seedfork", agent=None, model: Path | None = None, timeout: float = 60) -> Engine:
-        address = _AgentAddress(agent.ip, kit.AGENT_PORT, kit.TOKEN, timeout) if agent is not None else None
+    started: list[Server] = []
+
+    def start(load_format: str = "seedfork", agent=None, model: Path | None = None, timeout: float = 60) -> Server:
+        contract = None
+        if agent is not None:  # as the operator renders the pod contract into the engine container
+            contract = {"SEEDFORK_POD_IP": agent.ip, "SEEDFORK_AGENT_PORT": str(kit.AGENT_PORT),
+                        "SEEDFORK_TOKEN": kit.TOKEN, "SEEDFORK_TIMEOUT_SECONDS": str(timeout)}  # fmt: skip
         ip = kit.new_ip()
-        e = Engine(vllm_python, model or tiny_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, address)
+        e = Server(model or tiny_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, contract)
         started.append(e)
         return e
 
@@ -144,11 +81,11 @@ def test_storage_pod_and_seeded_pod_generate_what_vllm_generates_from_the_checkp
     assert httpx.get(f"{seed_agent.url}/readyz", timeout=5).status_code == 503
     assert httpx.get(f"{seed_agent.url}/v1/manifest", headers=_auth(kit), timeout=5).status_code == 503
     seed_engine = engines(agent=seed_agent, timeout=STARTUP_S)
-    reference.wait_healthy()
+    reference.wait_healthy(STARTUP_S)
     want = greedy_tokens(reference.url)
     reference.stop()
 
-    seed_engine.wait_healthy()
+    seed_engine.wait_healthy(STARTUP_S)
     seed_agent.wait_ready(timeout=60)
     assert greedy_tokens(seed_engine.url) == want
     published = httpx.get(f"{seed_agent.url}/v1/engine", headers=_auth(kit)).json()
@@ -157,7 +94,7 @@ def test_storage_pod_and_seeded_pod_generate_what_vllm_generates_from_the_checkp
     client_ip = kit.new_ip()
     client_agent = agents(*_pull(kit, client_ip, seed_ip), ip=client_ip)
     client_engine = engines(agent=client_agent, timeout=STARTUP_S)
-    client_engine.wait_healthy()
+    client_engine.wait_healthy(STARTUP_S)
     client_agent.wait_ready(timeout=60)
     assert greedy_tokens(client_engine.url) == want
     mine = httpx.get(f"{client_agent.url}/v1/engine", headers=_auth(kit)).json()
@@ -181,7 +118,7 @@ def test_a_store_corrupted_after_verification_never_serves(agents, engines, kit,
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
     engine = engines(agent=agent, timeout=STARTUP_S)
-    assert engine.wait_exit() != 0
+    assert engine.wait_exit(STARTUP_S) != 0
     assert "differ from the manifest" in engine.output()
     assert agent.wait_exit(60) == 1
     assert "differ from the manifest" in agent.output()
@@ -201,7 +138,7 @@ def test_an_incomplete_weight_set_never_serves(agents, engines, kit, tiny_model,
     ip = kit.new_ip()
     agent = agents(*_serve(kit, partial, ip), ip=ip)
     engine = engines(agent=agent, model=partial, timeout=STARTUP_S)
-    assert engine.wait_exit() != 0
+    assert engine.wait_exit(STARTUP_S) != 0
     assert "lm_head.weight" in engine.output()
     assert agent.wait_exit(60) == 1
     assert "parameters unset" in agent.output()

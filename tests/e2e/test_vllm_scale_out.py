@@ -8,10 +8,7 @@ tokens of a vLLM that read the checkpoint itself. Then every seed's store is cor
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -45,36 +42,6 @@ def vllm_model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("vllm-e2e") / "model", "vllm-tiny")
 
 
-@contextlib.contextmanager
-def reference_vllm(model: Path, log: Path):
-    """vLLM reading the checkpoint itself, on its own address: the tokens every replica must generate."""
-    python = vllm.python()
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ} | vllm.cpu_env()
-    argv = [str(python.parent / "vllm"), *vllm.serve_args(model, "127.0.0.1", 8011, load_format="auto")]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc, "http://127.0.0.1:8011"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-
-
-def wait_tokens(url: str, proc: subprocess.Popen, timeout: float) -> list[int]:
-    from seedfork_localdev.scenario import wait_until
-
-    def up():
-        assert proc.poll() is None, f"the reference vLLM exited {proc.returncode}"
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, timeout, "the reference vLLM's /health", 0.5)
-    return vllm.greedy_tokens(url)
-
-
 def corrupt_store(agent_url: str, token: str) -> None:
     """Flip one byte of a seed's verified store, in the shared memory its agent serves from."""
     r = httpx.get(f"{agent_url}/v1/attach", headers={"Authorization": f"Bearer {token}"}, timeout=10)
@@ -98,9 +65,14 @@ def test_vllm_set_scales_from_storage_to_seeds_and_never_serves_bad_weights(
     ):
         rset = ReferenceSet(api_client, namespace, "tiny")
         try:
-            with reference_vllm(vllm_model, tmp_path / "reference-vllm.log") as (proc, url):
+            # vLLM reading the checkpoint itself, on its own address: the tokens every replica must generate.
+            reference = vllm.Server(vllm_model, "127.0.0.1", 8011, tmp_path / "reference-vllm.log", "auto")
+            try:
                 rset.create(vllm.set_body("tiny", vllm_model, replicas=1))
-                want = wait_tokens(url, proc, READY_S)
+                reference.wait_healthy(READY_S)
+                want = vllm.greedy_tokens(reference.url)
+            finally:
+                reference.stop()
             (first,) = rset.wait_ready(1, READY_S)
             assert first.report["source"] == "storage"
 
