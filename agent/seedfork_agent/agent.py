@@ -74,6 +74,8 @@ class Agent:
             te_factory=self.te if config.serve_te else None,
         )
         self.server.gate = self.gate = gate
+        # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
+        self.engine_gone: Callable[[], str | None] | None = None
         self.timing: dict[str, float] = {}
         self._warm: asyncio.Task | None = None
         self.on_progress: Callable[[], None] | None = None
@@ -121,7 +123,7 @@ class Agent:
             self.timing["engine_attached"] = time.time()
         if self.gate is not None:  # the engine loads from the store itself: it must prove it holds the weights
             self.server.offered = store
-            reports = self.gate.wait(self.config.timeout_s)
+            reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
             self.timing["engine_attached"] = time.time()
             starts = [r.started_at for r in reports.values() if r.started_at is not None]
             if starts:

@@ -105,3 +105,34 @@ def test_malformed_reports_name_the_field(body, field):
 
 def test_a_well_formed_report_parses():
     assert RankReport.from_json({**GOOD, "startedAt": 5}) == RankReport(0, 1, "m", "p", 1, 1, started_at=5.0)
+
+
+def test_an_engine_container_that_exits_while_the_agent_waits_ends_the_attempt_at_once():
+    from seedfork_agent.engines.gate import EngineWatch
+
+    gate = EngineGate(1)
+    gate.open("m" * 64, None)
+    statuses = iter([{"engine": (0, False)}, {"engine": (0, False)}, {"engine": (0, True)}])
+    watch = EngineWatch()
+    t0 = time.monotonic()
+    with pytest.raises(EngineGateError, match="engine exited before it proved its load: container engine terminated"):
+        gate.wait(30, lambda: watch.exited(next(statuses)), poll_s=0.01)
+    assert time.monotonic() - t0 < 5
+
+
+def test_only_an_engine_seen_running_in_this_attempt_counts_as_exited():
+    from seedfork_agent.engines.gate import EngineWatch
+
+    watch = EngineWatch()
+    # The instance that failed the previous attempt: still terminated, then restarted late by the kubelet.
+    assert watch.exited({"engine": (1, True)}) is None
+    assert watch.exited({"engine": (2, False)}) is None  # its replacement runs: this one will report
+    assert watch.exited({"engine": (2, False)}) is None
+    assert watch.exited({"engine": (3, False)}) == "container engine restarted (3 restarts)"
+
+
+def test_a_report_that_arrives_wins_over_a_status_read():
+    gate = EngineGate(1)
+    gate.open("m" * 64, None)
+    gate.report(report(0, world=1))
+    assert set(gate.wait(1, lambda: "container engine terminated")) == {0}  # it proved its load, then exited

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -139,8 +140,12 @@ class EngineGate:
             return f"engine rank {r.rank} holds parameters with digest {r.params_digest[:16]}, {source} {want[:16]}"
         return None
 
-    def wait(self, timeout_s: float) -> dict[int, RankReport]:
-        """Until every rank reported well (then publish), one failed, or ``timeout_s`` passed."""
+    def wait(
+        self, timeout_s: float, engine_gone: Callable[[], str | None] | None = None, poll_s: float = 2.0
+    ) -> dict[int, RankReport]:
+        """Until every rank reported well (then publish), one failed, or ``timeout_s`` passed. ``engine_gone``,
+        asked every ``poll_s``, says why the engine can no longer report (its container exited), ending the
+        wait at once rather than at the timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self._failure is None and len(self._reports) < self.ranks:
@@ -148,7 +153,10 @@ class EngineGate:
                 if left <= 0:
                     missing = sorted(set(range(self.ranks)) - set(self._reports))
                     raise EngineGateError(f"engine ranks {missing} did not report their load within {timeout_s:.0f}s")
-                self._cond.wait(left)
+                self._cond.wait(min(left, poll_s) if engine_gone else left)
+                gone = engine_gone() if engine_gone and self._failure is None else None
+                if gone and len(self._reports) < self.ranks:
+                    raise EngineGateError(f"the engine exited before it proved its load: {gone}")
             if self._failure is not None:
                 raise EngineGateError(self._failure)
             self.published = {r: rep.params_digest for r, rep in self._reports.items()}
@@ -161,6 +169,26 @@ class EngineGate:
             self._manifest_digest, self._expected = None, None
             self._reports, self.published, self.param_bytes = {}, {}, {}
             self._cond.notify_all()
+
+
+class EngineWatch:
+    """Whether an engine container exited during this attempt, from successive reads of the pod's status.
+
+    Only an instance seen running during the attempt counts: the one that failed the previous attempt may
+    still be terminated, or restart late (the kubelet backs off), and its replacement will report."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, int] = {}  # container -> restart count when last seen running
+
+    def exited(self, now: Mapping[str, tuple[int, bool]]) -> str | None:
+        """``now`` maps each engine container to (restart count, terminated now)."""
+        for name, (restarts, terminated) in sorted(now.items()):
+            seen = self._running.get(name)
+            if seen is not None and (restarts > seen or terminated):
+                return f"container {name} {'terminated' if terminated else 'restarted'} ({restarts} restarts)"
+            if not terminated:
+                self._running[name] = restarts
+        return None
 
 
 def seed_engine_digests(seed_url: str, token: str, timeout_s: float = 30.0) -> dict[int, str]:
