@@ -17,7 +17,12 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
   are grouped into one cohort (one broadcast to k+1 ranks, the seed is rank 0).
 - SGLang: NCCL serves one client per seed; pods that loaded through
   TransferEngine cannot seed (SGLang does not republish their weights).
-- No eligible seed → storage. A failed or timed-out transfer (or a seed that
+- No free seed slot → decide by expected time (``fanout``, rule "expected"): wait for a seed slot
+  (``source: queued``) or load from storage, whichever is expected to verify sooner, with at most
+  ``maxConcurrentStorageLoads`` storage loads at once. A queued pod waits at most until its
+  ``waitUntil`` (its storage estimate, at most the timeout), then takes the next storage slot.
+  Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
+- A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
   ``retries``; then storage (``fallback: storage``) or the pod is replaced
   (``fallback: fail``). A failed storage load replaces the pod.
@@ -28,12 +33,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from seedfork_api.contract import Assignment, ConcreteBackend
 from seedfork_api.spec import ModelReplicaSetSpec
 
+from . import fanout
 from .podview import PodView
 
+Rule = Literal["expected", "legacy"]
 STORAGE = "storage"
 NO_LOCALITY = "remote"  # metric label when the seed shares none of the topology keys
 
@@ -68,6 +76,8 @@ class Plan:
     choices: list[SeedChoice] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     fell_back: int = 0  # storage chosen because seed transfers failed
+    queued: list[str] = field(default_factory=list)  # pods newly queued for a seed or storage slot
+    estimates: fanout.Estimates | None = None  # what the expected-time decisions were based on
 
     @property
     def empty(self) -> bool:
@@ -89,6 +99,25 @@ def client_limit(spec: ModelReplicaSetSpec) -> int:
 
 def uses_cohorts(spec: ModelReplicaSetSpec) -> bool:
     return resolve_backend(spec) == "nccl" and spec.engine.kind != "sglang"
+
+
+def seed_capacity(spec: ModelReplicaSetSpec, rule: Rule = "expected") -> int:
+    """Readers one seed takes at once. By expected time, TransferEngine readers share the seed's link: a
+    second concurrent reader verifies nobody sooner and delays the first one's becoming a seed, so one
+    at a time (tree doubling); an NCCL cohort broadcasts to all its members at once."""
+    if rule == "legacy" or uses_cohorts(spec):
+        return client_limit(spec)
+    return 1
+
+
+def is_storage_load(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    """Holds one of the set's storage slots: assigned storage, not finished, and started or recently assigned
+    (an agent that never starts frees its slot after the timeout, so it cannot block the set)."""
+    a = pod.assignment
+    if a is None or a.source != "storage" or pod.deleting or pod.state in ("verified", "failed"):
+        return False
+    r = pod.current_report
+    return (r is not None and r.state == "transferring") or now - a.assigned_at <= spec.transfer.timeout_seconds
 
 
 def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
@@ -196,6 +225,8 @@ class _Need:
     # The pod's agent is still inside an earlier attempt (e.g. joining a seed that just died) and starts this
     # one only when that ends, up to a timeout later: in a cohort it would hold every other member waiting.
     late: bool = False
+    storage_only: bool = False  # retries ran out and fallback is storage
+    queued: Assignment | None = None  # the pod waits in the queue already (since assigned_at, until wait_until)
 
 
 def plan(
@@ -206,7 +237,10 @@ def plan(
     now: float,
     new_name: Callable[[], str],
     template_node: str | None = None,
+    estimates: fanout.Estimates | None = None,
+    rule: Rule = "expected",
 ) -> Plan:
+    """``estimates``: the set's transfer and storage-load times (default: measured from the pods' timing)."""
     out = Plan()
     live = [p for p in pods if not p.deleting]
     by_name = {p.name: p for p in live}
@@ -234,6 +268,13 @@ def plan(
             if not pod.gate:
                 out.gate.append(pod.name)
             continue
+        if a.source == "queued":  # decided again every pass, until a slot is its
+            exhausted = len(a.excluded_seeds) > spec.transfer.retries
+            why = "fallback" if exhausted else ("retry" if a.excluded_seeds else "initial")
+            need = _Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), why, queued=a)
+            need.storage_only = exhausted
+            needs.append(need)
+            continue
         reason = None
         if pod.state == "failed":
             reason = (pod.current_report.error or "transfer failed") if pod.current_report else "transfer failed"
@@ -242,7 +283,7 @@ def plan(
         elif a.source == "seed" and (a.seed_pod in gone or a.seed_pod not in by_name):
             reason = f"seed {a.seed_pod} went away"
         if reason is None:
-            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now)
+            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now, rule)
             if upgrade:
                 needs.append(_Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), "locality"))
             continue
@@ -255,6 +296,8 @@ def plan(
         if len(excluded) <= spec.transfer.retries:
             busy = pod.report is not None and pod.report.state == "transferring"
             needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "retry", late=busy))
+        elif spec.transfer.fallback == "storage" and rule == "expected":  # through the storage fan-in limit
+            needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "fallback", storage_only=True))
         elif spec.transfer.fallback == "storage":
             storage = Assignment(attempt=a.attempt + 1, source="storage", excluded_seeds=excluded, assigned_at=now)
             out.assign.append((pod.name, storage))
@@ -272,8 +315,106 @@ def plan(
     def replacement() -> _Need:
         return _Need(new_name(), template_node, 1, [], "initial", new=True)
 
-    _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement)
+    if rule == "legacy":
+        _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement, client_limit(spec))
+        return out
+    est = out.estimates = estimates or fanout.measure(live)
+    # Locality moves first (a closer slot is free for them), then the longest-waiting pods, then the rest.
+    needs.sort(key=lambda n: (0, 0.0) if n.why == "locality" else ((1, n.queued.assigned_at) if n.queued else (2, 0.0)))
+    # A free seed slot is taken at once unless storage is expected to be faster than a seed transfer.
+    seed_first = est.seed_s <= est.storage_s
+    to_seed = [n for n in needs if not n.storage_only and (seed_first or not _storage_allowed(spec, n))]
+    waiting = [n for n in needs if n not in to_seed]
+    _assign(spec, fingerprint, to_seed, live, gone, nodes, clients, now, out, replacement, seed_capacity(spec), waiting)
+    _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
     return out
+
+
+def _storage_allowed(spec: ModelReplicaSetSpec, need: _Need) -> bool:
+    """A pod's first load may always come from storage; a retry only with ``fallback: storage``."""
+    return need.why != "retry" or spec.transfer.fallback == "storage"
+
+
+def _wait_or_storage(
+    spec: ModelReplicaSetSpec,
+    est: fanout.Estimates,
+    needs: list[_Need],
+    live: list[PodView],
+    clients: Mapping[str, list[PodView]],
+    gone: set[str],
+    now: float,
+    out: Plan,
+    replacement: Callable[[], _Need],
+) -> None:
+    """No seed slot is free for these pods: queue each for the slot (seed or storage) expected to verify it
+    first, or load it from storage now. In need order, so the forecast books slots first come, first served."""
+    if not needs:
+        return
+    grows = not (spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine")
+    forecast = fanout.Forecast(now, est, seed_capacity(spec), grows)
+    moving = {n.pod for n in needs}
+    for seed, group in clients.items():  # seed transfers in flight free their slot and add a seed
+        if seed in gone:
+            continue
+        for c in group:
+            if c.name not in moving:
+                forecast.seed_transfer(fanout.expected_end(c, est.seed_s, now))
+    loads = 0
+    for pod in live:
+        if pod.name not in gone and pod.name not in moving and is_storage_load(spec, pod, now):
+            loads += 1
+            forecast.storage_load(fanout.expected_end(pod, est.storage_s, now))
+    for _, a in [*out.create, *out.assign]:  # what this pass already decided
+        if a.source == "seed":
+            forecast.seed_transfer(now + est.seed_s)
+        elif a.source == "storage":
+            loads += 1
+            forecast.storage_load(now + est.storage_s)
+    forecast.free_storage(spec.transfer.max_concurrent_storage_loads - loads)
+
+    def overdue(n: _Need) -> bool:
+        return n.queued is not None and n.queued.wait_until is not None and now >= n.queued.wait_until
+
+    order = sorted(needs, key=lambda n: not overdue(n))  # overdue pods first in the storage line
+    for need in order:  # may grow: a pod replaced here gets its successor in the same pass
+        if need.why == "locality":  # keeps the seed it has
+            continue
+        storage_ok = _storage_allowed(spec, need)
+        seed_eta = float("inf") if need.storage_only else forecast.seed_eta()
+        storage_eta = forecast.storage_eta() if storage_ok else float("inf")
+        late = overdue(need)
+        if storage_ok and (late or storage_eta < seed_eta):
+            storage_now = forecast.next_storage_slot() == now
+            forecast.take_storage()
+            if not storage_now:
+                _queue(spec, est, need, now, out)  # storage is sooner, once a storage slot frees
+                continue
+            _emit(
+                out,
+                need,
+                Assignment(attempt=need.attempt, source="storage", excluded_seeds=need.excluded, assigned_at=now),
+            )
+            fallback = need.why in ("retry", "fallback")
+            out.choices.append(SeedChoice(need.pod, need.attempt, None, STORAGE, "fallback" if fallback else need.why))
+            out.fell_back += int(fallback)
+            continue
+        if late or seed_eta == float("inf"):  # no seed to come, and storage is not allowed
+            out.delete.append((need.pod, "no seed to retry on and fallback is fail"))
+            order.append(replacement())
+            continue
+        forecast.take_seed()
+        _queue(spec, est, need, now, out)
+
+
+def _queue(spec: ModelReplicaSetSpec, est: fanout.Estimates, need: _Need, now: float, out: Plan) -> None:
+    if need.queued is not None:  # already waiting: nothing to write
+        return
+    wait = min(est.storage_s, float(spec.transfer.timeout_seconds))
+    queued = Assignment(
+        attempt=need.attempt, source="queued", excluded_seeds=need.excluded, assigned_at=now, wait_until=now + wait
+    )
+    _emit(out, need, queued)
+    out.queued.append(need.pod)
 
 
 def _locality_upgrade(
@@ -284,6 +425,7 @@ def _locality_upgrade(
     nodes: NodeLabels,
     clients: Mapping[str, list[PodView]],
     now: float,
+    rule: Rule,
 ) -> bool:
     """A pod assigned before it was scheduled may now have a closer seed; switch before its agent starts."""
     a = pod.assignment
@@ -293,7 +435,7 @@ def _locality_upgrade(
     client = nodes.get(pod.node)
     current = next((p for p in live if p.name == a.seed_pod), None)
     current_rank = locality(client, nodes.get(current.node or ""), keys)[0] if current else len(keys)
-    limit = client_limit(spec)
+    limit = seed_capacity(spec, rule)
     for seed in live:
         if seed.name == a.seed_pod or seed.name in a.excluded_seeds or not can_seed(spec, fingerprint, seed):
             continue
@@ -324,11 +466,13 @@ def _assign(
     now: float,
     out: Plan,
     replacement: Callable[[], _Need],
+    limit: int,
+    leftover: list[_Need] | None = None,
 ) -> None:
+    """Free seed slots to the needs, in order. No slot: storage, or into ``leftover`` when given."""
     if not needs:
         return
     backend = resolve_backend(spec)
-    limit = client_limit(spec)
     cohorts = uses_cohorts(spec)
     blocks = port_blocks(spec) if backend == "nccl" else []
     keys = spec.transfer.topology_keys
@@ -376,6 +520,9 @@ def _assign(
                         best = (key, seed, label)
             if best is not None:
                 break
+        if best is None and leftover is not None:
+            leftover.append(need)
+            continue
         if best is None:
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":

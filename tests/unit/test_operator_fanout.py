@@ -1,0 +1,187 @@
+"""The planner's decision by expected time: take a seed slot, wait for one (queued), or load from storage.
+
+Pure: no cluster. The estimates come from the agents' timing annotations, as in the operator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from seedfork_api.contract import AgentReport, Assignment, PodTiming
+from seedfork_api.spec import ModelReplicaSetSpec
+from seedfork_operator import fanout, planner
+from seedfork_operator.podview import PodView
+
+FP = "f" * 16
+NOW = 1_000_000.0
+NODES = {"n1": {"kubernetes.io/hostname": "n1"}}
+
+
+def spec(replicas: int, **transfer) -> ModelReplicaSetSpec:
+    return ModelReplicaSetSpec.model_validate(
+        {
+            "replicas": replicas,
+            "model": {"name": "m", "uri": "/m"},
+            "engine": {"kind": "reference"},
+            "transfer": {"backend": "transfer_engine", **transfer},
+        }
+    )
+
+
+def verified(name: str, source: str = "storage", seconds: float = 11.0, ip: str = "127.0.0.2") -> PodView:
+    """A serving pod whose agent recorded how long its load took."""
+    a = Assignment(attempt=1, source=source, assigned_at=NOW - 100, **({"seedPod": "s0"} if source == "seed" else {}))
+    return PodView(
+        name=name,
+        created=1.0,
+        node="n1",
+        ip=ip,
+        fingerprint=FP,
+        ready=True,
+        gate=True,
+        assignment=a,
+        report=AgentReport(attempt=1, state="verified", source=source, serving=True),
+        timing=PodTiming(transferStart=NOW - 90, verified=NOW - 90 + seconds, bytes=16 * 10**9),
+    )
+
+
+def queued(name: str, since: float, wait_until: float, attempt: int = 1) -> PodView:
+    a = Assignment(attempt=attempt, source="queued", assigned_at=since, waitUntil=wait_until)
+    return PodView(name=name, created=since, node="n1", fingerprint=FP, assignment=a)
+
+
+def seed_client(name: str, seed: str, assigned_at: float = NOW) -> PodView:
+    a = Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod=seed, assigned_at=assigned_at)
+    return PodView(name=name, created=1.0, node="n1", fingerprint=FP, assignment=a)
+
+
+def storage_load(name: str) -> PodView:
+    return PodView(
+        name=name, created=1.0, fingerprint=FP, assignment=Assignment(attempt=1, source="storage", assigned_at=NOW)
+    )
+
+
+def run(s, pods, now=NOW, **kw) -> planner.Plan:
+    counter = itertools.count()
+    return planner.plan(s, FP, pods, NODES, now, lambda: f"new-{next(counter)}", **kw)
+
+
+def sources(result: planner.Plan) -> list[str]:
+    return [a.source for _, a in [*result.create, *result.assign]]
+
+
+# ------------------------------------------------------------------ estimates
+
+
+def test_estimates_come_from_the_agents_timing_with_a_default_before_that():
+    assert fanout.measure([]) == fanout.Estimates(
+        fanout.DEFAULT_STORAGE_S / fanout.SEED_SPEEDUP, fanout.DEFAULT_STORAGE_S
+    )
+    only_storage = fanout.measure([verified("a", seconds=11.0), verified("b", seconds=13.0)])
+    assert (only_storage.storage_s, only_storage.seed_s, only_storage.storage_samples) == (12.0, 1.2, 2)
+    both = fanout.measure([verified("a", seconds=11.0), verified("c", "seed", seconds=0.3)])
+    assert (both.storage_s, both.seed_s, both.seed_samples, both.bytes) == (11.0, pytest.approx(0.3), 1, 16 * 10**9)
+    # a report still transferring, or timing without its phases, measures nothing
+    moving = replace(verified("d", seconds=1.0), report=AgentReport(attempt=1, state="transferring"))
+    assert fanout.measure([moving, replace(verified("e"), timing=PodTiming())]).storage_samples == 0
+
+
+# ------------------------------------------------------------------ the decision
+
+
+def test_one_seed_and_a_burst_of_100_no_pod_goes_to_storage_while_a_seed_is_sooner():
+    """The issue's case: 1 -> 100 with 4 clients per seed sent 96 pods to storage."""
+    seed = verified("s0", seconds=11.0)  # storage 11 s; seed transfers assumed 10x faster
+    result = run(spec(100, maxClientsPerSeed=4), [seed])
+    assert sorted(sources(result)) == ["queued"] * 98 + ["seed"]
+    # each queued pod waits no longer than its storage estimate
+    assert {a.wait_until for _, a in result.create if a.source == "queued"} == {NOW + 11.0}
+    assert sorted(result.queued) == sorted(n for n, a in result.create if a.source == "queued")
+    legacy = run(spec(100, maxClientsPerSeed=4), [seed], rule="legacy")
+    assert sources(legacy).count("storage") == 95  # the old rule, kept for comparison
+
+
+def test_storage_is_chosen_when_it_is_sooner_than_the_queue_but_never_past_the_fan_in_limit():
+    # seed transfers as slow as storage: a long queue for one seed loses to storage, up to the limit
+    s = spec(20, maxConcurrentStorageLoads=3)
+    est = fanout.Estimates(seed_s=10.0, storage_s=11.0)
+    result = run(s, [verified("s0")], estimates=est)
+    assert sources(result).count("seed") == 1 and sources(result).count("storage") == 3
+    assert sources(result).count("queued") == 15
+
+
+def test_a_burst_with_no_seed_loads_limit_pods_from_storage_and_queues_the_rest():
+    result = run(spec(10), [])
+    assert sources(result) == ["storage", "storage"] + ["queued"] * 8
+    # the loads in flight hold the storage slots: a second pass starts no more
+    pods = [
+        PodView(name=n, created=1.0, fingerprint=FP, assignment=a.model_copy(update={"assigned_at": NOW}))
+        for n, a in result.create
+    ]
+    assert run(spec(10), pods, now=NOW + 1).empty
+
+
+def test_a_queued_pod_stays_queued_without_writes_until_a_seed_slot_frees():
+    s = spec(3)
+    pods = [verified("s0"), seed_client("c1", "s0"), queued("q", NOW - 1, NOW + 10)]
+    assert run(s, pods).empty  # s0 serves c1: nothing to do
+    done = replace(
+        pods[1], report=AgentReport(attempt=1, state="verified", serving=True), ready=True, gate=True, ip="127.0.0.3"
+    )
+    result = run(s, [pods[0], done, pods[2]])
+    ((name, a),) = result.assign
+    assert (name, a.source, a.attempt) == ("q", "seed", 2) and a.seed_pod in ("s0", "c1")
+
+
+def test_a_queued_pod_past_its_wait_loads_from_storage_first_in_line():
+    s = spec(4)
+    pods = [verified("s0"), seed_client("c1", "s0"), queued("late", NOW - 20, NOW - 1), queued("q", NOW - 1, NOW + 10)]
+    result = run(s, pods)
+    assert [(n, a.source) for n, a in result.assign] == [("late", "storage")]
+    # storage full: it keeps waiting (for the first storage slot or seed slot), no write
+    loads = [storage_load(f"l{i}") for i in range(2)]
+    s.replicas = 6
+    assert run(s, [*pods, *loads]).empty
+
+
+def test_retries_exhausted_fall_back_through_the_storage_limit():
+    s = spec(5, retries=0)
+    failed = PodView(
+        name="c",
+        created=1.0,
+        fingerprint=FP,
+        assignment=Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod="s0", assigned_at=NOW - 5),
+        report=AgentReport(attempt=1, state="failed", error="checksum mismatch"),
+    )
+    loads = [storage_load(f"l{i}") for i in range(2)]
+    ((name, a),) = run(s, [verified("s0"), failed, *loads]).assign
+    assert (name, a.source, a.excluded_seeds) == ("c", "queued", ["s0"])
+    # once a storage slot is free, the queued fallback takes it
+    result = run(s, [verified("s0"), replace(failed, assignment=a, report=failed.report), loads[0]], now=NOW + 1)
+    ((name, b),) = result.assign
+    assert (name, b.source, b.attempt) == ("c", "storage", 3) and result.fell_back == 1
+
+
+def test_sglang_over_te_clients_add_no_seeds_to_the_forecast():
+    est = fanout.Estimates(seed_s=1.0, storage_s=2.6)  # the first free seed slot after now: verified at 2.5 s
+
+    def plan_for(engine: str) -> list[str]:
+        s = ModelReplicaSetSpec.model_validate(
+            {"replicas": 6, "model": {"name": "m", "uri": "/m"}, "engine": {"kind": engine},
+             "transfer": {"backend": "transfer_engine", "maxConcurrentStorageLoads": 4}}
+        )  # fmt: skip
+        return sources(run(s, [verified("s0", seconds=2.0)], estimates=est))
+
+    # reference: the first client seeds too, so two pods can wait; SGLang's TE clients never seed
+    assert plan_for("reference") == ["seed", "queued", "queued", "storage", "storage"]
+    assert plan_for("sglang") == ["seed", "queued", "storage", "storage", "storage"]
+
+
+def test_nccl_cohorts_take_several_readers_per_seed():
+    s = spec(5, backend="nccl", maxClientsPerSeed=4)
+    result = run(s, [verified("s0")])
+    assert sorted(sources(result)) == ["seed"] * 4
+    assert len({a.cohort_id for _, a in result.create}) == 1
