@@ -283,7 +283,7 @@ def plan(
         elif a.source == "seed" and (a.seed_pod in gone or a.seed_pod not in by_name):
             reason = f"seed {a.seed_pod} went away"
         if reason is None:
-            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now, rule)
+            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now)
             if upgrade:
                 needs.append(_Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), "locality"))
             continue
@@ -425,7 +425,6 @@ def _locality_upgrade(
     nodes: NodeLabels,
     clients: Mapping[str, list[PodView]],
     now: float,
-    rule: Rule,
 ) -> bool:
     """A pod assigned before it was scheduled may now have a closer seed; switch before its agent starts."""
     a = pod.assignment
@@ -435,7 +434,8 @@ def _locality_upgrade(
     client = nodes.get(pod.node)
     current = next((p for p in live if p.name == a.seed_pod), None)
     current_rank = locality(client, nodes.get(current.node or ""), keys)[0] if current else len(keys)
-    limit = seed_capacity(spec, rule)
+    # Up to the user's limit: a closer seed is usually another link (NVLink, the same zone's network).
+    limit = client_limit(spec)
     for seed in live:
         if seed.name == a.seed_pod or seed.name in a.excluded_seeds or not can_seed(spec, fingerprint, seed):
             continue
@@ -497,7 +497,9 @@ def _assign(
             slot_of(seed)
 
     plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
+    user_limit = client_limit(spec)
     for need in needs:  # may grow: a replaced pod's successor is planned in the same pass
+        cap = user_limit if need.why == "locality" else limit  # as _locality_upgrade found the room
         # Locality depends only on the seed's node: rank the nodes, then scan seeds best level first.
         client_labels = nodes.get(need.node or "")
         levels: dict[int, list[tuple[str | None, str]]] = {}
@@ -510,7 +512,7 @@ def _assign(
                 for seed in by_node[node]:
                     slot = slots.get(seed.name)
                     active = slot.active if slot else 0
-                    if active >= limit or seed.name in need.excluded:
+                    if active >= cap or seed.name in need.excluded:
                         continue
                     joins = cohorts and not need.late and slot is not None and bool(slot.cohort)
                     if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:

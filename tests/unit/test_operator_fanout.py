@@ -81,7 +81,7 @@ def test_estimates_come_from_the_agents_timing_with_a_default_before_that():
         fanout.DEFAULT_STORAGE_S / fanout.SEED_SPEEDUP, fanout.DEFAULT_STORAGE_S
     )
     only_storage = fanout.measure([verified("a", seconds=11.0), verified("b", seconds=13.0)])
-    assert (only_storage.storage_s, only_storage.seed_s, only_storage.storage_samples) == (12.0, 1.2, 2)
+    assert (only_storage.storage_s, only_storage.seed_s, only_storage.storage_samples) == (12.0, 0.4, 2)
     both = fanout.measure([verified("a", seconds=11.0), verified("c", "seed", seconds=0.3)])
     assert (both.storage_s, both.seed_s, both.seed_samples, both.bytes) == (11.0, pytest.approx(0.3), 1, 16 * 10**9)
     # a report still transferring, or timing without its phases, measures nothing
@@ -185,3 +185,14 @@ def test_nccl_cohorts_take_several_readers_per_seed():
     result = run(s, [verified("s0")])
     assert sorted(sources(result)) == ["seed"] * 4
     assert len({a.cohort_id for _, a in result.create}) == 1
+
+
+def test_locality_swaps_still_happen_when_each_seed_takes_one_reader():
+    zone = "topology.kubernetes.io/zone"
+    nodes = {n: {"kubernetes.io/hostname": n, zone: z} for n, z in [("n1", "a"), ("n2", "a"), ("n3", "b"), ("n4", "b")]}
+    s1, s2 = replace(verified("s1"), node="n1"), replace(verified("s2", ip="127.0.0.3"), node="n3")
+    c1 = replace(seed_client("c1", "s2"), node="n2")  # assigned before it was scheduled: the far seed
+    c2 = replace(seed_client("c2", "s1"), node="n4")
+    counter = itertools.count()
+    result = planner.plan(spec(4), FP, [s1, s2, c1, c2], nodes, NOW, lambda: f"new-{next(counter)}")
+    assert sorted((n, a.seed_pod) for n, a in result.assign) == [("c1", "s1"), ("c2", "s2")]
