@@ -323,8 +323,11 @@ def plan(
     needs.sort(key=lambda n: (0, 0.0) if n.why == "locality" else ((1, n.queued.assigned_at) if n.queued else (2, 0.0)))
     # A free seed slot is taken at once unless storage is expected to be faster than a seed transfer.
     seed_first = est.seed_s <= est.storage_s
-    to_seed = [n for n in needs if not n.storage_only and (seed_first or not _storage_allowed(spec, n))]
-    waiting = [n for n in needs if n not in to_seed]
+    to_seed: list[_Need] = []
+    waiting: list[_Need] = []
+    for n in needs:
+        seed_now = not n.storage_only and (seed_first or not _storage_allowed(spec, n))
+        (to_seed if seed_now else waiting).append(n)
     _assign(spec, fingerprint, to_seed, live, gone, nodes, clients, now, out, replacement, seed_capacity(spec), waiting)
     _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
     return out
