@@ -263,7 +263,7 @@ POLICIES: dict[str, tuple[str, Callable[[Sim, SetState], None]]] = {
 }
 
 
-def make_set(name: str, n_new: int, size: int, backend: str, links: Links, transfer: dict) -> SetState:
+def make_set(name: str, n_new: int, size: int, backend: str, links: Links, transfer: dict, seeded: bool) -> SetState:
     spec = ModelReplicaSetSpec.model_validate(
         {
             "replicas": n_new + 1,
@@ -274,6 +274,9 @@ def make_set(name: str, n_new: int, size: int, backend: str, links: Links, trans
     )
     counter = itertools.count()
     s = SetState(name, spec, spec.fingerprint(), names=lambda: f"{name}-{next(counter)}")
+    if not seeded:
+        spec.replicas = n_new
+        return s
     storage_s = size / links.storage_reader  # the seed's own load, as its agent recorded it
     seed = SimPod(
         f"{name}-seed", name, f"ip-{name}-seed", -storage_s, ready=True, gate=True, handled=1,
@@ -285,10 +288,13 @@ def make_set(name: str, n_new: int, size: int, backend: str, links: Links, trans
     return s
 
 
-def simulate(policy: str, sets: int, n_new: int, size: int, links: Links, transfer: dict | None = None) -> dict:
+def simulate(
+    policy: str, sets: int, n_new: int, size: int, links: Links, transfer: dict | None = None, seeded: bool = True
+) -> dict:
+    """``seeded``: each set starts with one Ready seed (else from nothing: every first load is from storage)."""
     backend, step = POLICIES[policy]
     sim = Sim(size, links)
-    states = {f"s{i}": make_set(f"s{i}", n_new, size, backend, links, transfer or {}) for i in range(sets)}
+    states = {f"s{i}": make_set(f"s{i}", n_new, size, backend, links, transfer or {}, seeded) for i in range(sets)}
     for s in states.values():
         step(sim, s)
     sim.rates()
@@ -339,16 +345,17 @@ def chain_on_paper(n_new: int, size: int, links: Links) -> dict:
     }
 
 
-def cases(quick: bool) -> list[tuple[str, int, int, int]]:
-    """(label, sets, new pods per set, bytes)."""
+def cases(quick: bool) -> list[tuple[str, int, int, int, bool]]:
+    """(label, sets, new pods per set, bytes, seeded)."""
     b70 = 140 * GB  # 70B in bfloat16
     if quick:
-        return [("1->10 70B", 1, 10, b70), ("1->30 70B", 1, 30, b70), ("3 sets x 1->10 70B", 3, 10, b70)]
+        return [("1->10 70B", 1, 10, b70, True), ("0->10 70B", 1, 10, b70, False)]
     return [
-        ("1->10 70B", 1, 10, b70),
-        ("1->100 70B", 1, 100, b70),
-        ("1->1000 70B", 1, 1000, b70),
-        ("100 sets x 1->100 70B", 100, 100, b70),
+        ("1->10 70B", 1, 10, b70, True),
+        ("1->100 70B", 1, 100, b70, True),
+        ("1->1000 70B", 1, 1000, b70, True),
+        ("100 sets x 1->100 70B", 100, 100, b70, True),
+        ("0->100 70B", 1, 100, b70, False),
     ]
 
 
@@ -359,14 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     links = Links()
     rows = []
-    for label, sets, n_new, size in cases(args.quick):
+    for label, sets, n_new, size, seeded in cases(args.quick):
         for policy in POLICIES:
+            if policy == "one-by-one" and not seeded:
+                continue  # no seed to serve one by one
             t0 = time.perf_counter()
-            row = simulate(policy, sets, n_new, size, links)
+            row = simulate(policy, sets, n_new, size, links, seeded=seeded)
             row["case"], row["wall_s"] = label, time.perf_counter() - t0
             rows.append(row)
             print_row(row)
-        if sets == 1:
+        if sets == 1 and seeded:
             row = chain_on_paper(n_new, size, links)
             row["case"] = label
             rows.append(row)

@@ -20,7 +20,9 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
 - No free seed slot → decide by expected time (``fanout``, rule "expected"): wait for a seed slot
   (``source: queued``) or load from storage, whichever is expected to verify sooner, with at most
   ``maxConcurrentStorageLoads`` storage loads at once. A queued pod waits at most until its
-  ``waitUntil`` (its storage estimate, at most the timeout), then takes the next storage slot.
+  ``waitUntil`` (when storage would have verified it: the storage estimate plus the wait for a storage
+  slot; at most the timeout), then takes the next storage slot unless a seed slot frees within one
+  transfer time.
   Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
 - A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
@@ -364,9 +366,13 @@ def _wait_or_storage(
                 forecast.seed_transfer(fanout.expected_end(c, est.seed_s, now))
     loads = 0
     for pod in live:
-        if pod.name not in gone and pod.name not in moving and is_storage_load(spec, pod, now):
+        if pod.name in gone or pod.name in moving:
+            continue
+        if is_storage_load(spec, pod, now):
             loads += 1
             forecast.storage_load(fanout.expected_end(pod, est.storage_s, now))
+        elif pod.verified and pod.serving and not pod.ready and (grows or pod.assignment.source == "storage"):
+            forecast.add_seed_slots(now + fanout.DISPATCH_S, forecast.capacity)  # a seed once its gate is set
     for _, a in [*out.create, *out.assign]:  # what this pass already decided
         if a.source == "seed":
             forecast.seed_transfer(now + est.seed_s)
@@ -385,12 +391,15 @@ def _wait_or_storage(
         storage_ok = _storage_allowed(spec, need)
         seed_eta = float("inf") if need.storage_only else forecast.seed_eta()
         storage_eta = forecast.storage_eta() if storage_ok else float("inf")
-        late = overdue(need)
+        # Past its wait: the next storage slot, unless a seed slot frees within one transfer time (a transfer
+        # in flight ends, or a verified pod's gate is being set): that slot is no forecast but a fact.
+        soon = now + est.seed_s + fanout.DISPATCH_S
+        late = overdue(need) and (forecast.next_seed_slot() or float("inf")) > soon
         if storage_ok and (late or storage_eta < seed_eta):
             storage_now = forecast.next_storage_slot() == now
             forecast.take_storage()
             if not storage_now:
-                _queue(spec, est, need, now, out)  # storage is sooner, once a storage slot frees
+                _queue(spec, need, now, storage_eta, out)  # storage is sooner, once a storage slot frees
                 continue
             _emit(
                 out,
@@ -406,15 +415,17 @@ def _wait_or_storage(
             order.append(replacement())
             continue
         forecast.take_seed()
-        _queue(spec, est, need, now, out)
+        _queue(spec, need, now, storage_eta, out)
 
 
-def _queue(spec: ModelReplicaSetSpec, est: fanout.Estimates, need: _Need, now: float, out: Plan) -> None:
+def _queue(spec: ModelReplicaSetSpec, need: _Need, now: float, storage_eta: float, out: Plan) -> None:
+    """Queue the pod. It waits at most until storage would have verified it (its storage estimate plus the wait
+    for a storage slot), and never past the timeout."""
     if need.queued is not None:  # already waiting: nothing to write
         return
-    wait = min(est.storage_s, float(spec.transfer.timeout_seconds))
+    until = min(storage_eta, now + spec.transfer.timeout_seconds)
     queued = Assignment(
-        attempt=need.attempt, source="queued", excluded_seeds=need.excluded, assigned_at=now, wait_until=now + wait
+        attempt=need.attempt, source="queued", excluded_seeds=need.excluded, assigned_at=now, wait_until=until
     )
     _emit(out, need, queued)
     out.queued.append(need.pod)

@@ -136,15 +136,24 @@ def test_a_queued_pod_stays_queued_without_writes_until_a_seed_slot_frees():
     assert (name, a.source, a.attempt) == ("q", "seed", 2) and a.seed_pod in ("s0", "c1")
 
 
-def test_a_queued_pod_past_its_wait_loads_from_storage_first_in_line():
-    s = spec(4)
-    pods = [verified("s0"), seed_client("c1", "s0"), queued("late", NOW - 20, NOW - 1), queued("q", NOW - 1, NOW + 10)]
-    result = run(s, pods)
-    assert [(n, a.source) for n, a in result.assign] == [("late", "storage")]
+def test_a_queued_pod_past_its_wait_loads_from_storage_unless_a_seed_slot_frees_within_a_transfer():
+    s = spec(6)
+    est = fanout.Estimates(seed_s=1.0, storage_s=11.0)
+    late = [queued(f"late{i}", NOW - 20 + i, NOW - 1) for i in range(3)]
+    pods = [verified("s0"), seed_client("c1", "s0"), *late, queued("q", NOW - 1, NOW + 10)]
+    result = run(s, pods, estimates=est)
+    # c1's transfer ends within a second and frees two slots (s0's, and c1's as a new seed): the first two
+    # late pods keep waiting for those; the third would wait longer, so it takes a storage slot
+    assert [(n, a.source) for n, a in result.assign] == [("late2", "storage")]
     # storage full: it keeps waiting (for the first storage slot or seed slot), no write
     loads = [storage_load(f"l{i}") for i in range(2)]
-    s.replicas = 6
-    assert run(s, [*pods, *loads]).empty
+    s.replicas = 8
+    assert run(s, [*pods, *loads], estimates=est).empty
+    # a pod queued behind a full storage waits until storage would have verified it, not just its load time
+    s.replicas = 9
+    result = run(s, [*pods, *loads], estimates=est)
+    ((_, a),) = result.create
+    assert a.source == "queued" and a.wait_until == pytest.approx(NOW + 11.0 + fanout.DISPATCH_S + 11.0)
 
 
 def test_retries_exhausted_fall_back_through_the_storage_limit():
