@@ -57,3 +57,12 @@ def test_storage_fan_in_limit_holds_when_storage_is_the_faster_path(sim):
 def test_sets_share_storage_but_plan_alone(sim):
     rows = {p: sim.simulate(p, 3, 10, 140 * sim.GB, sim.Links()) for p in ("legacy", "planner")}
     assert rows["legacy"]["peak_storage_readers"] == 18 and rows["planner"]["storage_loads"] == 0
+
+
+def test_from_nothing_the_fan_in_limit_loads_two_and_seeds_the_rest(sim):
+    size, links = 140 * sim.GB, sim.Links()
+    planned = sim.simulate("planner", 1, 30, size, links, seeded=False)
+    legacy = sim.simulate("legacy", 1, 30, size, links, seeded=False)
+    assert planned["storage_loads"] == planned["peak_storage_readers"] == 2  # maxConcurrentStorageLoads default
+    assert legacy["storage_loads"] == legacy["peak_storage_readers"] == 30
+    assert planned["all_verified_s"] < legacy["all_verified_s"]
