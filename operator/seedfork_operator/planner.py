@@ -18,11 +18,13 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
 - SGLang: NCCL serves one client per seed; pods that loaded through
   TransferEngine cannot seed (SGLang does not republish their weights).
 - No free seed slot → decide by expected time (``fanout``, rule "expected"): wait for a seed slot
-  (``source: queued``) or load from storage, whichever is expected to verify sooner, with at most
-  ``maxConcurrentStorageLoads`` storage loads at once. A queued pod waits at most until its
-  ``waitUntil`` (when storage would have verified it: the storage estimate plus the wait for a storage
-  slot; at most the timeout), then takes the next storage slot unless a seed slot frees within one
-  transfer time.
+  (``source: queued``) or load from storage, whichever is expected to verify sooner (storage by more
+  than ``fanout.PREFER_SEED_S``), with at most
+  ``maxConcurrentStorageLoads`` storage loads at once. Until its ``waitUntil`` (when storage would have
+  verified it: the storage estimate plus the wait for a storage slot, plus ``fanout.PREFER_SEED_S``;
+  counted from when its agent runs) a queued pod prefers seeds by ``PREFER_SEED_S``; after it, it takes
+  storage as soon as storage is expected sooner at all; past the timeout it takes the next storage slot
+  whatever the forecast says.
   Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
 - A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
@@ -229,6 +231,7 @@ class _Need:
     late: bool = False
     storage_only: bool = False  # retries ran out and fallback is storage
     queued: Assignment | None = None  # the pod waits in the queue already (since assigned_at, until wait_until)
+    agent_up: float | None = None  # queued: since when its agent runs (it reported), None while it starts
 
 
 def plan(
@@ -273,7 +276,8 @@ def plan(
         if a.source == "queued":  # decided again every pass, until a slot is its
             exhausted = len(a.excluded_seeds) > spec.transfer.retries
             why = "fallback" if exhausted else ("retry" if a.excluded_seeds else "initial")
-            need = _Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), why, queued=a)
+            up = max(a.assigned_at, pod.report.updated_at) if pod.report is not None else None
+            need = _Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), why, queued=a, agent_up=up)
             need.storage_only = exhausted
             needs.append(need)
             continue
@@ -323,13 +327,11 @@ def plan(
     est = out.estimates = estimates or fanout.measure(live)
     # Locality moves first (a closer slot is free for them), then the longest-waiting pods, then the rest.
     needs.sort(key=lambda n: (0, 0.0) if n.why == "locality" else ((1, n.queued.assigned_at) if n.queued else (2, 0.0)))
-    # A free seed slot is taken at once unless storage is expected to be faster than a seed transfer.
-    seed_first = est.seed_s <= est.storage_s
+    # A free seed slot is taken at once: it costs the shared storage nothing. Storage is weighed against waiting.
     to_seed: list[_Need] = []
     waiting: list[_Need] = []
     for n in needs:
-        seed_now = not n.storage_only and (seed_first or not _storage_allowed(spec, n))
-        (to_seed if seed_now else waiting).append(n)
+        (waiting if n.storage_only else to_seed).append(n)
     _assign(spec, fingerprint, to_seed, live, gone, nodes, clients, now, out, replacement, seed_capacity(spec), waiting)
     _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
     return out
@@ -382,7 +384,11 @@ def _wait_or_storage(
     forecast.free_storage(spec.transfer.max_concurrent_storage_loads - loads)
 
     def overdue(n: _Need) -> bool:
-        return n.queued is not None and n.queued.wait_until is not None and now >= n.queued.wait_until
+        """Its wait counts from when its agent runs: before that it could not have loaded storage either."""
+        q = n.queued
+        if q is None or q.wait_until is None or n.agent_up is None:
+            return False
+        return now >= n.agent_up + (q.wait_until - q.assigned_at)
 
     order = sorted(needs, key=lambda n: not overdue(n))  # overdue pods first in the storage line
     for need in order:  # may grow: a pod replaced here gets its successor in the same pass
@@ -391,11 +397,11 @@ def _wait_or_storage(
         storage_ok = _storage_allowed(spec, need)
         seed_eta = float("inf") if need.storage_only else forecast.seed_eta()
         storage_eta = forecast.storage_eta() if storage_ok else float("inf")
-        # Past its wait: the next storage slot, unless a seed slot frees within one transfer time (a transfer
-        # in flight ends, or a verified pod's gate is being set): that slot is no forecast but a fact.
-        soon = now + est.seed_s + fanout.DISPATCH_S
-        late = overdue(need) and (forecast.next_seed_slot() or float("inf")) > soon
-        if storage_ok and (late or storage_eta < seed_eta):
+        # Past waitUntil a pod no longer prefers seeds: storage as soon as it is expected sooner at all. Past the
+        # timeout it takes the next storage slot whatever the forecast says.
+        late = need.queued is not None and now >= need.queued.assigned_at + spec.transfer.timeout_seconds
+        margin = 0.0 if overdue(need) else fanout.PREFER_SEED_S
+        if storage_ok and (late or storage_eta + margin < seed_eta):
             storage_now = forecast.next_storage_slot() == now
             forecast.take_storage()
             if not storage_now:
@@ -419,11 +425,11 @@ def _wait_or_storage(
 
 
 def _queue(spec: ModelReplicaSetSpec, need: _Need, now: float, storage_eta: float, out: Plan) -> None:
-    """Queue the pod. It waits at most until storage would have verified it (its storage estimate plus the wait
-    for a storage slot), and never past the timeout."""
+    """Queue the pod. It prefers a seed until storage would have verified it (its storage estimate plus the wait
+    for a storage slot) plus PREFER_SEED_S, and never past the timeout."""
     if need.queued is not None:  # already waiting: nothing to write
         return
-    until = min(storage_eta, now + spec.transfer.timeout_seconds)
+    until = min(storage_eta + fanout.PREFER_SEED_S, now + spec.transfer.timeout_seconds)
     queued = Assignment(
         attempt=need.attempt, source="queued", excluded_seeds=need.excluded, assigned_at=now, wait_until=until
     )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from seedfork_api.contract import AgentReport, Assignment
 from seedfork_api.spec import ModelReplicaSetSpec
-from seedfork_operator import planner
+from seedfork_operator import fanout, planner
 from seedfork_operator.podview import PodView
 
 FP = "f" * 16
@@ -242,14 +242,16 @@ def test_a_single_new_pod_gets_the_closest_seed_with_room(seeds, client_node, li
 
 
 def test_first_pods_load_from_storage_up_to_the_fan_in_limit():
-    result = run(make_spec(replicas=3, maxConcurrentStorageLoads=3), [])
+    slow_seeds = fanout.Estimates(seed_s=50.0, storage_s=60.0)
+    result = run(make_spec(replicas=3, maxConcurrentStorageLoads=3), [], estimates=slow_seeds)
     assert [a.source for _, a in result.create] == ["storage"] * 3
     assert [c.locality for c in result.choices] == ["storage"] * 3
-    # the default limit (2): the third waits, since a seed (one of the first two) is expected before a
-    # storage slot frees and its load ends
-    result = run(make_spec(replicas=3), [])
+    # the default limit (2): the third waits for a storage slot or the seed one of the first two becomes
+    result = run(make_spec(replicas=3), [], estimates=slow_seeds)
     assert [a.source for _, a in result.create] == ["storage", "storage", "queued"]
-    assert run(make_spec(replicas=3), [], rule="legacy").create[2][1].source == "storage"
+    # by the default estimates (a seed 30x faster) waiting for the first pod is sooner: one load only
+    assert [a.source for _, a in run(make_spec(replicas=3), []).create] == ["storage", "queued", "queued"]
+    assert [a.source for _, a in run(make_spec(replicas=3), [], rule="legacy").create] == ["storage"] * 3
 
 
 def test_verified_pod_gets_the_gate_once():
