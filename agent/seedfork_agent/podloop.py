@@ -83,7 +83,8 @@ class PodLoop:
             self.kube.close()
 
     def _wants(self, a: Assignment | None) -> bool:
-        return a is not None and a.attempt > self._handled and not self.done()
+        # queued: the operator expects a slot soon; nothing to run until the assignment that names it
+        return a is not None and a.source != "queued" and a.attempt > self._handled and not self.done()
 
     def _wait_for_change(self, version: str) -> None:
         try:

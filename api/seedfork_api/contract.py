@@ -80,7 +80,9 @@ ALL_ENV = [
     ENV_TOKEN,
 ]
 
-Source = Literal["seed", "storage"]
+# ``queued``: no source yet. The operator expects a seed slot to free (or a storage slot, under the set's
+# storage fan-in limit) sooner than storage would verify; the agent does nothing until its next assignment.
+Source = Literal["seed", "storage", "queued"]
 ConcreteBackend = Literal["transfer_engine", "nccl"]
 TransferState = Literal["pending", "transferring", "verified", "failed"]
 
@@ -113,6 +115,11 @@ class Assignment(_Model):
         default_factory=list, alias="excludedSeeds", description="Seeds that failed this pod before."
     )
     assigned_at: float = Field(default_factory=time.time, alias="assignedAt")
+    wait_until: float | None = Field(
+        default=None,
+        alias="waitUntil",
+        description="Queued: the latest time (epoch seconds) the pod waits for a seed before it loads from storage.",
+    )
 
     @classmethod
     def from_annotations(cls, annotations: Mapping[str, str] | None) -> Assignment | None:

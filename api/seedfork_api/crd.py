@@ -167,6 +167,7 @@ def crd() -> dict[str, Any]:
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Seeds", "type": "integer", "jsonPath": ".status.seeds"},
                         {"name": "Backend", "type": "string", "jsonPath": ".status.backend"},
+                        {"name": "Queued", "type": "integer", "jsonPath": ".status.transfers.queued"},
                         {"name": "Engine", "type": "string", "jsonPath": ".spec.engine.kind", "priority": 1},
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

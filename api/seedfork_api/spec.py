@@ -105,6 +105,7 @@ class TransferSpec(ApiModel):
         "timeout_seconds",
         "retries",
         "fallback",
+        "max_concurrent_storage_loads",
         "topology_keys",
         "bandwidth_limit_mbps",
     )
@@ -125,6 +126,15 @@ class TransferSpec(ApiModel):
     fallback: Fallback = Field(
         default="storage",
         description="When no seed can serve or retries run out: load from storage, or fail the pod.",
+    )
+    max_concurrent_storage_loads: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description=(
+            "How many pods of the set load from storage at once, so a burst cannot stampede shared storage; "
+            "the others wait for a seed or a storage slot, whichever is expected sooner."
+        ),
     )
     agent_port: int = Field(default=18080, ge=1024, le=65535, description="The agent's HTTP port.")
     ports: PortRange = Field(
@@ -272,6 +282,7 @@ def identity_fingerprint(model: ModelIdentity, engine: EngineSpec) -> str:
 
 class TransferCounts(ApiModel):
     in_flight: int = 0
+    queued: int = 0  # pods waiting for a seed or storage slot (assignment source: queued)
     completed: int = 0
     failed: int = 0
     fell_back: int = 0

@@ -220,7 +220,7 @@ class PodRow:
             source=assignment.get("source") or "",
             seed_pod=assignment.get("seedPod") or "",
             backend=assignment.get("backend") or report.get("backend") or "",
-            state=current.get("state") or "pending",
+            state="queued" if assignment.get("source") == "queued" else current.get("state") or "pending",
             bytes_done=int(current.get("bytesDone") or 0),
             bytes_total=int(current.get("bytesTotal") or 0),
             error=current.get("error") or report.get("error") or "",

@@ -17,7 +17,16 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
   are grouped into one cohort (one broadcast to k+1 ranks, the seed is rank 0).
 - SGLang: NCCL serves one client per seed; pods that loaded through
   TransferEngine cannot seed (SGLang does not republish their weights).
-- No eligible seed → storage. A failed or timed-out transfer (or a seed that
+- No free seed slot → decide by expected time (``fanout``, rule "expected"): wait for a seed slot
+  (``source: queued``) or load from storage, whichever is expected to verify sooner (storage by more
+  than ``fanout.PREFER_SEED_S``), with at most
+  ``maxConcurrentStorageLoads`` storage loads at once. Until its ``waitUntil`` (when storage would have
+  verified it: the storage estimate plus the wait for a storage slot, plus ``fanout.PREFER_SEED_S``;
+  counted from when its agent runs) a queued pod prefers seeds by ``PREFER_SEED_S``; after it, it takes
+  storage as soon as storage is expected sooner at all; past the timeout it takes the next storage slot
+  whatever the forecast says.
+  Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
+- A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
   ``retries``; then storage (``fallback: storage``) or the pod is replaced
   (``fallback: fail``). A failed storage load replaces the pod.
@@ -28,12 +37,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from seedfork_api.contract import Assignment, ConcreteBackend
 from seedfork_api.spec import ModelReplicaSetSpec
 
+from . import fanout
 from .podview import PodView
 
+Rule = Literal["expected", "legacy"]
 STORAGE = "storage"
 NO_LOCALITY = "remote"  # metric label when the seed shares none of the topology keys
 
@@ -68,6 +80,8 @@ class Plan:
     choices: list[SeedChoice] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     fell_back: int = 0  # storage chosen because seed transfers failed
+    queued: list[str] = field(default_factory=list)  # pods newly queued for a seed or storage slot
+    estimates: fanout.Estimates | None = None  # what the expected-time decisions were based on
 
     @property
     def empty(self) -> bool:
@@ -89,6 +103,25 @@ def client_limit(spec: ModelReplicaSetSpec) -> int:
 
 def uses_cohorts(spec: ModelReplicaSetSpec) -> bool:
     return resolve_backend(spec) == "nccl" and spec.engine.kind != "sglang"
+
+
+def seed_capacity(spec: ModelReplicaSetSpec, rule: Rule = "expected") -> int:
+    """Readers one seed takes at once. By expected time, TransferEngine readers share the seed's link: a
+    second concurrent reader verifies nobody sooner and delays the first one's becoming a seed, so one
+    at a time (tree doubling); an NCCL cohort broadcasts to all its members at once."""
+    if rule == "legacy" or uses_cohorts(spec):
+        return client_limit(spec)
+    return 1
+
+
+def is_storage_load(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    """Holds one of the set's storage slots: assigned storage, not finished, and started or recently assigned
+    (an agent that never starts frees its slot after the timeout, so it cannot block the set)."""
+    a = pod.assignment
+    if a is None or a.source != "storage" or pod.deleting or pod.state in ("verified", "failed"):
+        return False
+    r = pod.current_report
+    return (r is not None and r.state == "transferring") or now - a.assigned_at <= spec.transfer.timeout_seconds
 
 
 def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
@@ -196,6 +229,9 @@ class _Need:
     # The pod's agent is still inside an earlier attempt (e.g. joining a seed that just died) and starts this
     # one only when that ends, up to a timeout later: in a cohort it would hold every other member waiting.
     late: bool = False
+    storage_only: bool = False  # retries ran out and fallback is storage
+    queued: Assignment | None = None  # the pod waits in the queue already (since assigned_at, until wait_until)
+    agent_up: float | None = None  # queued: since when its agent runs (it reported), None while it starts
 
 
 def plan(
@@ -206,7 +242,10 @@ def plan(
     now: float,
     new_name: Callable[[], str],
     template_node: str | None = None,
+    estimates: fanout.Estimates | None = None,
+    rule: Rule = "expected",
 ) -> Plan:
+    """``estimates``: the set's transfer and storage-load times (default: measured from the pods' timing)."""
     out = Plan()
     live = [p for p in pods if not p.deleting]
     by_name = {p.name: p for p in live}
@@ -234,6 +273,14 @@ def plan(
             if not pod.gate:
                 out.gate.append(pod.name)
             continue
+        if a.source == "queued":  # decided again every pass, until a slot is its
+            exhausted = len(a.excluded_seeds) > spec.transfer.retries
+            why = "fallback" if exhausted else ("retry" if a.excluded_seeds else "initial")
+            up = max(a.assigned_at, pod.report.updated_at) if pod.report is not None else None
+            need = _Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), why, queued=a, agent_up=up)
+            need.storage_only = exhausted
+            needs.append(need)
+            continue
         reason = None
         if pod.state == "failed":
             reason = (pod.current_report.error or "transfer failed") if pod.current_report else "transfer failed"
@@ -255,6 +302,8 @@ def plan(
         if len(excluded) <= spec.transfer.retries:
             busy = pod.report is not None and pod.report.state == "transferring"
             needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "retry", late=busy))
+        elif spec.transfer.fallback == "storage" and rule == "expected":  # through the storage fan-in limit
+            needs.append(_Need(pod.name, pod.node, a.attempt + 1, excluded, "fallback", storage_only=True))
         elif spec.transfer.fallback == "storage":
             storage = Assignment(attempt=a.attempt + 1, source="storage", excluded_seeds=excluded, assigned_at=now)
             out.assign.append((pod.name, storage))
@@ -272,8 +321,120 @@ def plan(
     def replacement() -> _Need:
         return _Need(new_name(), template_node, 1, [], "initial", new=True)
 
-    _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement)
+    if rule == "legacy":
+        _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement, client_limit(spec))
+        return out
+    est = out.estimates = estimates or fanout.measure(live)
+    # Locality moves first (a closer slot is free for them), then the longest-waiting pods, then the rest.
+    needs.sort(key=lambda n: (0, 0.0) if n.why == "locality" else ((1, n.queued.assigned_at) if n.queued else (2, 0.0)))
+    # A free seed slot is taken at once: it costs the shared storage nothing. Storage is weighed against waiting.
+    to_seed: list[_Need] = []
+    waiting: list[_Need] = []
+    for n in needs:
+        (waiting if n.storage_only else to_seed).append(n)
+    _assign(spec, fingerprint, to_seed, live, gone, nodes, clients, now, out, replacement, seed_capacity(spec), waiting)
+    _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
     return out
+
+
+def _storage_allowed(spec: ModelReplicaSetSpec, need: _Need) -> bool:
+    """A pod's first load may always come from storage; a retry only with ``fallback: storage``."""
+    return need.why != "retry" or spec.transfer.fallback == "storage"
+
+
+def _wait_or_storage(
+    spec: ModelReplicaSetSpec,
+    est: fanout.Estimates,
+    needs: list[_Need],
+    live: list[PodView],
+    clients: Mapping[str, list[PodView]],
+    gone: set[str],
+    now: float,
+    out: Plan,
+    replacement: Callable[[], _Need],
+) -> None:
+    """No seed slot is free for these pods: queue each for the slot (seed or storage) expected to verify it
+    first, or load it from storage now. In need order, so the forecast books slots first come, first served."""
+    if not needs:
+        return
+    grows = not (spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine")
+    forecast = fanout.Forecast(now, est, seed_capacity(spec), grows)
+    moving = {n.pod for n in needs}
+    for seed, group in clients.items():  # seed transfers in flight free their slot and add a seed
+        if seed in gone:
+            continue
+        for c in group:
+            if c.name not in moving:
+                forecast.seed_transfer(fanout.expected_end(c, est.seed_s, now))
+    loads = 0
+    for pod in live:
+        if pod.name in gone or pod.name in moving:
+            continue
+        if is_storage_load(spec, pod, now):
+            loads += 1
+            forecast.storage_load(fanout.expected_end(pod, est.storage_s, now))
+        elif pod.verified and pod.serving and not pod.ready and (grows or pod.assignment.source == "storage"):
+            forecast.add_seed_slots(now + fanout.DISPATCH_S, forecast.capacity)  # a seed once its gate is set
+    for _, a in [*out.create, *out.assign]:  # what this pass already decided
+        if a.source == "seed":
+            forecast.seed_transfer(now + est.seed_s)
+        elif a.source == "storage":
+            loads += 1
+            forecast.storage_load(now + est.storage_s)
+    forecast.free_storage(spec.transfer.max_concurrent_storage_loads - loads)
+
+    def overdue(n: _Need) -> bool:
+        """Its wait counts from when its agent runs: before that it could not have loaded storage either."""
+        q = n.queued
+        if q is None or q.wait_until is None or n.agent_up is None:
+            return False
+        return now >= n.agent_up + (q.wait_until - q.assigned_at)
+
+    order = sorted(needs, key=lambda n: not overdue(n))  # overdue pods first in the storage line
+    for need in order:  # may grow: a pod replaced here gets its successor in the same pass
+        if need.why == "locality":  # keeps the seed it has
+            continue
+        storage_ok = _storage_allowed(spec, need)
+        seed_eta = float("inf") if need.storage_only else forecast.seed_eta()
+        storage_eta = forecast.storage_eta() if storage_ok else float("inf")
+        # Past waitUntil a pod no longer prefers seeds: storage as soon as it is expected sooner at all. Past the
+        # timeout it takes the next storage slot whatever the forecast says.
+        late = need.queued is not None and now >= need.queued.assigned_at + spec.transfer.timeout_seconds
+        margin = 0.0 if overdue(need) else fanout.PREFER_SEED_S
+        if storage_ok and (late or storage_eta + margin < seed_eta):
+            storage_now = forecast.next_storage_slot() == now
+            forecast.take_storage()
+            if not storage_now:
+                _queue(spec, need, now, storage_eta, out)  # storage is sooner, once a storage slot frees
+                continue
+            _emit(
+                out,
+                need,
+                Assignment(attempt=need.attempt, source="storage", excluded_seeds=need.excluded, assigned_at=now),
+            )
+            fallback = need.why in ("retry", "fallback")
+            out.choices.append(SeedChoice(need.pod, need.attempt, None, STORAGE, "fallback" if fallback else need.why))
+            out.fell_back += int(fallback)
+            continue
+        if late or seed_eta == float("inf"):  # no seed to come, and storage is not allowed
+            out.delete.append((need.pod, "no seed to retry on and fallback is fail"))
+            order.append(replacement())
+            continue
+        forecast.take_seed()
+        _queue(spec, need, now, storage_eta, out)
+
+
+def _queue(spec: ModelReplicaSetSpec, need: _Need, now: float, storage_eta: float, out: Plan) -> None:
+    """Queue the pod. It prefers a seed until storage would have verified it (its storage estimate plus the wait
+    for a storage slot) plus PREFER_SEED_S, and never past the timeout."""
+    if need.queued is not None:  # already waiting: nothing to write
+        return
+    until = min(storage_eta + fanout.PREFER_SEED_S, now + spec.transfer.timeout_seconds)
+    queued = Assignment(
+        attempt=need.attempt, source="queued", excluded_seeds=need.excluded, assigned_at=now, wait_until=until
+    )
+    _emit(out, need, queued)
+    out.queued.append(need.pod)
 
 
 def _locality_upgrade(
@@ -293,6 +454,7 @@ def _locality_upgrade(
     client = nodes.get(pod.node)
     current = next((p for p in live if p.name == a.seed_pod), None)
     current_rank = locality(client, nodes.get(current.node or ""), keys)[0] if current else len(keys)
+    # Up to the user's limit: a closer seed is usually another link (NVLink, the same zone's network).
     limit = client_limit(spec)
     for seed in live:
         if seed.name == a.seed_pod or seed.name in a.excluded_seeds or not can_seed(spec, fingerprint, seed):
@@ -324,11 +486,13 @@ def _assign(
     now: float,
     out: Plan,
     replacement: Callable[[], _Need],
+    limit: int,
+    leftover: list[_Need] | None = None,
 ) -> None:
+    """Free seed slots to the needs, in order. No slot: storage, or into ``leftover`` when given."""
     if not needs:
         return
     backend = resolve_backend(spec)
-    limit = client_limit(spec)
     cohorts = uses_cohorts(spec)
     blocks = port_blocks(spec) if backend == "nccl" else []
     keys = spec.transfer.topology_keys
@@ -353,7 +517,9 @@ def _assign(
             slot_of(seed)
 
     plain: list[tuple[_Need, _SeedSlot | None, str, list[int]]] = []
+    user_limit = client_limit(spec)
     for need in needs:  # may grow: a replaced pod's successor is planned in the same pass
+        cap = user_limit if need.why == "locality" else limit  # as _locality_upgrade found the room
         # Locality depends only on the seed's node: rank the nodes, then scan seeds best level first.
         client_labels = nodes.get(need.node or "")
         levels: dict[int, list[tuple[str | None, str]]] = {}
@@ -366,7 +532,7 @@ def _assign(
                 for seed in by_node[node]:
                     slot = slots.get(seed.name)
                     active = slot.active if slot else 0
-                    if active >= limit or seed.name in need.excluded:
+                    if active >= cap or seed.name in need.excluded:
                         continue
                     joins = cohorts and not need.late and slot is not None and bool(slot.cohort)
                     if blocks and not joins and slot and _free_block(blocks, slot.used_blocks) is None:
@@ -376,6 +542,9 @@ def _assign(
                         best = (key, seed, label)
             if best is not None:
                 break
+        if best is None and leftover is not None:
+            leftover.append(need)
+            continue
         if best is None:
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":

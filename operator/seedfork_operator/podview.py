@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from seedfork_api.contract import LABEL_FINGERPRINT, READINESS_GATE, AgentReport, Assignment
+from seedfork_api.contract import ANN_TIMING, LABEL_FINGERPRINT, READINESS_GATE, AgentReport, Assignment, PodTiming
 
 
 def parse_time(value: str | None) -> float:
@@ -42,6 +42,7 @@ class PodView:
     gate: bool = False  # our readiness gate condition
     assignment: Assignment | None = None
     report: AgentReport | None = None
+    timing: PodTiming | None = None  # the agent's phase timestamps: what the planner measures transfers by
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
@@ -57,6 +58,11 @@ class PodView:
             report = AgentReport.from_annotations(annotations)
         except ValidationError:
             report = None
+        try:
+            raw = annotations.get(ANN_TIMING)
+            timing = PodTiming.model_validate_json(raw) if raw else None
+        except ValidationError:
+            timing = None
         return cls(
             name=meta.get("name", ""),
             uid=meta.get("uid", ""),
@@ -70,6 +76,7 @@ class PodView:
             gate=_condition(status, READINESS_GATE),
             assignment=assignment,
             report=report,
+            timing=timing,
         )
 
     @cached_property

@@ -54,10 +54,13 @@ def compute_status(
     live = [p for p in pods if not p.deleting]
     ready = sum(p.ready for p in live)
     seeds = sum(map(seed_check(spec, fingerprint), live)) if spec else 0
-    in_flight = sum(p.assignment is not None and p.state not in ("verified", "failed") for p in live)
+    loading = [p for p in live if p.assignment is not None and p.state not in ("verified", "failed")]
+    queued = sum(p.assignment.source == "queued" for p in loading)  # waiting for a slot, not loading
+    in_flight = len(loading) - queued
     before = old.get("transfers") or {}
     transfers = {
         "inFlight": in_flight,
+        "queued": queued,
         "completed": int(before.get("completed", 0)) + counts.get("completed", 0),
         "failed": int(before.get("failed", 0)) + counts.get("failed", 0),
         "fellBack": int(before.get("fellBack", 0)) + counts.get("fellBack", 0),
@@ -69,7 +72,7 @@ def compute_status(
         return condition(conditions_before, kind, "True" if ok else "False", reason, message, generation, now)
 
     available = ready >= desired and spec is not None
-    settled = len(live) == desired and ready == desired and in_flight == 0 and len(live) == len(pods)
+    settled = len(live) == desired and ready == desired and in_flight + queued == 0 and len(live) == len(pods)
     conditions = [
         cond(
             "Available",
@@ -81,7 +84,7 @@ def compute_status(
             "Progressing",
             not settled and degraded is None,
             "Settled" if settled else ("Blocked" if degraded else "Scaling"),
-            f"{len(live)} pods for {desired} replicas, {in_flight} loading weights",
+            f"{len(live)} pods for {desired} replicas, {in_flight} loading weights, {queued} queued for a slot",
         ),
         cond(
             "Degraded",

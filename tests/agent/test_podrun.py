@@ -86,3 +86,17 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
     assert agent.tensors().keys() == seed.tensors().keys()
     for name, t in seed.tensors().items():
         assert t.view(-1).view(-1).equal(agent.tensors()[name].view(-1)), name
+
+    # A queued pod's agent waits: it starts nothing until the assignment that names a source.
+    q_ip = kit.new_ip()
+    queued = c.Assignment(attempt=1, source="queued", waitUntil=time.time() + 60)
+    _pod(core, namespace, "queued-0", queued)
+    agents("run", "--device", "cpu", ip=q_ip, env=_env(kit, control_plane, namespace, "queued-0", q_ip))
+    _wait_report(core, namespace, "queued-0", lambda r: r.attempt == 0)  # the agent runs and reports
+    time.sleep(2)
+    idle = _wait_report(core, namespace, "queued-0", lambda r: True)
+    assert (idle.attempt, idle.state, idle.error) == (0, "pending", None), idle
+    go = good.model_copy(update={"attempt": 2, "excluded_seeds": []})
+    core.patch_namespaced_pod("queued-0", namespace, c.annotation_patch(assignment=go))
+    report = _wait_report(core, namespace, "queued-0", lambda r: r.attempt == 2 and r.state in ("verified", "failed"))
+    assert report.state == "verified" and report.seed_pod == "seed-0", report

@@ -89,6 +89,13 @@ INVALID = [
     ("port below 1024", "spec.transfer.agentPort", 80, "spec.transfer.agentPort"),
     ("zero clients per seed", "spec.transfer.maxClientsPerSeed", 0, "spec.transfer.maxClientsPerSeed"),
     ("zero timeout", "spec.transfer.timeoutSeconds", 0, "spec.transfer.timeoutSeconds"),
+    ("no storage loads", "spec.transfer.maxConcurrentStorageLoads", 0, "spec.transfer.maxConcurrentStorageLoads"),
+    (
+        "storage loads above 1000",
+        "spec.transfer.maxConcurrentStorageLoads",
+        1001,
+        "spec.transfer.maxConcurrentStorageLoads",
+    ),
     ("bad token secret name", "spec.transfer.tokenSecretName", "Not_A_Name", "spec.transfer.tokenSecretName"),
     ("reversed port range", "spec.transfer.ports", {"start": 41000, "end": 40000}, "ports.end must not be below"),
     ("reference engine without uri", "spec.model.uri", _DELETE, "model.uri is required"),

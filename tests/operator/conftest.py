@@ -36,7 +36,7 @@ def free_port() -> int:
 def verify_at_once(pod: PodView) -> c.AgentReport | None:
     """Agent double: the weights arrive and verify immediately; the pod then serves as a seed."""
     a = pod.assignment
-    if a is None:
+    if a is None or a.source == "queued":  # a queued pod's agent waits for its next assignment
         return None
     return c.AgentReport(
         attempt=a.attempt, state="verified", source=a.source, seed_pod=a.seed_pod, serving=True, bytesDone=10
@@ -45,7 +45,9 @@ def verify_at_once(pod: PodView) -> c.AgentReport | None:
 
 def stay_transferring(pod: PodView) -> c.AgentReport | None:
     a = pod.assignment
-    return c.AgentReport(attempt=a.attempt, state="transferring", source=a.source, seed_pod=a.seed_pod) if a else None
+    if a is None or a.source == "queued":
+        return None
+    return c.AgentReport(attempt=a.attempt, state="transferring", source=a.source, seed_pod=a.seed_pod)
 
 
 class NodeDouble:

@@ -25,7 +25,12 @@ def assigned(sets, name, n):
     return len(views) == n and all(v.assignment for v in views) and views
 
 
-def test_scale_1_to_5_respects_the_client_limit_and_grows_the_seed_pool(operator, nodes, sets, wait, operator_config):
+def test_scale_1_to_5_waits_for_seeds_instead_of_storage_and_grows_the_seed_pool(
+    operator, nodes, sets, wait, operator_config
+):
+    """1 -> 5 with one seed: the old rule sent every pod beyond the seed's free slots to storage. By expected
+    time the seed serves one TransferEngine reader at a time and the others wait (queued), each taking a seed
+    slot as one frees: no pod reads storage while a seed would serve it sooner."""
     sets.create("grow", replicas=1, maxClientsPerSeed=2, backend="transfer_engine")
     wait("first pod ready", lambda: ready_count(sets, "grow") == 1)
     first = sets.views("grow")[0].name
@@ -35,16 +40,28 @@ def test_scale_1_to_5_respects_the_client_limit_and_grows_the_seed_pool(operator
     sets.scale("grow", 5)
     views = wait("5 assigned pods", lambda: assigned(sets, "grow", 5))
     new = [v for v in views if v.name != first]
-    by_seed = Counter(v.assignment.seed_pod for v in new if v.assignment.source == "seed")
-    assert by_seed == {first: 2}, by_seed  # the one seed serves its limit, no more
-    assert sum(v.assignment.source == "storage" for v in new) == 2
-    assert all(v.assignment.backend == "transfer_engine" for v in new if v.assignment.source == "seed")
+    assert Counter(v.assignment.source for v in new) == {"seed": 1, "queued": 3}, [v.assignment for v in new]
+    assert all(v.assignment.seed_pod == first and v.assignment.backend == "transfer_engine" for v in new
+               if v.assignment.source == "seed")  # fmt: skip
+    assert all(v.assignment.wait_until > v.assignment.assigned_at for v in new if v.assignment.source == "queued")
+    status = wait("queued in status", lambda: (s := sets.get("grow")["status"])["transfers"].get("queued") == 3 and s)
+    assert status["transfers"]["inFlight"] == 1
+
+    # The agents verify one after another: each verified pod seeds a queued one.
+    sources: dict[str, set[str]] = {}
+
+    def watch_sources():
+        for v in sets.views("grow"):
+            sources.setdefault(v.name, set()).add(v.assignment.source if v.assignment else "-")
+        return ready_count(sets, "grow") == 5
 
     nodes.policy = verify_at_once
-    wait("all 5 ready", lambda: ready_count(sets, "grow") == 5)
+    wait("all 5 ready", watch_sources, every=0.01)
+    assert all("storage" not in seen for name, seen in sources.items() if name != first), sources
+    assert all(v.assignment.source == "seed" for v in sets.views("grow") if v.name != first)
     status = wait("status settles", lambda: (s := sets.get("grow")["status"])["readyReplicas"] == 5 and s)
     assert status["seeds"] == 5  # verified pods became seeds
-    assert status["replicas"] == 5 and status["transfers"]["completed"] == 5
+    assert status["replicas"] == 5 and status["transfers"]["completed"] == 5 and status["transfers"]["queued"] == 0
     conditions = {x["type"]: x for x in status["conditions"]}
     assert conditions["Available"]["status"] == "True" and conditions["Degraded"]["status"] == "False"
     wait("events (kopf posts them from its own queue)", lambda: Counter(r for r, _ in sets.events())["SeedChosen"] >= 5)

@@ -106,6 +106,11 @@ def test_transfer_policy_resolves_spec_then_cluster_default_then_builtin():
     assert (got.backend, got.retries, got.timeout_seconds) == ("nccl", 1, 60)  # spec wins, then the cluster
     assert (got.agent_port, got.fallback, got.max_clients_per_seed) == (19000, "storage", 4)  # then built-in
     assert api.resolve_transfer(_transfer(), None, "vllm") == api.TransferSpec()
+    # the storage fan-in limit is cluster policy too: the set's value, else the cluster's, else 2
+    fan_in = api.resolve_transfer(_transfer(), _transfer(maxConcurrentStorageLoads=8), "vllm")
+    assert fan_in.max_concurrent_storage_loads == 8 and api.TransferSpec().max_concurrent_storage_loads == 2
+    own = api.resolve_transfer(_transfer(maxConcurrentStorageLoads=1), _transfer(maxConcurrentStorageLoads=8), "vllm")
+    assert own.max_concurrent_storage_loads == 1
     # Only the policy fields come from the cluster: per-set ports never do.
     assert api.resolve_transfer(_transfer(), _transfer(agentPort=19999), "vllm").agent_port == 18080
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from seedfork_api.contract import AgentReport, Assignment
 from seedfork_api.spec import ModelReplicaSetSpec
-from seedfork_operator import planner
+from seedfork_operator import fanout, planner
 from seedfork_operator.podview import PodView
 
 FP = "f" * 16
@@ -47,8 +47,8 @@ def names():
     return lambda: f"new-{next(counter)}"
 
 
-def run(spec, pods, nodes=NODES, now=NOW, template_node=None):
-    return planner.plan(spec, FP, pods, nodes, now, names(), template_node)
+def run(spec, pods, nodes=NODES, now=NOW, template_node=None, **kw):
+    return planner.plan(spec, FP, pods, nodes, now, names(), template_node, **kw)
 
 
 # ------------------------------------------------------------------ properties
@@ -65,6 +65,7 @@ def clusters(draw):
         tp=tp,
         backend=backend,
         maxClientsPerSeed=draw(st.integers(1, 4)),
+        maxConcurrentStorageLoads=draw(st.integers(1, 3)),
         retries=draw(st.integers(0, 2)),
         fallback=draw(st.sampled_from(["storage", "fail"])),
         ports={"start": 40000, "end": 40000 + draw(st.integers(tp - 1, 7))},
@@ -73,10 +74,20 @@ def clusters(draw):
     pod_names = [f"p{i}" for i in range(n)]
     pods = []
     for i, name in enumerate(pod_names):
-        kind = draw(st.sampled_from(["none", "storage", "seed"]))
+        kind = draw(st.sampled_from(["none", "storage", "seed", "queued"]))
         others = [p for p in pod_names if p != name]
         assignment = None
-        if kind == "storage" or (kind == "seed" and not others):
+        if kind == "queued":
+            since = NOW - draw(st.sampled_from([1, 100]))
+            excluded = draw(st.lists(st.sampled_from(others), max_size=3, unique=True)) if others else []
+            assignment = Assignment(
+                attempt=draw(st.integers(1, 3)),
+                source="queued",
+                excluded_seeds=excluded,
+                assigned_at=since,
+                waitUntil=since + draw(st.sampled_from([5, 500])),
+            )
+        elif kind == "storage" or (kind == "seed" and not others):
             assignment = Assignment(attempt=draw(st.integers(1, 3)), source="storage", assigned_at=NOW - 10)
         elif kind == "seed":
             excluded = draw(st.lists(st.sampled_from(others), max_size=2, unique=True))
@@ -139,6 +150,16 @@ def test_plan_invariants(cluster):
         assert a.attempt == (old.attempt + 1 if old else 1)
     assert all(a.attempt == 1 for _, a in result.create)
 
+    # the storage fan-in limit: a new storage load only while fewer than the limit run
+    new_storage = [n for n, a in new_assignments.items() if a.source == "storage"]
+    loading = [p for p in live_after if p.name not in new_assignments and planner.is_storage_load(spec, p, NOW)]
+    if new_storage:
+        assert len(loading) + len(new_storage) <= spec.transfer.max_concurrent_storage_loads
+    # a queued pod waits at most its storage estimate, never past the timeout
+    for a in new_assignments.values():
+        if a.source == "queued":
+            assert NOW < a.wait_until <= NOW + spec.transfer.timeout_seconds
+
     clients = defaultdict(list)  # seed -> [(pod, assignment)] after the plan
     for p in live_after:
         if p.name not in new_assignments and planner.is_active_client(spec, p, NOW):
@@ -189,8 +210,9 @@ def test_plan_invariants(cluster):
     seeds=st.lists(st.tuples(st.sampled_from(list(NODES)), st.integers(0, 3)), min_size=1, max_size=6),
     client_node=st.sampled_from(list(NODES)),
     limit=st.integers(1, 4),
+    rule=st.sampled_from(["expected", "legacy"]),
 )
-def test_a_single_new_pod_gets_the_closest_seed_with_room(seeds, client_node, limit):
+def test_a_single_new_pod_gets_the_closest_seed_with_room(seeds, client_node, limit, rule):
     spec = make_spec(replicas=len(seeds) + 1, maxClientsPerSeed=limit, backend="transfer_engine")
     pods = [seed_pod(f"s{i}", node=node, created=float(i)) for i, (node, _) in enumerate(seeds)]
     for i, (_, busy) in enumerate(seeds):
@@ -198,12 +220,15 @@ def test_a_single_new_pod_gets_the_closest_seed_with_room(seeds, client_node, li
             a = Assignment(attempt=1, source="seed", backend="transfer_engine", seed_pod=f"s{i}", assigned_at=NOW)
             pods.append(PodView(name=f"c{i}-{j}", created=100.0, assignment=a, fingerprint=FP))
     spec.replicas = len(pods) + 1
-    result = run(spec, pods, template_node=client_node)
+    result = run(spec, pods, template_node=client_node, rule=rule)
     ((_, a),) = result.create
     keys = spec.transfer.topology_keys
+    # By expected time a TransferEngine seed takes one reader at a time (readers share its link).
+    limit = planner.seed_capacity(spec, rule)
     room = [p for p in pods[: len(seeds)] if seeds[int(p.name[1:])][1] < limit]
     if not room:
-        assert a.source == "storage"
+        # legacy: storage at once; by expected time the busy seeds' transfers end long before storage would
+        assert a.source == ("storage" if rule == "legacy" else "queued")
         return
     best = min(planner.locality(NODES[client_node], NODES[p.node], keys)[0] for p in room)
     chosen = next(p for p in room if p.name == a.seed_pod)
@@ -216,10 +241,17 @@ def test_a_single_new_pod_gets_the_closest_seed_with_room(seeds, client_node, li
 # ------------------------------------------------------------------ worked examples
 
 
-def test_first_pods_load_from_storage():
-    result = run(make_spec(replicas=3), [])
+def test_first_pods_load_from_storage_up_to_the_fan_in_limit():
+    slow_seeds = fanout.Estimates(seed_s=50.0, storage_s=60.0)
+    result = run(make_spec(replicas=3, maxConcurrentStorageLoads=3), [], estimates=slow_seeds)
     assert [a.source for _, a in result.create] == ["storage"] * 3
     assert [c.locality for c in result.choices] == ["storage"] * 3
+    # the default limit (2): the third waits for a storage slot or the seed one of the first two becomes
+    result = run(make_spec(replicas=3), [], estimates=slow_seeds)
+    assert [a.source for _, a in result.create] == ["storage", "storage", "queued"]
+    # by the default estimates (a seed 30x faster) waiting for the first pod is sooner: one load only
+    assert [a.source for _, a in run(make_spec(replicas=3), []).create] == ["storage", "queued", "queued"]
+    assert [a.source for _, a in run(make_spec(replicas=3), [], rule="legacy").create] == ["storage"] * 3
 
 
 def test_verified_pod_gets_the_gate_once():

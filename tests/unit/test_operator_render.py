@@ -158,18 +158,19 @@ def test_token_secret_is_owned_and_never_in_the_pod():
 
 def test_status_counts_and_condition_transitions():
     spec = spec_with({"spec": {"containers": [ENGINE]}})
-    spec.replicas = 2
+    spec.replicas = 3
     verified = c.AgentReport(attempt=1, state="verified", serving=True)
     storage = c.Assignment(attempt=1, source="storage")
     pods = [
         PodView(name="a", ready=True, ip="1", fingerprint=spec.fingerprint(), assignment=storage, report=verified),
         PodView(name="b", assignment=storage),
+        PodView(name="q", assignment=c.Assignment(attempt=1, source="queued")),  # waits: not loading
         PodView(name="z", deleting=True),
     ]
     args = dict(spec=spec, fingerprint=spec.fingerprint(), pods=pods, generation=3, selector="s=1", token_secret="t")
     st = compute_status(old={}, counts={"completed": 1}, degraded=None, now=100.0, **args)
-    assert (st["replicas"], st["readyReplicas"], st["seeds"]) == (2, 1, 1)
-    assert st["transfers"] == {"inFlight": 1, "completed": 1, "failed": 0, "fellBack": 0}
+    assert (st["replicas"], st["readyReplicas"], st["seeds"]) == (3, 1, 1)
+    assert st["transfers"] == {"inFlight": 1, "queued": 1, "completed": 1, "failed": 0, "fellBack": 0}
     conds = {x["type"]: x for x in st["conditions"]}
     assert conds["Available"]["status"] == "False" and conds["Progressing"]["status"] == "True"
     assert conds["Degraded"]["status"] == "False" and conds["Degraded"]["reason"] == "AsExpected"
