@@ -38,6 +38,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for any transfer or rendezvous")
     p.add_argument("--bandwidth-limit-mbps", type=int, default=None, help="cap on bytes served (NCCL/gloo)")
     p.add_argument("--engine-hook", default=os.environ.get("SEEDFORK_ENGINE_HOOK"), help="module:callable")
+    p.add_argument(
+        "--port-range", default=None, type=_port_range,
+        help="START-END: the set's transfer ports; TransferEngine and rendezvous listeners stay inside",
+    )  # fmt: skip
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition("-")
+    if not sep or not start.isdigit() or not end.isdigit() or int(start) > int(end):
+        raise argparse.ArgumentTypeError(f"want START-END, got {text!r}")
+    return int(start), int(end)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +105,7 @@ def _agent(args: argparse.Namespace) -> Agent:
         timeout_s=args.timeout,
         bandwidth_limit_mbps=args.bandwidth_limit_mbps,
         client_id=getattr(args, "client_id", "") or "",
+        **({"port_range": args.port_range} if args.port_range else {}),
     )
     return Agent(config, load_hook(args.engine_hook))
 

@@ -27,6 +27,7 @@ class PodAgent(PodLoop):
                 timeout_s=env.timeout_seconds,
                 bandwidth_limit_mbps=env.bandwidth_limit_mbps,
                 client_id=env.pod_ip,
+                port_range=env.port_range,
             ),
             hook,
         )

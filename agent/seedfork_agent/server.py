@@ -91,6 +91,7 @@ class AgentServer:
         timeout_s: float = 300.0,
         bandwidth_limit_mbps: int | None = None,
         te_factory: Any = None,
+        group_ports: tuple[int, int] | None = None,
     ) -> None:
         if host in ("0.0.0.0", "::", ""):
             raise ValueError("the agent binds to the pod IP, never to all interfaces")
@@ -104,6 +105,7 @@ class AgentServer:
         self.store: WeightStore | None = None
         self.te: TransferEngineHandle | None = None
         self._te_factory = te_factory  # called once to create/register TE when a store starts serving
+        self.group_ports = group_ports  # where this seed's rendezvous stores may listen (inclusive), None: anywhere
         self.progress = Progress()
         self.metrics = Metrics()
         self.active_clients = 0
@@ -139,6 +141,7 @@ class AgentServer:
     async def stop(self) -> None:
         for g in list(self._groups.values()):
             groups.destroy_group(g.pg)
+            g.pg = None
         self._groups.clear()
         if self._runner:
             await self._runner.cleanup()
@@ -295,6 +298,12 @@ class AgentServer:
             return _rfork_fail(f"expected 1 port (tp_size 1), got {len(ports)}")
         if world_size < 2:
             return _rfork_fail("world_size must be at least 2")
+        if master != self.host:
+            # The store listens on this pod's own address, never one a client names.
+            return _rfork_fail(f"master_address must be this instance's address {self.host}, got {master}")
+        if self.group_ports and not self.group_ports[0] <= ports[0] <= self.group_ports[1]:
+            lo, hi = self.group_ports
+            return _rfork_fail(f"port {ports[0]} lies outside this set's rendezvous ports {lo}-{hi}")
         name = groups.group_name(base, ports[0], 0)
         group = self._groups.get(name)
         if group is None:
@@ -302,7 +311,7 @@ class AgentServer:
             group = _SendGroup(name, world_size, loop.create_future())
             self._groups[name] = group
             backend = groups.local_backend(requested, self.store.device)
-            self._spawn(self._build_group(group, backend, master, ports[0]))
+            self._spawn(self._build_group(group, backend, ports[0]))
         elif group.world_size != world_size:
             return _rfork_fail(f"group {name} exists with world_size {group.world_size}")
         try:
@@ -311,10 +320,10 @@ class AgentServer:
             return _rfork_fail(f"failed to build group {name}: {e}")
         return web.json_response({"success": True, "message": f"group {name} ready"})
 
-    async def _build_group(self, group: _SendGroup, backend: str, master: str, port: int) -> None:
+    async def _build_group(self, group: _SendGroup, backend: str, port: int) -> None:
         try:
             group.pg = await asyncio.to_thread(
-                groups.init_group, backend, master, port, group.world_size, 0, group.name, self.timeout_s,
+                groups.init_group, backend, self.host, port, group.world_size, 0, group.name, self.timeout_s,
                 self.store.device,
             )  # fmt: skip
             group.ready.set_result(True)
@@ -330,6 +339,7 @@ class AgentServer:
             log.warning("group %s expired without a send request", group.name)
             self._groups.pop(group.name, None)
             groups.destroy_group(group.pg)
+            group.pg = None  # the last reference: its store and listener close with it
 
     async def send_weights(self, request: web.Request) -> web.Response:
         self._require_token(request)
@@ -377,6 +387,7 @@ class AgentServer:
             self._groups.pop(group.name, None)
             # SGLang's seed destroys the group even when sending failed.
             await asyncio.to_thread(groups.destroy_group, group.pg)
+            group.pg = None  # the last reference: its store and listener close with it
             self._set_active(-clients)
 
     # ---- SGLang R-Fork, TransferEngine backend (protocols.md §1.5) ---------

@@ -191,10 +191,11 @@ SPEC_RULES = [
         "(an SGLang seed serves one NCCL client at a time)",
         ".transfer.maxClientsPerSeed",
     ),
-    cel(
+    cel(  # the layout of the range: seedfork_api.contract.transfer_engine_ports
         "self.transfer.ports.end - self.transfer.ports.start + 1 >= "
-        "self.engine.parallelism.tp * self.engine.parallelism.pp",
-        "transfer.ports must hold at least one port per rank (tp * pp)",
+        "3 * self.engine.parallelism.tp * self.engine.parallelism.pp",
+        "transfer.ports must hold at least one port per rank (tp * pp) for rendezvous "
+        "plus two per rank for TransferEngine",
         ".transfer.ports",
     ),
     cel(
