@@ -28,6 +28,8 @@ class PodAgent(PodLoop):
                 bandwidth_limit_mbps=env.bandwidth_limit_mbps,
                 client_id=env.pod_ip,
                 port_range=env.port_range,
+                # A set that moves bytes over nccl never reads TransferEngine: expose no memory to it.
+                serve_te=env.backend != "nccl",
             ),
             hook,
         )
