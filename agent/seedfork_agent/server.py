@@ -112,6 +112,8 @@ class AgentServer:
         self._groups: dict[str, _SendGroup] = {}
         self._te_clients: dict[str, float] = {}
         self._te_info_body = b""
+        self._te_pending = 0  # pointers handed out whose client has not announced its read (stock SGLang never does)
+        self._te_until = 0.0  # until then a handed-out pointer may still be read
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self.on_change: Any = None  # called (no args) when activeClients changes
@@ -147,13 +149,14 @@ class AgentServer:
             await self._runner.cleanup()
 
     def serve(self, store: WeightStore) -> None:
-        """Start serving a verified store (register it with TransferEngine once, if enabled)."""
+        """Start serving a verified store. Its memory is exposed to TransferEngine only while a client that
+        showed the token may read it (``_te_open``): a store a pull left registered is unregistered here."""
         if store.device.type == "cuda":
             torch.cuda.set_device(store.device)  # this may run in a worker thread: make its CUDA context current
         if self._te_factory is not None:
             try:
                 self.te = self._te_factory()
-                self.te.register(store.buffer.data_ptr(), store.nbytes)
+                self.te.unregister(store.buffer.data_ptr())
             except TransferEngineError as e:  # NCCL/gloo still work without it
                 log.warning("not serving over TransferEngine: %s", e)
                 self.te = None
@@ -277,7 +280,35 @@ class AgentServer:
                 self.metrics.bytes_served.labels("transfer_engine").inc(int(body.get("bytes", 0)))
         else:
             raise web.HTTPBadRequest(text="event must be start, done or failed")
+        if event == "start":
+            self._te_pending = max(0, self._te_pending - 1)
+            asyncio.get_running_loop().call_later(self.timeout_s + 0.5, self._te_close)
+        else:
+            self._te_close()
         return web.json_response({"ok": True})
+
+    # ---- TransferEngine exposure ---------------------------------------------
+    def _te_open(self) -> None:
+        """A client showed the token and gets the pointers: register the store until its read must be over
+        (our clients announce start and end; any read ends within the set's timeout)."""
+        store = self.store
+        if store.device.type == "cuda":
+            torch.cuda.set_device(store.device)  # runs on the event loop's thread
+        self.te.register(store.buffer.data_ptr(), store.nbytes)
+        self._te_pending += 1
+        self._te_until = time.monotonic() + self.timeout_s
+        asyncio.get_running_loop().call_later(self.timeout_s + 0.5, self._te_close)
+
+    def _te_close(self) -> None:
+        """Unregister the store once no authorised read may still run."""
+        if self.te is None or self.store is None:
+            return
+        now = time.monotonic()
+        reading = [c for c, started in self._te_clients.items() if now - started < self.timeout_s]
+        if reading or (self._te_pending and now < self._te_until):
+            return
+        self._te_pending = 0
+        self.te.unregister(self.store.buffer.data_ptr())
 
     # ---- SGLang R-Fork, NCCL backend (protocols.md §1.4) -------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
@@ -401,6 +432,7 @@ class AgentServer:
             return web.json_response(
                 {"error": {"message": f"Failed to get transfer engine info for rank {rank}"}}, status=400
             )
+        self._te_open()
         return web.Response(body=self._te_info_body, content_type="application/json")
 
     async def te_info_deprecated(self, request: web.Request) -> web.Response:
