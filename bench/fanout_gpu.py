@@ -84,7 +84,7 @@ async def _worker(rank: int, cfg: dict, cmds, out) -> None:
         AgentConfig(
             host=host(cfg, rank), port=cfg["agent_port"], token=TOKEN, fingerprint=FINGERPRINT, device=device,
             protocol=cfg["protocol"], timeout_s=cfg["timeout_s"], client_id=f"fanout{rank}",
-            port_range=(cfg["group_port"], cfg["group_port"] + 999),  # every rendezvous port the run hands out
+            port_range=(cfg["group_port"], cfg["group_port"] + 499),  # every rendezvous port the run hands out
         )
     )  # fmt: skip
     await agent.start()
