@@ -74,13 +74,16 @@ def load_base(path: str) -> int:
     raise BindPatchError(f"{path} is not loaded in this process")
 
 
-def loaded_objects(name_part: str) -> list[str]:
-    """Paths of loaded shared objects whose file name contains ``name_part``."""
+def loaded_objects(directories: Sequence[str]) -> list[str]:
+    """Paths of the shared objects this process has mapped from files inside ``directories``."""
+    roots = [os.path.realpath(d) + os.sep for d in directories]
     found = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            if len(fields) >= 6 and name_part in os.path.basename(fields[5]) and fields[5] not in found:
+            if len(fields) < 6 or ".so" not in os.path.basename(fields[5]) or fields[5] in found:
+                continue
+            if any(fields[5].startswith(root) for root in roots):
                 found.append(fields[5])
     return found
 

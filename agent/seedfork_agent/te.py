@@ -35,6 +35,17 @@ def resolve_protocol(protocol: str, device: torch.device) -> str:
     return "tcp" if device.type == "cpu" else "rdma"
 
 
+def _mooncake_dirs() -> list[str]:
+    """Mooncake's package and the wheel's bundled libraries (``mooncake_transfer_engine*.libs``)."""
+    import mooncake
+
+    package = os.path.dirname(mooncake.__file__)
+    site = os.path.dirname(package)
+    return [package] + [
+        os.path.join(site, d) for d in os.listdir(site) if d.startswith("mooncake") and d.endswith(".libs")
+    ]
+
+
 # Mooncake ignores a port range inside Linux's default ephemeral ports and then listens in 15000-17000.
 _MOONCAKE_REFUSED = (32768, 60999)
 
@@ -66,7 +77,7 @@ class TransferEngineHandle:
         self.protocol = protocol
         self.host = host
         self._engine = TransferEngine()
-        libraries = bindaddr.loaded_objects("engine") + bindaddr.loaded_objects("libasio")
+        libraries = bindaddr.loaded_objects(_mooncake_dirs())
         with bindaddr.wildcard_binds_to(host, libraries) as binds:
             rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
         if rc != 0:

@@ -103,3 +103,32 @@ def test_a_rendezvous_listens_on_the_seed_ip_and_closes_when_its_group_ends(kit,
         watcher.join(5)
     assert not any(s.port == port for s in listeners(seed.proc.pid)), "the store still listens after its group"
     assert wrong == set()
+
+
+def test_a_rendezvous_nobody_joins_closes_at_the_timeout(kit, seed):
+    port = kit.new_port()
+    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
+    body = {"master_address": seed.ip, "ports": str(port), "world_size": 2, "group_name": "send_weights_lonely"}
+    with ThreadPoolExecutor(1) as pool:
+        init = pool.submit(
+            httpx.post, f"{seed.url}/init_weights_send_group_for_remote_instance", json=body, headers=headers,
+            timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not any(s.port == port for s in listeners(seed.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [str(s) for s in listeners(seed.proc.pid) if s.port == port] == [f"{seed.ip}:{port}"]
+        assert init.result().json()["success"] is False  # the seed's timeout (20 s) ended the group
+    assert not any(s.port == port for s in listeners(seed.proc.pid))
+
+
+def test_a_seed_refuses_a_rendezvous_elsewhere(kit, seed):
+    """The store listens on the seed's own address and range only, whatever a client asks for."""
+    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
+    url = f"{seed.url}/init_weights_send_group_for_remote_instance"
+    lo, hi = _range(kit)
+    for master, port, complaint in [("127.0.0.1", lo + 5, "master_address"), (seed.ip, hi + 1, "outside")]:
+        body = {"master_address": master, "ports": str(port), "world_size": 2, "group_name": "send_weights_x"}
+        r = httpx.post(url, json=body, headers=headers, timeout=10)
+        assert r.status_code == 400 and complaint in r.json()["message"], r.text
+        assert not any(s.port == port for s in listeners(seed.proc.pid))
