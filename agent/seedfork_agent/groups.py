@@ -101,8 +101,7 @@ def _master_store(host: str, port: int, world_size: int, timeout: timedelta) -> 
         try:
             return TCPStore(host, port, world_size, True, timeout, master_listen_fd=fd, use_libuv=True)
         except BaseException:
-            with_fd = _inode_of(fd)
-            if with_fd == inode:  # the failed store left its descriptor open: close it, or the port stays open
+            if _inode_of(fd) == inode:  # the failed store left its descriptor open: close it, or the port stays open
                 os.close(fd)
             raise
     finally:

@@ -34,7 +34,10 @@ For the namespaces it is given, the runner:
   grace period (capped by ``max_grace``), SIGKILL, then deletes the pod object with
   grace 0 (what the kubelet's confirmation does) and frees the address;
 - keeps one log file per container: ``<logdir>/<namespace>_<pod>_<container>.log``
-  (stdout and stderr, appended across restarts).
+  (stdout and stderr, appended across restarts);
+- with ``network="namespaces"`` (root): gives each pod a network namespace of its own
+  instead of a loopback address, and enforces the namespace's NetworkPolicies there
+  (``netns.py``); ``pod_netns`` names a pod's namespace for test code.
 
 Containers see none of the runner's environment but ``PATH`` and ``PASSTHROUGH_ENV``,
 plus ``env`` given to the runner (e.g. ``CUDA_VISIBLE_DEVICES``), under the pod's own.
