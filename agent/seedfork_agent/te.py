@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from seedfork_api.spec import MOONCAKE_REFUSED_PORTS
+
 from . import bindaddr
 
 PROTOCOLS = ("tcp", "rdma", "nvlink_intra")
@@ -46,8 +48,7 @@ def _mooncake_dirs() -> list[str]:
     ]
 
 
-# Mooncake ignores a port range inside Linux's default ephemeral ports and then listens in 15000-17000.
-_MOONCAKE_REFUSED = (32768, 60999)
+_MOONCAKE_REFUSED = MOONCAKE_REFUSED_PORTS  # there it listens in 15000-17000 instead
 
 
 class TransferEngineHandle:

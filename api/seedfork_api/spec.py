@@ -163,6 +163,10 @@ def resolve_transfer(transfer: TransferSpec, defaults: TransferSpec | None, engi
     return merged
 
 
+# Mooncake's TransferEngine ignores a listen port range that overlaps Linux's default ephemeral ports.
+MOONCAKE_REFUSED_PORTS = (32768, 60999)
+
+
 def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
     """What the resolved policy asks that the engine cannot do (the CRD's CEL rules see only explicit values)."""
     t, e = spec.transfer, spec.engine
@@ -173,6 +177,12 @@ def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
         )
     if e.kind == "sglang" and t.backend == "nccl" and t.max_clients_per_seed != 1:
         return "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl"
+    lo, hi = MOONCAKE_REFUSED_PORTS
+    if e.kind != "sglang" and t.backend != "nccl" and t.ports.start <= hi and t.ports.end >= lo:
+        return (
+            f"transfer.ports {t.ports.start}-{t.ports.end} overlaps {lo}-{hi}, where Mooncake's TransferEngine "
+            f"will not listen (backend {t.backend} resolves to transfer_engine); move spec.transfer.ports below {lo}"
+        )
     return None
 
 
