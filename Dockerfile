@@ -1,12 +1,15 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
+# Three images from one file:
 #   docker build --target operator -t seedfork/operator:0.1.0 .   (slim: no torch)
 #   docker build --target agent    -t seedfork/agent:0.1.0 .      (CUDA torch + Mooncake TransferEngine)
-# Both run as the unprivileged user 10001, matching the chart's securityContext.
+#   docker build --target vllm     -t seedfork/vllm:0.32.0 .      (vLLM's image + seedfork's model loader)
+# The operator and the agent run as the unprivileged user 10001, matching the chart's securityContext.
 # The torch wheel on PyPI carries its own CUDA runtime (cu13x), so the agent needs no CUDA
 # base image: only the host's NVIDIA driver, mounted by the container runtime.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# The vLLM release seedfork's loader is tested against (README, "vLLM").
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -64,3 +67,12 @@ ENV PATH=/opt/venv/bin:${PATH} \
 USER 10001:10001
 EXPOSE 18080
 ENTRYPOINT ["seedfork-agent"]
+
+# ---- vllm: vLLM's own image with seedfork installed, for `engine.kind: vllm` sets ----
+# Only seedfork's Python packages: the image already has torch, httpx and pydantic, and vLLM keeps its own
+# pins. The package's `vllm.general_plugins` entry point registers `--load-format seedfork` in every vLLM
+# process. The user stays vLLM's.
+FROM ${VLLM_IMAGE} AS vllm
+COPY --from=source /src /tmp/seedfork-src
+RUN python3 -m pip install --no-cache-dir --no-deps /tmp/seedfork-src \
+ && rm -rf /tmp/seedfork-src

@@ -42,3 +42,5 @@ fi
 .venv/bin/seedfork-localdev build kube-apiserver etcd helm kubeconform >/dev/null
 # The Prometheus Operator ServiceMonitor CRD the chart's ServiceMonitor is checked against (pinned, cached).
 .venv/bin/python -m seedfork_localdev.upstream >/dev/null
+# vLLM's CPU build in an environment of its own (the vllm test tier, the vLLM demo), cached.
+scripts/setup_vllm.sh >/dev/null

@@ -22,6 +22,7 @@ from pathlib import Path
 from seedfork_api.contract import ENV_TOKEN, PodEnv
 
 from .agent import Agent, AgentConfig, load_hook
+from .engines.gate import EngineGate
 from .server import default_device
 from .store import Manifest, WeightStore
 
@@ -38,6 +39,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for any transfer or rendezvous")
     p.add_argument("--bandwidth-limit-mbps", type=int, default=None, help="cap on bytes served (NCCL/gloo)")
     p.add_argument("--engine-hook", default=os.environ.get("SEEDFORK_ENGINE_HOOK"), help="module:callable")
+    p.add_argument(
+        "--engine-ranks",
+        type=int,
+        default=0,
+        help="an engine of this many ranks loads from the store itself (vLLM, --load-format seedfork): "
+        "verified only once every rank proved its load",
+    )
     p.add_argument(
         "--port-range", default=None, type=_port_range,
         help="START-END: the set's transfer ports; TransferEngine and rendezvous listeners stay inside",
@@ -107,7 +115,8 @@ def _agent(args: argparse.Namespace) -> Agent:
         client_id=getattr(args, "client_id", "") or "",
         **({"port_range": args.port_range} if args.port_range else {}),
     )
-    return Agent(config, load_hook(args.engine_hook))
+    gate = EngineGate(args.engine_ranks) if args.engine_ranks else None
+    return Agent(config, load_hook(args.engine_hook), gate)
 
 
 async def _serve_forever(agent: Agent) -> None:

@@ -22,6 +22,7 @@ from seedfork_api.contract import group_ports, transfer_engine_ports
 from seedfork_api.spec import PortRange
 
 from .checksum import warm_up
+from .engines.gate import EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer
 from .store import Manifest, WeightStore, remove_stale_shm
@@ -62,7 +63,7 @@ def load_hook(spec: str | None) -> EngineHook | None:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, hook: EngineHook | None = None) -> None:
+    def __init__(self, config: AgentConfig, hook: EngineHook | None = None, gate: EngineGate | None = None) -> None:
         removed = remove_stale_shm()
         if removed:
             log.info("removed %d store files of dead agent processes", len(removed))
@@ -79,6 +80,9 @@ class Agent:
             te_factory=self.te if config.serve_te else None,
             group_ports=group_ports(*config.port_range),
         )
+        self.server.gate = self.gate = gate
+        # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
+        self.engine_gone: Callable[[], str | None] | None = None
         self.timing: dict[str, float] = {}
         self._warm: asyncio.Task | None = None
         self.on_progress: Callable[[], None] | None = None
@@ -125,6 +129,13 @@ class Agent:
         if self.hook:
             self.hook(store, {"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
             self.timing["engine_attached"] = time.time()
+        if self.gate is not None:  # the engine loads from the store itself: it must prove it holds the weights
+            self.server.offered = store
+            reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
+            self.timing["engine_attached"] = time.time()
+            starts = [r.started_at for r in reports.values() if r.started_at is not None]
+            if starts:
+                self.timing["engine_load_start"] = min(starts)
         self.server.serve(store)
         p = self.server.progress
         p.state, p.finished_at = "verified", now
@@ -143,6 +154,8 @@ class Agent:
         except Exception as e:
             self._fail(f"loading {uri} failed: {type(e).__name__}: {e}")
             return False
+        if self.gate is not None:
+            self.gate.open(store.manifest.digest, None)  # loaded from storage: this pod's engine sets the digests
         return await self._finish(store)
 
     async def pull_seed(self, req: PullRequest, attempt: int = 1) -> bool:
@@ -165,6 +178,14 @@ class Agent:
         log.info("pulled %d bytes from %s over %s: %s", store.manifest.payload_bytes, req.seed, req.backend, phases)
         self.server.metrics.transfers.labels("client", req.backend, "ok").inc()
         self.server.metrics.duration.labels("client", req.backend).observe(time.time() - p.started_at)
+        if self.gate is not None:
+            try:  # the seed's engine, rank by rank: this pod's engine must come to hold the same parameters
+                expected = await asyncio.to_thread(seed_engine_digests, req.base_url, req.token, req.timeout_s)
+                self.gate.open(store.manifest.digest, expected)
+            except (EngineGateError, OSError, ValueError) as e:
+                store.close()
+                self._fail(f"seed {req.seed}: {e}")
+                return False
         return await self._finish(store, stats.get("data_end"))
 
     async def _finish(self, store: WeightStore, transfer_end: float | None = None) -> bool:
@@ -173,7 +194,9 @@ class Agent:
         except Exception as e:
             if self.server.te is not None:
                 self.server.te.unregister(store.buffer.data_ptr())
-            self.server.store = None
+            self.server.store = self.server.offered = None
+            if self.gate is not None:
+                self.gate.close()
             store.close()
             self._fail(f"could not start serving: {type(e).__name__}: {e}")
             return False
@@ -186,7 +209,9 @@ class Agent:
 
     def release(self) -> None:
         """Stop serving and free the store (its TransferEngine registration too)."""
-        store, self.server.store = self.server.store, None
+        store, self.server.store, self.server.offered = self.server.store, None, None
+        if self.gate is not None:
+            self.gate.close()
         self.server.progress.state = "pending"
         self.server.metrics.serving.set(0)
         if store is not None:

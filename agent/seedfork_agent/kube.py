@@ -28,6 +28,15 @@ class PodClient:
         pod = self.core.read_namespaced_pod(self.name, self.namespace, _request_timeout=30)
         return dict(pod.metadata.annotations or {}), pod.metadata.resource_version
 
+    def containers(self, exclude: str) -> dict[str, tuple[int, bool]]:
+        """Each container's (restart count, terminated now) but ``exclude``'s, from the pod's status."""
+        pod = self.core.read_namespaced_pod(self.name, self.namespace, _request_timeout=10)
+        out = {}
+        for s in pod.status.container_statuses or []:
+            if s.name != exclude:
+                out[s.name] = (int(s.restart_count or 0), bool(s.state and s.state.terminated))
+        return out
+
     def report(self, report: AgentReport, timing: PodTiming | None = None) -> None:
         values: dict[str, Any] = {"report": report}
         if timing is not None:

@@ -7,10 +7,16 @@ one in the same process.
 
 from __future__ import annotations
 
+import logging
+
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from .agent import Agent, AgentConfig, EngineHook
+from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
+
+log = logging.getLogger("seedfork.agent.pod")
+AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
 
 
 class PodAgent(PodLoop):
@@ -32,6 +38,8 @@ class PodAgent(PodLoop):
                 serve_te=env.backend != "nccl",
             ),
             hook,
+            # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
+            gate=EngineGate(env.tp * env.pp) if env.engine == "vllm" else None,
         )
 
     def report(self) -> AgentReport:
@@ -64,6 +72,7 @@ class PodAgent(PodLoop):
                 "transfer_end": t.get("transfer_end"),
                 "verified": t.get("verified"),
                 "engine_attached": t.get("engine_attached"),
+                "engine_load_start": t.get("engine_load_start"),
                 "bytes": p.bytes_total,
             }
         )
@@ -80,6 +89,8 @@ class PodAgent(PodLoop):
         await self.agent.stop()
 
     async def attempt(self, a: Assignment) -> None:
+        if self.agent.gate is not None:
+            self._watch_engine()
         if a.source == "storage":
             if not self.env.model_uri:
                 self._fail_now(a, "assigned storage but the pod has no model URI")
@@ -100,6 +111,20 @@ class PodAgent(PodLoop):
             cohort_size=a.cohort_size,
         )
         await self.agent.pull_seed(req, a.attempt)
+
+    def _watch_engine(self) -> None:
+        """For an attempt whose engine loads from the store: an engine container that exits while the agent
+        waits for its proof ends the attempt at once (it restarts and waits for the next attempt)."""
+        watch = EngineWatch()
+
+        def gone() -> str | None:
+            try:
+                return watch.exited(self.kube.containers(AGENT_CONTAINER))
+            except Exception as e:  # an unreadable status is no proof of an exit; the timeout still bounds it
+                log.debug("cannot read the engine containers' status: %s", e)
+                return None
+
+        self.agent.engine_gone = gone
 
     def _fail_now(self, a: Assignment, reason: str) -> None:
         p = self.agent.server.progress

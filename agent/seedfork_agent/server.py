@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import groups
+from .engines.gate import EngineGate, RankReport
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
 
@@ -117,6 +118,10 @@ class AgentServer:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self.on_change: Any = None  # called (no args) when activeClients changes
+        # Engines that load from the store themselves (vLLM): the verified store is offered to the pod's own
+        # engine before this agent serves it to anyone, and the gate collects the engine's proof of its load.
+        self.offered: WeightStore | None = None
+        self.gate: EngineGate | None = None
 
     # ---- lifecycle --------------------------------------------------------
     def app(self) -> web.Application:
@@ -128,6 +133,9 @@ class AgentServer:
         app.router.add_get("/v1/manifest", self.manifest_view)
         app.router.add_get("/v1/attach", self.attach_view)
         app.router.add_post("/v1/transfers", self.transfer_event)
+        app.router.add_get("/v1/engine", self.engine_view)
+        app.router.add_post("/v1/engine/report", self.engine_report)
+        app.router.add_post("/v1/engine/failed", self.engine_failed)
         app.router.add_post("/init_weights_send_group_for_remote_instance", self.init_send_group)
         app.router.add_post("/send_weights_to_remote_instance", self.send_weights)
         app.router.add_get("/remote_instance_transfer_engine_info", self.te_info)
@@ -258,9 +266,52 @@ class AgentServer:
 
     async def attach_view(self, request: web.Request) -> web.Response:
         self._require_token(request)
+        store = self.store if self.serving else self.offered
+        if store is None:
+            return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
+        return web.json_response({"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
+
+    # ---- the pod's own engine loading from the store (engines.gate) -------------------------------
+    async def engine_view(self, request: web.Request) -> web.Response:
+        """What a seed's engine holds, per rank: a client's engine must hold the same."""
+        self._require_token(request)
         if not self.serving:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        return web.json_response({"attach": self.store.attach_info(), "manifest": self.store.manifest.to_dict()})
+        ranks = self.gate.published if self.gate is not None else {}
+        sizes = self.gate.param_bytes if self.gate is not None else {}
+        return web.json_response(
+            {
+                "ranks": {str(r): d for r, d in sorted(ranks.items())},
+                "paramBytes": {str(r): n for r, n in sorted(sizes.items())},
+                "storeBytes": self.store.nbytes,
+            }
+        )
+
+    async def engine_report(self, request: web.Request) -> web.Response:
+        self._require_token(request)
+        if self.gate is None:
+            raise web.HTTPNotFound(text="this agent's engine does not load from the store")
+        try:
+            report = RankReport.from_json(await self._json(request))
+        except ValueError as e:
+            raise web.HTTPBadRequest(text=str(e)) from None
+        reason = self.gate.report(report)
+        if reason is not None:
+            log.warning("refused the engine's load: %s", reason)
+            return web.json_response({"ok": False, "reason": reason}, status=409)
+        return web.json_response({"ok": True})
+
+    async def engine_failed(self, request: web.Request) -> web.Response:
+        self._require_token(request)
+        if self.gate is None:
+            raise web.HTTPNotFound(text="this agent's engine does not load from the store")
+        body = await self._json(request)
+        rank, reason = body.get("rank"), body.get("reason")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(reason, str):
+            raise web.HTTPBadRequest(text="rank must be an integer and reason a string")
+        log.warning("engine rank %d failed its load: %s", rank, reason)
+        self.gate.fail(rank, reason[:2000])
+        return web.json_response({"ok": True})
 
     async def transfer_event(self, request: web.Request) -> web.Response:
         """Our clients announce one-sided (TE) reads, which the seed cannot see, for metrics and load."""

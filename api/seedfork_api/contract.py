@@ -169,6 +169,8 @@ class PodTiming(_Model):
     transfer_end: float | None = Field(default=None, alias="transferEnd")
     verified: float | None = None
     engine_attached: float | None = Field(default=None, alias="engineAttached")
+    # Engines that load from the store themselves (vLLM): when the first rank asked for the weights.
+    engine_load_start: float | None = Field(default=None, alias="engineLoadStart")
     bytes: int = 0
 
 

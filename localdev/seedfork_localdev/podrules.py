@@ -8,6 +8,7 @@ the subset the runner supports.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -164,6 +165,26 @@ def container_env(
                 f"env {name}: valueFrom {sorted(source)} is not supported by the local pod runner "
                 "(supported: value, fieldRef, secretKeyRef, configMapKeyRef)"
             )
+    return env
+
+
+def image_repository(image: str | None) -> str:
+    """``registry/name:tag`` or ``name@sha256:...`` without its tag or digest."""
+    if not image:
+        return ""
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition("/")
+    return f"{head}/{tail.split(':', 1)[0]}" if head else tail.split(":", 1)[0]
+
+
+def image_env(image: str | None, images: Mapping[str, Mapping[str, str]], path: str) -> dict[str, str]:
+    """The environment standing in for ``image`` (its ``PATH`` put before ``path``); empty if none does."""
+    stand_in = images.get(image_repository(image))
+    if not stand_in:
+        return {}
+    env = dict(stand_in)
+    if "PATH" in env:
+        env["PATH"] = os.pathsep.join([env["PATH"], path])
     return env
 
 

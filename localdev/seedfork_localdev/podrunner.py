@@ -41,6 +41,9 @@ For the namespaces it is given, the runner:
 
 Containers see none of the runner's environment but ``PATH`` and ``PASSTHROUGH_ENV``,
 plus ``env`` given to the runner (e.g. ``CUDA_VISIBLE_DEVICES``), under the pod's own.
+Images are not run, but ``images`` can stand in for one: a container whose image repository is a key
+there gets that environment first (its ``PATH`` before the runner's), e.g. vLLM's own virtualenv for
+containers of seedfork's vLLM image.
 Pods get ``KUBERNETES_SERVICE_HOST``/``_PORT`` for the API server. A pod with a
 ``serviceAccountName`` gets a token bound to it (TokenRequest) in a kubeconfig
 named by ``KUBECONFIG``, so its API access is that ServiceAccount's RBAC; with
@@ -97,6 +100,7 @@ from .podrules import (
     choose_node,
     container_argv,
     container_env,
+    image_env,
     pod_phase,
     readiness_conditions,
     restart_delay,
@@ -228,6 +232,7 @@ class PodRunner:
         tick: float = 0.05,
         ip_range: tuple[int, int] = (2, 254),
         network: str = "loopback",
+        images: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if pod_credentials not in ("serviceaccount", "admin"):
             raise ValueError("pod_credentials must be 'serviceaccount' or 'admin'")
@@ -248,6 +253,7 @@ class PodRunner:
         self.restart_backoff = restart_backoff
         self.pod_credentials = pod_credentials
         self.env = dict(env or {})  # given to every container, under the pod's own env
+        self.images = {k: dict(v) for k, v in (images or {}).items()}  # image repository -> its environment
         self.tick = tick
         self.ip_range = ip_range
         self.started_pids: list[int] = []  # every process group this runner ever started
@@ -749,6 +755,7 @@ class PodRunner:
         env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
         env["HOSTNAME"] = pod.name
         env.update(self.env)
+        env.update(image_env(c.spec.get("image"), self.images, env["PATH"]))
         env.update(api_env)
         env.update(own)
         env[MARK_ENV] = self._mark(pod, c)

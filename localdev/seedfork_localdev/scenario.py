@@ -788,6 +788,7 @@ class LocalCluster:
     probe_period: float = 0.2
     # "namespaces": a network namespace per pod, NetworkPolicies enforced (the pod runner's netns.py; root)
     pod_network: str = "loopback"
+    images: Mapping[str, Mapping[str, str]] | None = None  # image repository -> environment standing in for it
     operator: Proc | None = None
     runner: Any = None
 
@@ -818,6 +819,7 @@ class LocalCluster:
             probe_period=self.probe_period,
             max_grace=2.0,
             network=self.pod_network,
+            images=self.images,
         )
         self.runner.start()
         return self.runner

@@ -11,6 +11,12 @@ What the operator adds (``seedfork_api.contract`` names every key):
   - engine ``sglang``: SGLang moves its own bytes and the agent launches and supervises it, so the agent
     becomes the entry point of the engine container (the first one): its command turns into
     ``seedfork-agent run -- <command> <args>``. The engine image must therefore contain seedfork.
+  - engine ``vllm``: an agent sidecar that moves the bytes into its store, and vLLM loads them from that
+    store inside its own processes (``--load-format seedfork``, seedfork's model loader for vLLM): the
+    engine container's ``--load-format`` is set to it, both containers mount one memory-backed
+    ``/dev/shm`` (the store on CPU), the sidecar mounts the engine's volumes that hold ``model.uri``
+    (read only, for the first replica), and the engine gets a readiness probe on vLLM's ``/health``
+    unless it has one. So vLLM answers only after the agent accepted its load.
   - other engines: an agent sidecar that moves the bytes into its own store.
 """
 
@@ -27,6 +33,9 @@ from .planner import resolve_backend
 AGENT_CONTAINER = "seedfork-agent"
 AGENT_COMMAND = ["seedfork-agent", "run"]
 AGENT_ENTRY_POINT = [*AGENT_COMMAND, "--"]
+VLLM_LOAD_FORMAT = "seedfork"  # registered by seedfork_agent.engines.vllm_loader in vLLM's processes
+SHM_VOLUME = "seedfork-shm"
+SHM_PATH = "/dev/shm"
 
 
 class TemplateError(ValueError):
@@ -54,12 +63,98 @@ def check_template(template: dict[str, Any], engine: str = "") -> None:
     if len(set(names)) != len(names):
         raise TemplateError("container names in spec.template.spec.containers must be unique")
     engine_container = containers[0]
+    if engine == "vllm":
+        _check_vllm(engine_container)
     if engine == "sglang" and not any(runs_agent(ct) for ct in containers) and not engine_container.get("command"):
         raise TemplateError(
             f"engine sglang: container {engine_container['name']!r} needs an explicit command, e.g. "
             "command: [python3, -m, sglang.launch_server]; the operator runs it as "
             "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
         )
+
+
+def _env_value(container: dict[str, Any], name: str) -> str | None:
+    for e in container.get("env") or []:
+        if isinstance(e, dict) and e.get("name") == name:
+            return str(e.get("value", ""))
+    return None
+
+
+def _check_vllm(container: dict[str, Any]) -> None:
+    name = container.get("name")
+    if _env_value(container, "VLLM_SERVER_DEV_MODE") not in (None, "", "0"):
+        raise TemplateError(
+            f"engine vllm: container {name!r} sets VLLM_SERVER_DEV_MODE; its routes (/collective_rpc, "
+            "/sleep, /weight_checker) change weights without any token, and seedfork needs none of them"
+        )
+    plugins = _env_value(container, "VLLM_PLUGINS")
+    if plugins is not None and VLLM_LOAD_FORMAT not in [p.strip() for p in plugins.split(",")]:
+        raise TemplateError(
+            f"engine vllm: container {name!r} sets VLLM_PLUGINS={plugins!r} without {VLLM_LOAD_FORMAT!r}: "
+            "vLLM would not load seedfork's model loader"
+        )
+
+
+def _set_flag(words: list[str], flag: str, value: str) -> list[str]:
+    """``words`` with every ``flag VALUE`` / ``flag=VALUE`` (dashes or underscores) replaced by ``flag=value``."""
+    spellings = {flag, flag.replace("-", "_").replace("__", "--", 1)}
+    out: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        head = w.split("=", 1)[0]
+        if head in spellings:
+            skip = "=" not in w
+            continue
+        out.append(w)
+    return [*out, f"{flag}={value}"]
+
+
+def vllm_engine(container: dict[str, Any], engine_port: int) -> dict[str, Any]:
+    """vLLM's container loading its weights through seedfork's loader, probed on ``/health``."""
+    if container.get("args") or not container.get("command"):
+        container["args"] = _set_flag(list(container.get("args") or []), "--load-format", VLLM_LOAD_FORMAT)
+        container["command"] = _drop_flag(list(container.get("command") or []), "--load-format") or None
+        if container["command"] is None:
+            container.pop("command")
+    else:
+        container["command"] = _set_flag(list(container["command"]), "--load-format", VLLM_LOAD_FORMAT)
+    if not container.get("readinessProbe"):
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/health", "port": engine_port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        }
+    return container
+
+
+def _drop_flag(words: list[str], flag: str) -> list[str]:
+    return _set_flag(words, flag, "")[:-1]
+
+
+def _shared_memory(pod_spec: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
+    """The mount of the engine's ``/dev/shm`` (a memory-backed emptyDir, added if the template has none)."""
+    for m in engine.get("volumeMounts") or []:
+        if m.get("mountPath") == SHM_PATH:
+            return {"name": m["name"], "mountPath": SHM_PATH}
+    pod_spec["volumes"] = [*(pod_spec.get("volumes") or []), {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    mount = {"name": SHM_VOLUME, "mountPath": SHM_PATH}
+    engine["volumeMounts"] = [*(engine.get("volumeMounts") or []), dict(mount)]
+    return mount
+
+
+def _model_mounts(engine: dict[str, Any], uri: str | None) -> list[dict[str, Any]]:
+    """The engine's mounts that hold ``model.uri``, read only, for the agent's storage load."""
+    if not uri:
+        return []
+    out = []
+    for m in engine.get("volumeMounts") or []:
+        path = str(m.get("mountPath", "")).rstrip("/")
+        if path and path != SHM_PATH and (uri == path or uri.startswith(path + "/")):
+            out.append({**m, "readOnly": True})
+    return out
 
 
 def runs_agent(container: dict[str, Any]) -> bool:
@@ -145,6 +240,11 @@ def render_pod(
     if not any(runs_agent(ct) for ct in containers):
         if spec.engine.kind == "sglang":
             containers[0] = wrap_engine(containers[0])
+        elif spec.engine.kind == "vllm":
+            engine = containers[0] = vllm_engine(containers[0], spec.engine.port)
+            agent = agent_container(spec, agent_image, env)
+            agent["volumeMounts"] = [_shared_memory(pod_spec, engine), *_model_mounts(engine, spec.model.uri)]
+            containers.append(agent)
         else:
             containers.append(agent_container(spec, agent_image, env))
     pod_spec["containers"] = containers

@@ -53,7 +53,21 @@ def test_base_image_is_pinned_to_an_exact_version():
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", arg), arg
     froms = [lines[0].split()[1] for lines in _stages().values()]
     external = [f for f in froms if f not in _stages()]
-    assert external == ["${PYTHON_IMAGE}"], external  # every stage builds on the one pinned base
+    # Every stage builds on the one pinned Python base, but the vLLM image, which is vLLM's own.
+    assert external == ["${PYTHON_IMAGE}", "${VLLM_IMAGE}"], external
+
+
+def test_vllm_target_is_the_tested_vllm_release_with_seedforks_loader_registered():
+    import tomllib
+
+    from seedfork_localdev import vllm
+
+    (arg,) = re.findall(r"^ARG VLLM_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert arg == f"vllm/vllm-openai:v{vllm.VERSION}", arg
+    build = " ".join(_stages()["vllm"])
+    assert "pip install --no-cache-dir --no-deps /tmp/seedfork-src" in build  # vLLM's pins stay vLLM's
+    plugins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    assert plugins == {"seedfork": "seedfork_agent.engines.vllm_loader:register"}
 
 
 def test_two_runtime_targets_run_as_non_root_and_stay_apart():

@@ -16,7 +16,7 @@ from seedfork_api import spec as api
 # The first test that needs kubeconform builds it once from the Go module proxy (minutes, cold).
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
-SETS = ["reference-engine.yaml", "sglang-transfer-engine.yaml", "sglang-nccl.yaml", "vllm-ipc.yaml"]
+SETS = ["reference-engine.yaml", "sglang-transfer-engine.yaml", "sglang-nccl.yaml", "vllm.yaml"]
 
 
 def _load(tools, name: str) -> dict:
@@ -151,3 +151,65 @@ def test_sglang_example_renders_a_pod_whose_agent_accepts_the_engine_command(too
         launch = render_for_pod(engine["command"][3:], pod_env, assignment)
         argv = launch.argv
         assert argv[argv.index("--host") + 1] == "10.0.0.2" and argv[argv.index("--port") + 1] == str(spec.engine.port)
+
+
+# Run in vLLM's own environment: parse the engine command with vLLM's own `vllm serve` parser, load vLLM's
+# plugins as its processes do, and look the load format up in vLLM's own loader registry.
+_VLLM_PARSE = """
+import json, sys
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.model_executor.model_loader import get_model_loader
+from vllm.config.load import LoadConfig
+from vllm.plugins import load_general_plugins
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = ServeSubcommand().subparser_init(FlexibleArgumentParser().add_subparsers())
+args = parser.parse_args(json.loads(sys.argv[1]))
+load_general_plugins()
+loader = get_model_loader(LoadConfig(load_format=args.load_format))
+print(json.dumps({"model": args.model_tag or args.model, "load_format": args.load_format,
+                  "tp": args.tensor_parallel_size, "host": args.host, "port": args.port,
+                  "loader": type(loader).__module__ + "." + type(loader).__name__}))
+"""
+
+
+@pytest.mark.vllm
+def test_vllm_example_renders_an_engine_command_vllm_parses_with_seedforks_loader(tools):
+    """The operator's rendering of examples/vllm.yaml, read by the vLLM release the README supports: every flag
+    known to vLLM's parser, and --load-format resolving to seedfork's loader through vLLM's plugin mechanism."""
+    import os
+    import subprocess
+
+    from seedfork_api import contract as c
+    from seedfork_localdev import vllm
+    from seedfork_operator.render import render_pod
+
+    body = _load(tools, "vllm.yaml")
+    assert body["spec"]["engine"]["version"] == vllm.VERSION
+    assert body["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f"{vllm.IMAGE}:{vllm.VERSION}")
+    spec = api.ModelReplicaSetSpec.model_validate(body["spec"])
+    pod = render_pod(
+        spec=spec, set_name="v", set_uid="u", namespace="ns", pod_name="v-0", fingerprint=spec.fingerprint(),
+        assignment=c.Assignment(attempt=1, source="storage"), token_secret="t", agent_image="agent:1",
+    )  # fmt: skip
+    engine = pod["spec"]["containers"][0]
+    words = [*engine["command"], *engine.get("args", [])]
+    assert words[:2] == ["vllm", "serve"]
+    argv = [w.replace("$(SEEDFORK_POD_IP)", "10.0.0.2") for w in words[2:]]
+    try:
+        python = vllm.python()
+    except vllm.VllmUnavailable as e:
+        pytest.fail(str(e))
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ} | vllm.cpu_env()
+    proc = subprocess.run(
+        [str(python), "-c", _VLLM_PARSE, json.dumps(argv)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {
+        "model": "/models/Qwen2.5-32B-Instruct",
+        "load_format": "seedfork",
+        "tp": 2,
+        "host": "10.0.0.2",
+        "port": 8000,
+        "loader": "seedfork_agent.engines.vllm_loader.SeedforkModelLoader",
+    }

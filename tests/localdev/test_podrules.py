@@ -172,3 +172,18 @@ def test_transition_time_kept_while_status_unchanged():
     observed = [{"type": "Ready", "status": "True", "lastTransitionTime": "T0"}]
     assert _types(readiness_conditions(observed, [], {"a": True}, "T1"))["Ready"]["lastTransitionTime"] == "T0"
     assert _types(readiness_conditions(observed, [], {"a": False}, "T1"))["Ready"]["lastTransitionTime"] == "T1"
+
+
+def test_an_image_stand_in_puts_its_environment_first():
+    from seedfork_localdev.podrules import image_env, image_repository
+
+    registry = "registry.example.com:5000"  # a port in the registry is no tag
+    assert image_repository(f"{registry}/seedfork/vllm:0.32.0") == f"{registry}/seedfork/vllm"
+    assert image_repository("seedfork/vllm@sha256:" + "0" * 64) == "seedfork/vllm"
+    assert image_repository("vllm") == "vllm" and image_repository(None) == ""
+    images = {"seedfork/vllm": {"PATH": "/envs/vllm/bin", "PYTHONPATH": "/src/agent"}}
+    assert image_env("seedfork/vllm:0.32.0", images, "/usr/bin") == {
+        "PATH": "/envs/vllm/bin:/usr/bin",
+        "PYTHONPATH": "/src/agent",
+    }
+    assert image_env("seedfork/agent:dev", images, "/usr/bin") == {}  # other images run as before

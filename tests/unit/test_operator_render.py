@@ -192,3 +192,60 @@ def test_cli_flags():
         parse_args([])  # a scope is required
     with pytest.raises(SystemExit):
         parse_args(["-A", "-n", "x"])
+
+
+VLLM = {
+    "name": "engine",
+    "image": "registry.example.com/seedfork/vllm:0.32.0",
+    "args": ["--model=/models/m", "--tensor-parallel-size", "2", "--load-format", "dummy", "--port=8000"],
+    "volumeMounts": [{"name": "models", "mountPath": "/models"}, {"name": "cache", "mountPath": "/root/.cache"}],
+}
+
+
+def test_vllm_engine_loads_through_seedfork_and_shares_memory_and_the_model_with_the_agent():
+    """vLLM loads from the agent's store (--load-format seedfork), never dummy weights or its own copy from disk."""
+    pod = rendered({"spec": {"containers": [VLLM], "volumes": [{"name": "models", "emptyDir": {}}]}}, "vllm")
+    engine, agent = pod["spec"]["containers"]
+    assert engine["args"] == [
+        "--model=/models/m", "--tensor-parallel-size", "2", "--port=8000", "--load-format=seedfork",
+    ]  # fmt: skip
+    assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": 30000}  # vLLM's API up, not only weights
+    shm = {"name": render.SHM_VOLUME, "mountPath": "/dev/shm"}
+    assert shm in engine["volumeMounts"] and shm in agent["volumeMounts"]
+    assert {"name": render.SHM_VOLUME, "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+    # The agent reads model.uri (/models/m) for the first replica: the engine's mount holding it, read only.
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in agent["volumeMounts"]
+    assert not any(m["name"] == "cache" for m in agent["volumeMounts"])
+    assert agent["name"] == render.AGENT_CONTAINER and {e["name"] for e in agent["env"]} >= {c.ENV_TOKEN, c.ENV_POD_IP}
+    assert VLLM["args"][3] == "--load-format"  # the spec's template is not mutated
+
+
+def test_vllm_keeps_a_shared_memory_mount_and_probe_the_template_has():
+    mine = {**VLLM, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "readinessProbe": {"httpGet": {"path": "/v1/models", "port": 8000}}}  # fmt: skip
+    pod = rendered({"spec": {"containers": [mine], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}},
+                   "vllm")  # fmt: skip
+    engine, agent = pod["spec"]["containers"]
+    assert engine["readinessProbe"] == mine["readinessProbe"]
+    assert agent["volumeMounts"][0] == {"name": "dshm", "mountPath": "/dev/shm"}
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["dshm"]
+
+
+def test_vllm_load_format_in_the_command_is_replaced_there():
+    cmd = {"name": "engine", "image": "v", "command": ["vllm", "serve", "/models/m", "--load_format=dummy"]}
+    (engine, _agent) = rendered({"spec": {"containers": [cmd]}}, "vllm")["spec"]["containers"]
+    assert engine["command"] == ["vllm", "serve", "/models/m", "--load-format=seedfork"] and "args" not in engine
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"name": "VLLM_SERVER_DEV_MODE", "value": "1"}, "VLLM_SERVER_DEV_MODE"),
+        ({"name": "VLLM_PLUGINS", "value": "other"}, "VLLM_PLUGINS"),
+    ],
+)
+def test_vllm_templates_that_would_expose_or_skip_the_loader_are_refused(env, match):
+    with pytest.raises(render.TemplateError, match=match):
+        render.check_template({"spec": {"containers": [{**VLLM, "env": [env]}]}}, "vllm")
+    render.check_template({"spec": {"containers": [{**VLLM, "env": [{"name": "VLLM_PLUGINS", "value": "seedfork"}]}]}},
+                          "vllm")  # fmt: skip

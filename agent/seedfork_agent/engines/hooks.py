@@ -5,8 +5,9 @@ fails the attempt, so an engine that did not take the weights never makes the po
 
 - ``checkpoint_engine_sglang``: hand the weights to an SGLang started with ``--load-format dummy
   --checkpoint-engine-wait-weights-before-ready`` (``POST /update_weights_from_ipc``).
-- ``checkpoint_engine_vllm``: hand them to a vLLM started with checkpoint-engine's worker extension
-  (``POST /collective_rpc``).
+
+vLLM needs no hook either: it loads from the store inside its own processes (``vllm_loader``), which
+the agent's ``EngineGate`` checks.
 
 The reference engine needs no hook: it attaches to the store itself through ``GET /v1/attach``,
 which the agent answers only once the weights are verified.
@@ -73,6 +74,3 @@ def _handoff(store: Any, flavor: str) -> None:
 def checkpoint_engine_sglang(store: Any, _attach: dict) -> None:
     _handoff(store, "sglang")
 
-
-def checkpoint_engine_vllm(store: Any, _attach: dict) -> None:
-    _handoff(store, "vllm")

@@ -1,8 +1,9 @@
 """The checkpoint-engine IPC handoff: named tensors, in buckets, through one shared buffer over ZMQ REQ/REP.
 
-This is the wire protocol MoonshotAI checkpoint-engine speaks to vLLM (``POST /collective_rpc`` with
-method ``update_weights_from_ipc``) and to SGLang (``POST /update_weights_from_ipc``, e.g. an SGLang
-started with ``--load-format dummy --checkpoint-engine-wait-weights-before-ready``):
+This is the wire protocol MoonshotAI checkpoint-engine speaks to SGLang (``POST /update_weights_from_ipc``,
+e.g. an SGLang started with ``--load-format dummy --checkpoint-engine-wait-weights-before-ready``). vLLM
+does not get its weights this way: its receiving side needs a worker extension and dev-mode routes that
+change weights without a token, so seedfork's vLLM pods load through ``vllm_loader`` instead.
 
 1. The producer binds a REQ socket at ``ipc://@checkpoint-engine-{device_uuid}-{counter}.sock`` (an
    abstract Unix socket) and asks the engine over HTTP to connect a REP socket to it.
@@ -206,11 +207,6 @@ def send_weights(
         buf.close()
 
 
-def collective_rpc_body(handles: Mapping[str, str], timeout_s: float = 300.0) -> dict:
-    """vLLM: ``POST /collective_rpc`` body, as checkpoint-engine's ``request_inference_to_update`` sends it."""
-    return {"method": "update_weights_from_ipc", "args": [dict(handles)], "timeout": timeout_s}
-
-
 def sglang_update_body(handles: Mapping[str, str]) -> dict:
     """SGLang: ``POST /update_weights_from_ipc`` body (``UpdateWeightsFromIPCReqInput``)."""
     return {"zmq_handles": dict(handles), "flush_cache": True, "weight_version": None, "torch_empty_cache": False}
@@ -225,22 +221,19 @@ def handoff_over_http(
     token: str | None = None,
     timeout_s: float = 300.0,
 ) -> int:
-    """Hand ``tensors`` to the engine at ``engine_url``; ``flavor`` is ``sglang`` or ``vllm``.
+    """Hand ``tensors`` to the engine at ``engine_url``; ``flavor`` is ``sglang``.
 
     The HTTP request returns only after the engine's worker finished, so it runs in a thread
     while this thread drives the ZMQ socket.
     """
     import httpx
 
-    if flavor not in ("sglang", "vllm"):
+    if flavor != "sglang":
         raise ValueError(f"unknown engine flavor {flavor!r}")
     dev = device_uuid(device)
     path = socket_path(dev)
     handles = {dev: path}
-    if flavor == "sglang":
-        url, body = f"{engine_url}/update_weights_from_ipc", sglang_update_body(handles)
-    else:
-        url, body = f"{engine_url}/collective_rpc", collective_rpc_body(handles, timeout_s)
+    url, body = f"{engine_url}/update_weights_from_ipc", sglang_update_body(handles)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     bound, done = threading.Event(), threading.Event()
     result: dict = {}

@@ -6,12 +6,12 @@ It is a real engine (it generates), not a production one. It gets its weights on
   a CUDA IPC handle on GPU), as soon as the agent serves ``GET /v1/attach`` (only after it verified
   the weights). It re-checks every tensor's checksum against the manifest before serving.
 - ``--ipc``: start with empty weights and wait for the checkpoint-engine IPC handoff
-  (``POST /update_weights_from_ipc`` as SGLang, or ``POST /collective_rpc`` as vLLM).
+  (``POST /update_weights_from_ipc``, as SGLang takes it).
 - ``--model DIR``: load the safetensors files directly (storage; the baseline to compare against).
 
 ``/health`` answers 503 until the weights are in place. Routes: ``GET /health``, ``GET /v1/engine``,
 ``POST /generate`` (token ids or text as bytes), ``POST /weights_checker`` (``{"action": "checksum"}``),
-and the two IPC triggers. Everything but ``/health`` needs the bearer token when one is set.
+and the IPC trigger. Everything but ``/health`` needs the bearer token when one is set.
 
 CLI::
 
@@ -232,14 +232,6 @@ class ReferenceEngine:
             return web.json_response({"success": False, "message": "zmq_handles must be an object"}, status=400)
         return await self._ipc(handles)
 
-    async def collective_rpc(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        args = body.get("args") or []
-        if body.get("method") != "update_weights_from_ipc" or len(args) != 1 or not isinstance(args[0], dict):
-            return web.json_response({"error": "only method update_weights_from_ipc with one handle map"}, status=400)
-        resp = await self._ipc(args[0])
-        return web.json_response({"results": [None]}) if resp.status == 200 else resp
-
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.auth], client_max_size=1 << 20)
         app.add_routes(
@@ -249,7 +241,6 @@ class ReferenceEngine:
                 web.post("/generate", self.generate),
                 web.post("/weights_checker", self.weights_checker),
                 web.post("/update_weights_from_ipc", self.update_weights_from_ipc),
-                web.post("/collective_rpc", self.collective_rpc),
             ]
         )
         return app

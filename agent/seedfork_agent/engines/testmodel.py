@@ -21,6 +21,15 @@ SIZES: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(
         hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     ),
+    # ~7 MB in float32, with head size 64: the smallest model vLLM's CPU attention serves (vLLM tests, demo).
+    "vllm-tiny": LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
     # ~270 MB in bfloat16: the demo size, big enough that a transfer is visible.
     "small": LlamaConfig(
         hidden_size=1024,
@@ -94,4 +103,43 @@ def make_model(out: str | Path, size: str = "tiny", shards: int = 2) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(config.to_json())
+    write_tokenizer(out, config.vocab_size)
     return out
+
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0-3; bos 1 and eos 2 as in Llama's config defaults
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A word-level tokenizer in the Hugging Face ``tokenizer.json`` format, so real engines (vLLM) can serve the
+    model with no hub access: the special tokens, then ``w4`` ... ``w{vocab-1}``, one word per id, split on
+    white space. Every id decodes to a word, so generated ids always map to text and back."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab |= {f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)}
+    added = [
+        {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

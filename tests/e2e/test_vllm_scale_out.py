@@ -1,0 +1,103 @@
+"""A ModelReplicaSet of real vLLM on the real apiserver: the operator, the pod runner, real agents, and vLLM's
+own CPU build from its environment (the pod runner stands it in for seedfork's vLLM image).
+
+1 -> 3: the first replica loads from storage, the others from seeds, and every replica generates the greedy
+tokens of a vLLM that read the checkpoint itself. Then every seed's store is corrupted and the set scales to
+4: the new pod's pulls fail their checksums, it falls back to storage, and no pod is ever Ready on bad weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from seedfork_localdev import vllm
+from seedfork_localdev.scenario import (
+    LocalCluster,
+    PodTracker,
+    ReferenceSet,
+    install_agent_rbac,
+    new_namespace,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
+READY_S = 600  # vLLM starts in 18-40 s on an idle core; three at once on two busy cores take minutes
+
+
+@pytest.fixture(scope="module")
+def vllm_images():
+    try:
+        return vllm.image_env()
+    except vllm.VllmUnavailable as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def vllm_model(tmp_path_factory) -> Path:
+    from seedfork_agent.engines.testmodel import make_model
+
+    return make_model(tmp_path_factory.mktemp("vllm-e2e") / "model", "vllm-tiny")
+
+
+def corrupt_store(agent_url: str, token: str) -> None:
+    """Flip one byte of a seed's verified store, in the shared memory its agent serves from."""
+    r = httpx.get(f"{agent_url}/v1/attach", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    r.raise_for_status()
+    body = r.json()
+    with open(body["attach"]["path"], "r+b") as f:
+        f.seek(body["manifest"]["tensors"][0]["offset"] + 11)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_vllm_set_scales_from_storage_to_seeds_and_never_serves_bad_weights(
+    api_client, control_plane, crd, tmp_path, vllm_images, vllm_model
+):
+    namespace = new_namespace(api_client, "vllm")
+    install_agent_rbac(api_client, namespace)
+    with (
+        LocalCluster(control_plane.kubeconfig, namespace, tmp_path / "cluster", images=vllm_images) as cluster,
+        PodTracker(api_client, namespace, "tiny") as tracker,
+    ):
+        rset = ReferenceSet(api_client, namespace, "tiny")
+        try:
+            # vLLM reading the checkpoint itself, on its own address: the tokens every replica must generate.
+            reference = vllm.Server(vllm_model, "127.0.0.1", 8011, tmp_path / "reference-vllm.log", "auto")
+            try:
+                rset.create(vllm.set_body("tiny", vllm_model, replicas=1))
+                reference.wait_healthy(READY_S)
+                want = vllm.greedy_tokens(reference.url)
+            finally:
+                reference.stop()
+            (first,) = rset.wait_ready(1, READY_S)
+            assert first.report["source"] == "storage"
+
+            rset.scale(3)
+            rows = rset.wait_ready(3, READY_S)
+            seeded = [r for r in rows if r.name != first.name]
+            assert all(r.report["source"] == "seed" for r in seeded), [r.report for r in seeded]
+            for r in rows:
+                assert vllm.greedy_tokens(f"http://{r.ip}:30000") == want, r.name
+
+            token = rset.token()
+            for r in rows:
+                corrupt_store(f"http://{r.ip}:18080", token)
+            rset.scale(4)
+            rows = rset.wait_ready(4, READY_S)
+            (new,) = [r for r in rows if r.name not in {s.name for s in [first, *seeded]}]
+            attempts = [state for _, state, _ in tracker.history[new.name]]
+            assert "failed" in attempts, tracker.history[new.name]  # its pulls from corrupted seeds were refused
+            assert new.report["source"] == "storage"
+            assert vllm.greedy_tokens(f"http://{new.ip}:30000") == want
+            assert tracker.violations == []
+        except BaseException:
+            print(rset.describe())
+            for r in rset.rows():
+                for container in ("seedfork-agent", "engine"):
+                    print(f"--- {r.name}/{container} ---\n{cluster.pod_log(r.name, container)[-3000:]}")
+            print(f"--- operator ---\n{cluster.operator.tail(3000)}")
+            raise
