@@ -157,7 +157,7 @@ def client_main(models: list[str], pulls: dict[str, int], from_seed, to_seed, re
     torch.cuda.set_device(1)
     dev = torch.device("cuda", 1)
     out: dict = {}
-    port = 41000
+    port = 28000  # the seed's rendezvous ports: the default range's lower part
 
     def te_factory():
         return engine(CLIENT_HOST, "nvlink_intra", 300)

@@ -84,6 +84,7 @@ async def _worker(rank: int, cfg: dict, cmds, out) -> None:
         AgentConfig(
             host=host(cfg, rank), port=cfg["agent_port"], token=TOKEN, fingerprint=FINGERPRINT, device=device,
             protocol=cfg["protocol"], timeout_s=cfg["timeout_s"], client_id=f"fanout{rank}",
+            port_range=(cfg["group_port"], cfg["group_port"] + 499),  # every rendezvous port the run hands out
         )
     )  # fmt: skip
     await agent.start()
@@ -415,7 +416,7 @@ def main() -> None:
     ap.add_argument("--timeout-s", type=float, default=60.0, help="the agents' per-transfer timeout")
     ap.add_argument("--net", default="127.0.0", help="first three octets of the agents' loopback addresses")
     ap.add_argument("--agent-port", type=int, default=18080)
-    ap.add_argument("--group-port", type=int, default=41000, help="first NCCL/gloo rendezvous port")
+    ap.add_argument("--group-port", type=int, default=28000, help="first NCCL/gloo rendezvous port")
     ap.add_argument(
         "--byte-check", action=argparse.BooleanOptionalAction, default=None,
         help="also compare every client's bytes with the seed's (default: on for cpu, off for cuda)",

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-APT_PACKAGES=(openssl libibverbs1 librdmacm1 libnuma1 liburing2 libcurl4 python3-venv)
+# iproute2 and nftables: the local pod runner's per-pod network namespaces and their NetworkPolicy rules.
+APT_PACKAGES=(openssl libibverbs1 librdmacm1 libnuma1 liburing2 libcurl4 python3-venv iproute2 nftables)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -46,6 +46,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="an engine of this many ranks loads from the store itself (vLLM, --load-format seedfork): "
         "verified only once every rank proved its load",
     )
+    p.add_argument(
+        "--port-range", default=None, type=_port_range,
+        help="START-END: the set's transfer ports; TransferEngine and rendezvous listeners stay inside",
+    )  # fmt: skip
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition("-")
+    if not sep or not start.isdigit() or not end.isdigit() or int(start) > int(end):
+        raise argparse.ArgumentTypeError(f"want START-END, got {text!r}")
+    return int(start), int(end)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,6 +113,7 @@ def _agent(args: argparse.Namespace) -> Agent:
         timeout_s=args.timeout,
         bandwidth_limit_mbps=args.bandwidth_limit_mbps,
         client_id=getattr(args, "client_id", "") or "",
+        **({"port_range": args.port_range} if args.port_range else {}),
     )
     gate = EngineGate(args.engine_ranks) if args.engine_ranks else None
     return Agent(config, load_hook(args.engine_hook), gate)

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from seedfork_api.contract import group_ports, transfer_engine_ports
+from seedfork_api.spec import PortRange
+
 from .checksum import warm_up
 from .engines.gate import EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
@@ -28,6 +31,7 @@ from .te import TransferEngineHandle, engine, resolve_protocol
 log = logging.getLogger("seedfork.agent")
 
 EngineHook = Callable[[WeightStore, dict[str, Any]], None]
+PORTS = PortRange()  # the CRD's default range, for an agent run by hand
 
 
 @dataclass
@@ -42,6 +46,8 @@ class AgentConfig:
     timeout_s: float = 300.0
     bandwidth_limit_mbps: int | None = None
     client_id: str = ""
+    # The set's transfer ports (inclusive): TransferEngine and rendezvous listeners stay inside (contract).
+    port_range: tuple[int, int] = (PORTS.start, PORTS.end)
 
 
 def load_hook(spec: str | None) -> EngineHook | None:
@@ -72,6 +78,7 @@ class Agent:
             timeout_s=config.timeout_s,
             bandwidth_limit_mbps=config.bandwidth_limit_mbps,
             te_factory=self.te if config.serve_te else None,
+            group_ports=group_ports(*config.port_range),
         )
         self.server.gate = self.gate = gate
         # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
@@ -81,7 +88,8 @@ class Agent:
         self.on_progress: Callable[[], None] | None = None
 
     def te(self) -> TransferEngineHandle:
-        return engine(self.config.host, self.protocol, self.config.timeout_s)
+        ports = transfer_engine_ports(*self.config.port_range)
+        return engine(self.config.host, self.protocol, self.config.timeout_s, ports)
 
     async def start(self) -> None:
         await self.server.start()
@@ -224,5 +232,6 @@ class Agent:
             timeout_s=self.config.timeout_s,
             device=self.config.device,
             expected=expected,
+            local_ip=self.config.host,
             **kw,
         )

@@ -6,10 +6,17 @@ SGLang creates its weight-send group with a private torch helper over a
 byte for byte, so a stock SGLang peer and our agent can meet in one group.
 Groups are created outside the default process group, so one process can hold
 several at once (one per client, or a cohort) and make new ones after a failure.
+
+Listeners: rank 0's store listens on its own pod IP and the group's port, on a socket
+bound here (torch's store would bind all addresses); it closes when the group is
+destroyed. Over gloo each member's pair listener binds the member's pod IP (torch's
+default device binds whatever the host name resolves to); its port is the kernel's
+choice, as gloo and NCCL take no port setting.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -19,11 +26,26 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed import PrefixStore
+from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.distributed_c10d import _new_process_group_helper, _world
-from torch.distributed.rendezvous import rendezvous
 
 _LOCK = threading.Lock()  # torch's group registry is process-global
+# gloo with a device bound to a given address: torch's own "gloo" takes no device for a new group.
+_GLOO_AT = "seedfork_gloo"
+
+
+def _gloo_at(opts, host: str):
+    gloo = dist.ProcessGroupGloo
+    options = gloo._Options()
+    options._timeout = opts.timeout
+    options._devices = [gloo.create_device(hostname=host)]
+    backend = gloo(opts.store, opts.group_rank, opts.group_size, options)
+    backend.options.global_ranks_in_group = opts.global_ranks_in_group
+    backend.options.group_name = opts.group_id
+    return backend
+
+
+dist.Backend.register_backend(_GLOO_AT, _gloo_at, extended_api=True, devices=["cpu"])
 
 
 def group_name(base: str, port: int, rank: int = 0) -> str:
@@ -66,6 +88,33 @@ def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], 
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
+def _master_store(host: str, port: int, world_size: int, timeout: timedelta) -> TCPStore:
+    """Rank 0's store, listening on ``host:port`` only; waits until every member connected."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # The last group on this port may have left connections in TIME_WAIT: they must not block this one.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(64, world_size))
+        fd = os.dup(sock.fileno())  # the store's server owns (and closes) this one
+        inode = os.fstat(fd).st_ino
+        try:
+            return TCPStore(host, port, world_size, True, timeout, master_listen_fd=fd, use_libuv=True)
+        except BaseException:
+            if _inode_of(fd) == inode:  # the failed store left its descriptor open: close it, or the port stays open
+                os.close(fd)
+            raise
+    finally:
+        sock.close()
+
+
+def _inode_of(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
 def init_group(
     backend: str,
     host: str,
@@ -76,9 +125,11 @@ def init_group(
     timeout_s: float,
     device: torch.device | None = None,
     abort: Callable[[], str | None] | None = None,
+    local_host: str | None = None,
 ) -> dist.ProcessGroup:
-    """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store) and build the group; barrier once.
+    """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store on ``host``) and build the group; barrier once.
 
+    ``local_host``: this member's own pod IP, which its gloo pair listener binds (rank 0: ``host``).
     ``abort`` (clients only) is asked while connecting; a reason ends the join with ``JoinAborted``."""
     timeout = timedelta(seconds=timeout_s)
     if device is not None and device.type == "cuda":
@@ -87,15 +138,25 @@ def init_group(
         started = time.monotonic()
         _wait_listening(host, port, timeout_s, abort)
         timeout = timedelta(seconds=max(1.0, timeout_s - (time.monotonic() - started)))
-    store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
+    if rank == 0:
+        store = _master_store(host, port, world_size, timeout)
+    else:
+        store = TCPStore(host, port, world_size, False, timeout, use_libuv=True)
     store.set_timeout(timeout)
     prefixed = PrefixStore(name, store)
+    del store  # the group holds it now: destroying the group closes the store's listener
     device_id = device if device is not None and device.type == "cuda" else None
+    local = host if rank == 0 else local_host
+    options = None
+    if backend == "gloo" and local:
+        backend, options = _GLOO_AT, local
     with _LOCK:
         pg, _ = _new_process_group_helper(
-            world_size, rank, [], backend, prefixed, group_name=name, timeout=timeout, device_id=device_id
-        )
+            world_size, rank, [], backend, prefixed, group_name=name, timeout=timeout, device_id=device_id,
+            backend_options=options,
+        )  # fmt: skip
         _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    del prefixed
     try:
         dist.barrier(group=pg, device_ids=[device.index] if device_id is not None else None)
     except BaseException:

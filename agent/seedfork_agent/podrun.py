@@ -33,6 +33,9 @@ class PodAgent(PodLoop):
                 timeout_s=env.timeout_seconds,
                 bandwidth_limit_mbps=env.bandwidth_limit_mbps,
                 client_id=env.pod_ip,
+                port_range=env.port_range,
+                # A set that moves bytes over nccl never reads TransferEngine: expose no memory to it.
+                serve_te=env.backend != "nccl",
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.

@@ -52,6 +52,7 @@ class PullRequest:
     timeout_s: float = 300.0
     device: str = "cpu"
     expected: Manifest | None = None  # for seeds that publish no manifest (stock SGLang)
+    local_ip: str | None = None  # this pod's IP: the group member's own listener binds it
 
     @property
     def base_url(self) -> str:
@@ -214,8 +215,9 @@ def _pull_group(
 
         try:
             pg = groups.init_group(
-                backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device, refused
-            )
+                backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device, refused,
+                local_host=req.local_ip,
+            )  # fmt: skip
         except Exception as e:
             err = _result_error(init, 5.0)
             raise PullError(f"joining group {base} at {req.seed_ip}:{port} failed: {err or e}") from None

@@ -92,6 +92,7 @@ class AgentServer:
         timeout_s: float = 300.0,
         bandwidth_limit_mbps: int | None = None,
         te_factory: Any = None,
+        group_ports: tuple[int, int] | None = None,
     ) -> None:
         if host in ("0.0.0.0", "::", ""):
             raise ValueError("the agent binds to the pod IP, never to all interfaces")
@@ -105,12 +106,15 @@ class AgentServer:
         self.store: WeightStore | None = None
         self.te: TransferEngineHandle | None = None
         self._te_factory = te_factory  # called once to create/register TE when a store starts serving
+        self.group_ports = group_ports  # where this seed's rendezvous stores may listen (inclusive), None: anywhere
         self.progress = Progress()
         self.metrics = Metrics()
         self.active_clients = 0
         self._groups: dict[str, _SendGroup] = {}
         self._te_clients: dict[str, float] = {}
         self._te_info_body = b""
+        self._te_pending = 0  # pointers handed out whose client has not announced its read (stock SGLang never does)
+        self._te_until = 0.0  # until then a handed-out pointer may still be read
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self.on_change: Any = None  # called (no args) when activeClients changes
@@ -147,18 +151,20 @@ class AgentServer:
     async def stop(self) -> None:
         for g in list(self._groups.values()):
             groups.destroy_group(g.pg)
+            g.pg = None
         self._groups.clear()
         if self._runner:
             await self._runner.cleanup()
 
     def serve(self, store: WeightStore) -> None:
-        """Start serving a verified store (register it with TransferEngine once, if enabled)."""
+        """Start serving a verified store. Its memory is exposed to TransferEngine only while a client that
+        showed the token may read it (``_te_open``): a store a pull left registered is unregistered here."""
         if store.device.type == "cuda":
             torch.cuda.set_device(store.device)  # this may run in a worker thread: make its CUDA context current
         if self._te_factory is not None:
             try:
                 self.te = self._te_factory()
-                self.te.register(store.buffer.data_ptr(), store.nbytes)
+                self.te.unregister(store.buffer.data_ptr())
             except TransferEngineError as e:  # NCCL/gloo still work without it
                 log.warning("not serving over TransferEngine: %s", e)
                 self.te = None
@@ -325,7 +331,35 @@ class AgentServer:
                 self.metrics.bytes_served.labels("transfer_engine").inc(int(body.get("bytes", 0)))
         else:
             raise web.HTTPBadRequest(text="event must be start, done or failed")
+        if event == "start":
+            self._te_pending = max(0, self._te_pending - 1)
+            asyncio.get_running_loop().call_later(self.timeout_s + 0.5, self._te_close)
+        else:
+            self._te_close()
         return web.json_response({"ok": True})
+
+    # ---- TransferEngine exposure ---------------------------------------------
+    def _te_open(self) -> None:
+        """A client showed the token and gets the pointers: register the store until its read must be over
+        (our clients announce start and end; any read ends within the set's timeout)."""
+        store = self.store
+        if store.device.type == "cuda":
+            torch.cuda.set_device(store.device)  # runs on the event loop's thread
+        self.te.register(store.buffer.data_ptr(), store.nbytes)
+        self._te_pending += 1
+        self._te_until = time.monotonic() + self.timeout_s
+        asyncio.get_running_loop().call_later(self.timeout_s + 0.5, self._te_close)
+
+    def _te_close(self) -> None:
+        """Unregister the store once no authorised read may still run."""
+        if self.te is None or self.store is None:
+            return
+        now = time.monotonic()
+        reading = [c for c, started in self._te_clients.items() if now - started < self.timeout_s]
+        if reading or (self._te_pending and now < self._te_until):
+            return
+        self._te_pending = 0
+        self.te.unregister(self.store.buffer.data_ptr())
 
     # ---- SGLang R-Fork, NCCL backend (protocols.md §1.4) -------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
@@ -346,6 +380,12 @@ class AgentServer:
             return _rfork_fail(f"expected 1 port (tp_size 1), got {len(ports)}")
         if world_size < 2:
             return _rfork_fail("world_size must be at least 2")
+        if master != self.host:
+            # The store listens on this pod's own address, never one a client names.
+            return _rfork_fail(f"master_address must be this instance's address {self.host}, got {master}")
+        if self.group_ports and not self.group_ports[0] <= ports[0] <= self.group_ports[1]:
+            lo, hi = self.group_ports
+            return _rfork_fail(f"port {ports[0]} lies outside this set's rendezvous ports {lo}-{hi}")
         name = groups.group_name(base, ports[0], 0)
         group = self._groups.get(name)
         if group is None:
@@ -353,7 +393,7 @@ class AgentServer:
             group = _SendGroup(name, world_size, loop.create_future())
             self._groups[name] = group
             backend = groups.local_backend(requested, self.store.device)
-            self._spawn(self._build_group(group, backend, master, ports[0]))
+            self._spawn(self._build_group(group, backend, ports[0]))
         elif group.world_size != world_size:
             return _rfork_fail(f"group {name} exists with world_size {group.world_size}")
         try:
@@ -362,10 +402,10 @@ class AgentServer:
             return _rfork_fail(f"failed to build group {name}: {e}")
         return web.json_response({"success": True, "message": f"group {name} ready"})
 
-    async def _build_group(self, group: _SendGroup, backend: str, master: str, port: int) -> None:
+    async def _build_group(self, group: _SendGroup, backend: str, port: int) -> None:
         try:
             group.pg = await asyncio.to_thread(
-                groups.init_group, backend, master, port, group.world_size, 0, group.name, self.timeout_s,
+                groups.init_group, backend, self.host, port, group.world_size, 0, group.name, self.timeout_s,
                 self.store.device,
             )  # fmt: skip
             group.ready.set_result(True)
@@ -381,6 +421,7 @@ class AgentServer:
             log.warning("group %s expired without a send request", group.name)
             self._groups.pop(group.name, None)
             groups.destroy_group(group.pg)
+            group.pg = None  # the last reference: its store and listener close with it
 
     async def send_weights(self, request: web.Request) -> web.Response:
         self._require_token(request)
@@ -428,6 +469,7 @@ class AgentServer:
             self._groups.pop(group.name, None)
             # SGLang's seed destroys the group even when sending failed.
             await asyncio.to_thread(groups.destroy_group, group.pg)
+            group.pg = None  # the last reference: its store and listener close with it
             self._set_active(-clients)
 
     # ---- SGLang R-Fork, TransferEngine backend (protocols.md §1.5) ---------
@@ -441,6 +483,7 @@ class AgentServer:
             return web.json_response(
                 {"error": {"message": f"Failed to get transfer engine info for rank {rank}"}}, status=400
             )
+        self._te_open()
         return web.Response(body=self._te_info_body, content_type="application/json")
 
     async def te_info_deprecated(self, request: web.Request) -> web.Response:

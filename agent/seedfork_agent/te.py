@@ -4,6 +4,10 @@ The engine is created once: its transport is fixed at initialisation (Mooncake
 reads the selecting environment variables then), and a process both pulls with
 it and, afterwards, serves from the same registration. Registrations are
 tracked because Mooncake rejects any overlapping or repeated registration.
+
+Its two listeners (RPC handshake and TCP data) bind the pod IP (``bindaddr``: Mooncake itself binds all
+addresses) on ports of the set's range (``MC_MIN_RPC_PORT``/``MC_MAX_RPC_PORT``, which Mooncake reads once,
+at its first engine); the engine checks where they landed and refuses to run anywhere else.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import os
 import threading
 
 import torch
+
+from seedfork_api.spec import MOONCAKE_REFUSED_PORTS
+
+from . import bindaddr
 
 PROTOCOLS = ("tcp", "rdma", "nvlink_intra")
 
@@ -29,8 +37,31 @@ def resolve_protocol(protocol: str, device: torch.device) -> str:
     return "tcp" if device.type == "cpu" else "rdma"
 
 
+def _mooncake_dirs() -> list[str]:
+    """Mooncake's package and the wheel's bundled libraries (``mooncake_transfer_engine*.libs``)."""
+    import mooncake
+
+    package = os.path.dirname(mooncake.__file__)
+    site = os.path.dirname(package)
+    return [package] + [
+        os.path.join(site, d) for d in os.listdir(site) if d.startswith("mooncake") and d.endswith(".libs")
+    ]
+
+
+_MOONCAKE_REFUSED = MOONCAKE_REFUSED_PORTS  # there it listens in 15000-17000 instead
+
+
 class TransferEngineHandle:
-    def __init__(self, host: str, protocol: str, timeout_s: float) -> None:
+    def __init__(self, host: str, protocol: str, timeout_s: float, ports: tuple[int, int] | None = None) -> None:
+        if ports is not None:
+            lo, hi = ports
+            if hi - lo + 1 < 2 or lo < 1024 or (lo <= _MOONCAKE_REFUSED[1] and hi >= _MOONCAKE_REFUSED[0]):
+                raise TransferEngineError(
+                    f"TransferEngine needs two ports outside {_MOONCAKE_REFUSED[0]}-{_MOONCAKE_REFUSED[1]} "
+                    f"(Mooncake refuses that range), got {lo}-{hi}: move spec.transfer.ports"
+                )
+            # Read when Mooncake's module loads: set before the import.
+            os.environ["MC_MIN_RPC_PORT"], os.environ["MC_MAX_RPC_PORT"] = str(lo), str(hi)
         try:
             from mooncake.engine import TransferEngine
         except ImportError as e:
@@ -47,9 +78,15 @@ class TransferEngineHandle:
         self.protocol = protocol
         self.host = host
         self._engine = TransferEngine()
-        rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
+        libraries = bindaddr.loaded_objects(_mooncake_dirs())
+        with bindaddr.wildcard_binds_to(host, libraries) as binds:
+            rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
         if rc != 0:
             raise TransferEngineError(f"TransferEngine.initialize({host}, {protocol}) returned {rc}")
+        self.listen_ports = sorted({port for ip, port in binds if ip == host})
+        stray = [f"{ip}:{port}" for ip, port in binds if ip != host or (ports and not ports[0] <= port <= ports[1])]
+        if stray:
+            raise TransferEngineError(f"TransferEngine listens outside {host} {ports}: {', '.join(stray)}")
         self.session_id = f"{host}:{self._engine.get_rpc_port()}"
         self._registered: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -84,12 +121,12 @@ _ENGINE: TransferEngineHandle | None = None
 _ENGINE_LOCK = threading.Lock()
 
 
-def engine(host: str, protocol: str, timeout_s: float) -> TransferEngineHandle:
-    """The process's engine, created on first use."""
+def engine(host: str, protocol: str, timeout_s: float, ports: tuple[int, int] | None = None) -> TransferEngineHandle:
+    """The process's engine, created on first use; ``ports``: the inclusive range its listeners may take."""
     global _ENGINE
     with _ENGINE_LOCK:
         if _ENGINE is None:
-            _ENGINE = TransferEngineHandle(host, protocol, timeout_s)
+            _ENGINE = TransferEngineHandle(host, protocol, timeout_s, ports)
         elif _ENGINE.protocol != protocol or _ENGINE.host != host:
             raise TransferEngineError(
                 f"this process's TransferEngine runs {_ENGINE.protocol} on {_ENGINE.host}; "

@@ -80,6 +80,24 @@ ALL_ENV = [
     ENV_TOKEN,
 ]
 
+# ---- the set's transfer port range, shared out -------------------------
+# Every listener of a pod except the agent's HTTP port and the engine's port lies in ``spec.transfer.ports``,
+# so one NetworkPolicy can name them all. The top two ports per rank belong to Mooncake's TransferEngine (its
+# RPC and TCP data listeners, which it places at random inside the range it is given); the ports below them
+# are the rendezvous ports the operator hands out, one per rank per concurrent group.
+TE_PORTS_PER_RANK = 2
+
+
+def transfer_engine_ports(start: int, end: int, ranks: int = 1) -> tuple[int, int]:
+    """The inclusive range TransferEngine listeners take inside the set's ``(start, end)``."""
+    return end - TE_PORTS_PER_RANK * ranks + 1, end
+
+
+def group_ports(start: int, end: int, ranks: int = 1) -> tuple[int, int]:
+    """The inclusive range of rendezvous ports inside the set's ``(start, end)`` (may be empty: end < start)."""
+    return start, transfer_engine_ports(start, end, ranks)[0] - 1
+
+
 # ``queued``: no source yet. The operator expects a seed slot to free (or a storage slot, under the set's
 # storage fan-in limit) sooner than storage would verify; the agent does nothing until its next assignment.
 Source = Literal["seed", "storage", "queued"]

@@ -173,6 +173,10 @@ def resolve_transfer(transfer: TransferSpec, defaults: TransferSpec | None, engi
     return merged
 
 
+# Mooncake's TransferEngine ignores a listen port range that overlaps Linux's default ephemeral ports.
+MOONCAKE_REFUSED_PORTS = (32768, 60999)
+
+
 def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
     """What the resolved policy asks that the engine cannot do (the CRD's CEL rules see only explicit values)."""
     t, e = spec.transfer, spec.engine
@@ -183,6 +187,12 @@ def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
         )
     if e.kind == "sglang" and t.backend == "nccl" and t.max_clients_per_seed != 1:
         return "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl"
+    lo, hi = MOONCAKE_REFUSED_PORTS
+    if e.kind != "sglang" and t.backend != "nccl" and t.ports.start <= hi and t.ports.end >= lo:
+        return (
+            f"transfer.ports {t.ports.start}-{t.ports.end} overlaps {lo}-{hi}, where Mooncake's TransferEngine "
+            f"will not listen (backend {t.backend} resolves to transfer_engine); move spec.transfer.ports below {lo}"
+        )
     return None
 
 
@@ -201,10 +211,11 @@ SPEC_RULES = [
         "(an SGLang seed serves one NCCL client at a time)",
         ".transfer.maxClientsPerSeed",
     ),
-    cel(
+    cel(  # the layout of the range: seedfork_api.contract.transfer_engine_ports
         "self.transfer.ports.end - self.transfer.ports.start + 1 >= "
-        "self.engine.parallelism.tp * self.engine.parallelism.pp",
-        "transfer.ports must hold at least one port per rank (tp * pp)",
+        "3 * self.engine.parallelism.tp * self.engine.parallelism.pp",
+        "transfer.ports must hold at least one port per rank (tp * pp) for rendezvous "
+        "plus two per rank for TransferEngine",
         ".transfer.ports",
     ),
     cel(

@@ -34,7 +34,10 @@ For the namespaces it is given, the runner:
   grace period (capped by ``max_grace``), SIGKILL, then deletes the pod object with
   grace 0 (what the kubelet's confirmation does) and frees the address;
 - keeps one log file per container: ``<logdir>/<namespace>_<pod>_<container>.log``
-  (stdout and stderr, appended across restarts).
+  (stdout and stderr, appended across restarts);
+- with ``network="namespaces"`` (root): gives each pod a network namespace of its own
+  instead of a loopback address, and enforces the namespace's NetworkPolicies there
+  (``netns.py``); ``pod_netns`` names a pod's namespace for test code.
 
 Containers see none of the runner's environment but ``PATH`` and ``PASSTHROUGH_ENV``,
 plus ``env`` given to the runner (e.g. ``CUDA_VISIBLE_DEVICES``), under the pod's own.
@@ -228,10 +231,15 @@ class PodRunner:
         env: Mapping[str, str] | None = None,
         tick: float = 0.05,
         ip_range: tuple[int, int] = (2, 254),
+        network: str = "loopback",
         images: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if pod_credentials not in ("serviceaccount", "admin"):
             raise ValueError("pod_credentials must be 'serviceaccount' or 'admin'")
+        if network not in ("loopback", "namespaces"):
+            raise ValueError("network must be 'loopback' (127.0.0.x) or 'namespaces' (netns.py, policies enforced)")
+        self.network_mode = network
+        self.network = None  # netns.PodNetwork with network="namespaces", made at start
         self.kubeconfig = Path(kubeconfig)
         self.namespaces = list(namespaces)
         if not self.namespaces:
@@ -291,6 +299,12 @@ class PodRunner:
         self._started = True
         atexit.register(self.stop)
         try:
+            if self.network_mode == "namespaces":
+                from .netns import PodNetwork
+
+                host, _, port = self._server.removeprefix("https://").rpartition(":")
+                self.network = PodNetwork(self._id, (host, int(port)), self._network_policies)
+                self.network.start()
             self._register_nodes()
             for ns in self.namespaces:
                 self._spawn_thread(self._watch, f"podrunner-watch-{ns}", ns)
@@ -328,6 +342,8 @@ class PodRunner:
                 self._release(pod)
             self._pods.clear()
         self._probes.shutdown(wait=True, cancel_futures=True)  # exec probes end within their timeout
+        if self.network is not None:
+            self.network.stop()
         if self._api is not None:
             self._api.close()
         if self._state_dir is not None:
@@ -352,6 +368,16 @@ class PodRunner:
             if pod is None:
                 return {}
             return {c.name: c.pid for c in pod.containers if c.state == "running" and c.pid is not None}
+
+    def pod_netns(self, namespace: str, name: str) -> str | None:
+        """The pod's network namespace (network="namespaces"), for running test code inside it."""
+        return self.network.netns_of((namespace, name)) if self.network is not None else None
+
+    def _network_policies(self, namespace: str) -> list[dict[str, Any]]:
+        from kubernetes import client
+
+        resp = client.NetworkingV1Api(self._api).list_namespaced_network_policy(namespace, _preload_content=False)
+        return json.loads(resp.data)["items"]
 
     def log_path(self, namespace: str, pod: str, container: str) -> Path:
         return self.logdir / f"{namespace}_{pod}_{container}.log"
@@ -583,7 +609,10 @@ class PodRunner:
 
     def _admit(self, key: tuple[str, str], obj: dict[str, Any], node: str) -> _Pod | None:
         spec = obj["spec"]
-        ip, lock = self._allocate_ip()
+        if self.network is not None:
+            ip, lock = self.network.add_pod(key, obj["metadata"].get("labels") or {}), -1
+        else:
+            ip, lock = self._allocate_ip()
         containers = [_Container(spec=c) for c in spec.get("containers") or []]
         pod = _Pod(
             namespace=key[0],
@@ -632,6 +661,8 @@ class PodRunner:
         raise RuntimeError(f"no free pod address in 127.0.0.{self.ip_range[0]}-{self.ip_range[1]}")
 
     def _release(self, pod: _Pod) -> None:
+        if self.network is not None:
+            self.network.remove_pod((pod.namespace, pod.name), pod.ip)
         if pod.ip_lock >= 0:
             with contextlib.suppress(OSError):
                 os.close(pod.ip_lock)  # closing drops the flock
@@ -713,6 +744,8 @@ class PodRunner:
                 config_map_value=lambda n, k: self._lookup("configmap", pod.namespace, n, k),
             )
             argv = container_argv(c.spec, own)
+            if self.network is not None:
+                argv = self.network.wrap((pod.namespace, pod.name), argv)
             api_env = self._api_env(pod, obj)
         except ContainerConfigError as exc:
             c.state, c.reason, c.message = "waiting", exc.reason, str(exc)
@@ -821,7 +854,8 @@ class PodRunner:
                 log.debug("%s/%s %s readiness probe failed: %s", pod.namespace, pod.name, c.name, message)
             c.probe_due = now + self._period(probe.get("periodSeconds") or 10)
         if now >= c.probe_due and c.probe_future is None:
-            c.probe_future = self._probes.submit(
+            probes = self.network.probe_pool((pod.namespace, pod.name)) if self.network is not None else self._probes
+            c.probe_future = probes.submit(
                 run_probe,
                 probe,
                 pod_ip=pod.ip,

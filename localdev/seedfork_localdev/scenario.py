@@ -786,6 +786,8 @@ class LocalCluster:
     operator_interval: float = 5.0
     # Probe periods are capped so a pod turns Ready within ~0.2 s of its engine (Kubernetes' minimum is 1 s).
     probe_period: float = 0.2
+    # "namespaces": a network namespace per pod, NetworkPolicies enforced (the pod runner's netns.py; root)
+    pod_network: str = "loopback"
     images: Mapping[str, Mapping[str, str]] | None = None  # image repository -> environment standing in for it
     operator: Proc | None = None
     runner: Any = None
@@ -816,6 +818,7 @@ class LocalCluster:
             logdir=self.logs / "pods",
             probe_period=self.probe_period,
             max_grace=2.0,
+            network=self.pod_network,
             images=self.images,
         )
         self.runner.start()

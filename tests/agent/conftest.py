@@ -57,6 +57,7 @@ _NET = random.randint(20, 230)  # a /16 of 127/8 per test session, so parallel s
 _HOSTS = itertools.count(2)
 # Group ports below Linux's ephemeral range (32768-60999): a port an outgoing connection holds cannot be bound.
 _PORTS = itertools.count(20000 + random.randint(0, 400) * 20)
+PORT_RANGE = "20000-28999"  # a seed's transfer ports: every group port above, and its TransferEngine's two
 
 
 def new_ip() -> str:
@@ -148,7 +149,8 @@ def agents(tmp_path):
 
 def seed_args(weights_dir, ip: str, *extra: str) -> list[str]:
     return ["serve", "--host", ip, "--port", str(AGENT_PORT), "--weights", str(weights_dir),
-            "--fingerprint", "fp-test", "--device", "cpu", "--timeout", "20", *extra]  # fmt: skip
+            "--fingerprint", "fp-test", "--device", "cpu", "--timeout", "20", "--port-range", PORT_RANGE,
+            *extra]  # fmt: skip
 
 
 def pull_args(ip: str, seeds: list[str], backend: str, *extra: str) -> list[str]:
@@ -175,6 +177,7 @@ def kit():
     return types.SimpleNamespace(
         TOKEN=TOKEN,
         AGENT_PORT=AGENT_PORT,
+        PORT_RANGE=PORT_RANGE,
         new_ip=new_ip,
         new_port=new_port,
         seed_args=seed_args,

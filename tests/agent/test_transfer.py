@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from seedfork_agent.puller import PullError, PullRequest, pull
-from seedfork_agent.te import engine
+from seedfork_agent.te import TransferEngineError, engine
 
 
 def _metric(agent, name: str) -> float:
@@ -236,3 +236,43 @@ def test_reads_from_our_seed_coalesce_only_where_both_sides_mirror():
     )
     assert _coalesce([0, 1256], [0, 1256], [1000, 8]) == ([0, 1256], [0, 1256], [1000, 8])
     assert _coalesce([], [], []) == ([], [], [])
+
+
+def test_a_seeds_memory_is_exposed_to_transfer_engine_only_while_an_authorised_read_may_run(kit, seed):
+    """Mooncake has no authentication: whoever holds a seed's pointers could read its registered memory.
+    The seed registers its store when a client showed the token for the pointers, and unregisters it when
+    that read is announced over (or could no longer run)."""
+    auth = {"Authorization": f"Bearer {kit.TOKEN}"}
+    url = f"{seed.url}/remote_instance_transfer_engine_info"
+
+    def pointers() -> tuple[str, int, int]:
+        r = httpx.get(url, params={"rank": 0}, headers=auth, timeout=10)
+        r.raise_for_status()
+        session, weights = r.json()["remote_instance_transfer_engine_info"]
+        ptr, numel, elsize = next(iter(weights.values()))
+        return session, int(ptr), int(numel) * int(elsize)
+
+    def announce(event: str) -> None:
+        body = {"client": "probe", "event": event, "bytes": 0}
+        httpx.post(f"{seed.url}/v1/transfers", json=body, headers=auth, timeout=10).raise_for_status()
+
+    te = _te_factory()
+    session, ptr, n = pointers()  # opens
+    dst = torch.zeros(n, dtype=torch.uint8)
+    te.register(dst.data_ptr(), n)
+    try:
+        te.read(session, [dst.data_ptr()], [ptr], [n])  # the authorised read works
+        assert dst.any()
+        announce("start")
+        announce("done")  # closes: nothing else is reading
+        dst.zero_()
+        with pytest.raises(TransferEngineError):
+            te.read(session, [dst.data_ptr()], [ptr], [n])
+        assert not dst.any()
+        pointers()  # the next authorised client opens it again
+        te.read(session, [dst.data_ptr()], [ptr], [n])
+        assert dst.any()
+    finally:
+        announce("start")
+        announce("done")
+        te.unregister(dst.data_ptr())

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from seedfork_api import crd
+from seedfork_api import contract, crd
 from seedfork_api.spec import TransferSpec
 from seedfork_operator import rbac
 from seedfork_operator.__main__ import parse_args
@@ -157,6 +157,52 @@ def test_two_replicas_peer_with_distinct_priorities(tools, helm_bin, tmp_path):
     assert peering["metadata"]["namespace"] == "seedfork-system"
     role = next(r for r in tools.by_kind(docs, "Role") if r["metadata"]["name"] == "sf-seedfork")
     assert _rules(role)[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
+
+
+def _weight_ports(policy: dict) -> list[dict]:
+    weights = policy["spec"]["ingress"][0]
+    assert weights["from"] == [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]
+    return weights["ports"]
+
+
+def test_network_policy_opens_exactly_the_ports_a_sets_pods_listen_on(tools, helm_bin):
+    """The agent port and spec.transfer.ports hold every agent listener (TransferEngine's and the rendezvous
+    ports, as the contract shares the range out); nccl sets add the kernel-picked ports of gloo/NCCL pair
+    connections, SGLang sets over TransferEngine the ports of SGLang's own Mooncake engine."""
+    docs = tools.helm_template(
+        helm_bin,
+        "--set", "networkPolicy.modelReplicaSets[0].name=te",
+        "--set", "networkPolicy.modelReplicaSets[1].name=gloo",
+        "--set", "networkPolicy.modelReplicaSets[1].backend=nccl",
+        "--set", "networkPolicy.modelReplicaSets[2].name=sgl",
+        "--set", "networkPolicy.modelReplicaSets[2].engine=sglang",
+        "--set", "networkPolicy.modelReplicaSets[3].name=sgl-nccl",
+        "--set", "networkPolicy.modelReplicaSets[3].engine=sglang",
+        "--set", "networkPolicy.modelReplicaSets[3].backend=nccl",
+    )  # fmt: skip
+    policies = {p["metadata"]["name"]: p for p in tools.by_kind(docs, "NetworkPolicy")}
+    spec = TransferSpec()
+    agent = {"protocol": "TCP", "port": spec.agent_port}
+    transfer = {"protocol": "TCP", "port": spec.ports.start, "endPort": spec.ports.end}
+    kernel = {"protocol": "TCP", "port": 32768, "endPort": 60999}
+    assert _weight_ports(policies["sf-seedfork-te"]) == [agent, transfer]
+    assert _weight_ports(policies["sf-seedfork-gloo"]) == [agent, transfer, kernel]
+    assert _weight_ports(policies["sf-seedfork-sgl"]) == [
+        agent,
+        transfer,
+        {"protocol": "TCP", "port": 15000, "endPort": 17000},
+    ]
+    assert _weight_ports(policies["sf-seedfork-sgl-nccl"]) == [agent, transfer, kernel]
+    # Every listener the contract places for one rank lies inside the opened range.
+    te_lo, te_hi = contract.transfer_engine_ports(spec.ports.start, spec.ports.end)
+    g_lo, g_hi = contract.group_ports(spec.ports.start, spec.ports.end)
+    assert spec.ports.start == g_lo <= g_hi < te_lo <= te_hi == spec.ports.end
+    # The cluster's transferDefaults.backend decides for sets that name none.
+    docs = tools.helm_template(
+        helm_bin, "--set", "networkPolicy.modelReplicaSets[0].name=te", "--set", "transferDefaults.backend=nccl"
+    )
+    (policy,) = [p for p in tools.by_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == "sf-seedfork-te"]
+    assert _weight_ports(policy) == [agent, transfer, kernel]
 
 
 def test_network_policy_admits_only_the_same_set_to_weight_ports(tools, helm_bin):

@@ -129,6 +129,12 @@ CEL_INVALID = [
         "at least one port per rank",
     ),
     (
+        "port range without TransferEngine's two ports",
+        _set(valid_body(), "spec.transfer.ports", {"start": 28000, "end": 28001}),
+        "spec.transfer.ports",
+        "plus two per rank for TransferEngine",
+    ),
+    (
         "agent port inside the group port range",
         _set(valid_body(), "spec.transfer", {"agentPort": api.PortRange().start + 10}),
         "spec.transfer.agentPort",

@@ -4,6 +4,7 @@ all real processes on their own loopback IPs: identical generations, and no engi
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import httpx
@@ -14,6 +15,12 @@ from safetensors.torch import load_file
 from seedfork_agent.engines.llama import LlamaConfig, LlamaModel
 
 FP = "tinyfp"
+_GROUP_PORTS = itertools.count()
+
+
+def group_port() -> str:
+    """A rendezvous port inside the seed's default range (a seed refuses any other); each seed has its own IP."""
+    return str(28000 + next(_GROUP_PORTS) % 98)
 
 
 def expected_generations(model_dir, prompts):
@@ -147,7 +154,7 @@ def test_client_generates_identically_to_seed(seed, procs, tiny_model, h, backen
     assert httpx.get(f"{client.engine_url}/health").status_code == 503
     extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", backend, "--protocol", "tcp", "--no-te"]
     if backend == "gloo":
-        extra += ["--group-port", str(h.free_port(seed.ip))]
+        extra += ["--group-port", group_port()]
     agent = client.agent("pull", *extra)
     client.wait_agent_verified(agent)
     client.wait_engine_healthy(engine)
@@ -165,7 +172,7 @@ def test_client_hands_weights_over_ipc(seed, procs, tiny_model, h, want):
     client = Pod(h, procs, "client")
     client.engine(tiny_model, "--ipc")
     env = {"SEEDFORK_POD_IP": client.ip, "SEEDFORK_ENGINE_PORT": str(client.engine_port), "SEEDFORK_IPC_BUCKET_MB": "1"}
-    extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo", "--group-port", str(h.free_port(seed.ip))]
+    extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo", "--group-port", group_port()]
     agent = client.agent("pull", *extra, "--no-te", "--engine-hook", f"seedfork_agent.engines.hooks:{hook}", env=env)
     client.wait_agent_verified(agent)  # the agent reports verified only after the engine took the weights
     assert httpx.get(f"{client.engine_url}/health").status_code == 200
@@ -180,7 +187,7 @@ def test_corruption_at_the_seed_is_caught_before_the_client_engine_serves(seed, 
         client = Pod(h, procs, "client")
         engine = client.engine_attach(tiny_model)
         extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo"]
-        agent = client.agent("pull", *extra, "--group-port", str(h.free_port(seed.ip)), "--no-te", "--timeout", "20")
+        agent = client.agent("pull", *extra, "--group-port", group_port(), "--no-te", "--timeout", "20")
         assert agent.wait(90) == 1  # the pull fails verification
     finally:
         raw[100] ^= 0x10  # the seed is shared with the other tests of this module

@@ -104,7 +104,7 @@ def test_gpu_client_generates_identically(procs, tiny_model, h, backend, protoco
     engine = client.engine(tiny_model, "--agent", client.agent_url)
     extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", backend, "--protocol", protocol, "--no-te"]
     if backend == "nccl":
-        extra += ["--group-port", str(h.free_port(seed.ip))]
+        extra += ["--group-port", "28000"]  # inside the seed's default rendezvous range (it refuses others)
     agent = client.agent("pull", *extra)
     h.wait_status(f"{client.agent_url}/readyz", 200, 120, proc=agent)
     h.wait_status(f"{client.engine_url}/health", 200, 120, proc=engine)

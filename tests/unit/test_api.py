@@ -133,6 +133,12 @@ def test_resolved_policy_problems_the_crd_cannot_see():
     ok = _spec().model_copy(update={"engine": sglang_pp2, "transfer": _transfer(backend="nccl", maxClientsPerSeed=1)})
     assert api.transfer_problem(ok) is None
     assert api.transfer_problem(_spec()) is None
+    ephemeral = _transfer(ports={"start": 40000, "end": 40099})
+    for backend in ("auto", "transfer_engine"):  # the agent's TransferEngine would listen outside the set's range
+        spec = _spec().model_copy(update={"transfer": ephemeral.model_copy(update={"backend": backend})})
+        assert "move spec.transfer.ports below 32768" in api.transfer_problem(spec)
+    nccl = _spec().model_copy(update={"transfer": ephemeral.model_copy(update={"backend": "nccl"})})
+    assert api.transfer_problem(nccl) is None
 
 
 def test_default_transfer_ports_stay_below_the_ephemeral_range():

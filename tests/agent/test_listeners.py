@@ -1,0 +1,134 @@
+"""Every listener of an agent binds its pod IP, never all addresses, on the agent port or the set's range.
+
+Read from /proc for the agent's process (what ``ss -ltnp`` shows), on real agents: a storage-loaded seed,
+a client that pulled over TransferEngine (and then serves), and the seed while it hosts a gloo rendezvous.
+gloo's pair listeners take a port the kernel picks (gloo has no port setting): the one exception allowed,
+and only on the pod IP.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from seedfork_agent.puller import PullRequest, pull
+from seedfork_localdev.sockets import ephemeral_ports, listeners
+
+
+def _range(kit) -> tuple[int, int]:
+    lo, hi = kit.PORT_RANGE.split("-")
+    return int(lo), int(hi)
+
+
+def _misplaced(agent, kit, allow_ephemeral: bool = False) -> list[str]:
+    lo, hi = _range(kit)
+    eph = ephemeral_ports()
+    bad = []
+    for sock in listeners(agent.proc.pid):
+        in_range = sock.port == kit.AGENT_PORT or lo <= sock.port <= hi
+        kernel_picked = allow_ephemeral and eph[0] <= sock.port <= eph[1]
+        if sock.address != agent.ip or not (in_range or kernel_picked):
+            bad.append(str(sock))
+    return bad
+
+
+@pytest.fixture(scope="module")
+def seed(kit, weights_dir, tmp_path_factory):
+    proc = kit.AgentProc(kit.seed_args(weights_dir, ip := kit.new_ip()), ip, tmp_path_factory.mktemp("seed"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+def test_a_serving_seed_listens_only_on_its_ip_inside_its_ports(kit, seed):
+    socks = listeners(seed.proc.pid)
+    assert len(socks) >= 3, socks  # HTTP, TransferEngine RPC and data
+    assert _misplaced(seed, kit) == []
+
+
+def test_a_transfer_engine_client_listens_only_on_its_ip_inside_its_ports(kit, agents, seed):
+    ip = kit.new_ip()
+    client = agents(*kit.pull_args(ip, [seed.ip], "transfer_engine", "--port-range", kit.PORT_RANGE), ip=ip)
+    client.wait_ready()
+    assert len(listeners(client.proc.pid)) >= 3
+    assert _misplaced(client, kit) == []
+
+
+def test_a_rendezvous_listens_on_the_seed_ip_and_closes_when_its_group_ends(kit, seed):
+    port = kit.new_port()
+    seen: set[str] = set()
+    wrong: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for sock in listeners(seed.proc.pid):
+                seen.add(str(sock))
+            wrong.update(_misplaced(seed, kit, allow_ephemeral=True))
+            time.sleep(0.005)
+
+    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
+    body = {"master_address": seed.ip, "ports": str(port), "world_size": 2, "group_name": "send_weights_probe"}
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # Open the group first and see its store listen before anyone joins.
+            init = pool.submit(
+                httpx.post, f"{seed.url}/init_weights_send_group_for_remote_instance", json=body, headers=headers,
+                timeout=30,
+            )  # fmt: skip
+            deadline = time.monotonic() + 15
+            while f"{seed.ip}:{port}" not in seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert f"{seed.ip}:{port}" in seen, seen
+            req = PullRequest(
+                seed_ip=seed.ip, seed_port=kit.AGENT_PORT, token=kit.TOKEN, backend="nccl", fingerprint="fp-test",
+                group_ports=[port], client_id="probe", timeout_s=20, local_ip=kit.new_ip(),
+            )  # fmt: skip
+            pull(req).close()
+            assert init.result().json()["success"]
+        deadline = time.monotonic() + 10
+        while any(s.port == port for s in listeners(seed.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert not any(s.port == port for s in listeners(seed.proc.pid)), "the store still listens after its group"
+    assert wrong == set()
+
+
+def test_a_rendezvous_nobody_joins_closes_at_the_timeout(kit, seed):
+    port = kit.new_port()
+    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
+    body = {"master_address": seed.ip, "ports": str(port), "world_size": 2, "group_name": "send_weights_lonely"}
+    with ThreadPoolExecutor(1) as pool:
+        init = pool.submit(
+            httpx.post, f"{seed.url}/init_weights_send_group_for_remote_instance", json=body, headers=headers,
+            timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not any(s.port == port for s in listeners(seed.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [str(s) for s in listeners(seed.proc.pid) if s.port == port] == [f"{seed.ip}:{port}"]
+        assert init.result().json()["success"] is False  # the seed's timeout (20 s) ended the group
+    assert not any(s.port == port for s in listeners(seed.proc.pid))
+
+
+def test_a_seed_refuses_a_rendezvous_elsewhere(kit, seed):
+    """The store listens on the seed's own address and range only, whatever a client asks for."""
+    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
+    url = f"{seed.url}/init_weights_send_group_for_remote_instance"
+    lo, hi = _range(kit)
+    for master, port, complaint in [("127.0.0.1", lo + 5, "master_address"), (seed.ip, hi + 1, "outside")]:
+        body = {"master_address": master, "ports": str(port), "world_size": 2, "group_name": "send_weights_x"}
+        r = httpx.post(url, json=body, headers=headers, timeout=10)
+        assert r.status_code == 400 and complaint in r.json()["message"], r.text
+        assert not any(s.port == port for s in listeners(seed.proc.pid))
