@@ -42,6 +42,7 @@ class AgentConfig:
     timeout_s: float = 300.0
     bandwidth_limit_mbps: int | None = None
     client_id: str = ""
+    max_pending_groups: int = 4  # the set's maxClientsPerSeed: group creations one seed lets wait at once
 
 
 def load_hook(spec: str | None) -> EngineHook | None:
@@ -72,6 +73,7 @@ class Agent:
             timeout_s=config.timeout_s,
             bandwidth_limit_mbps=config.bandwidth_limit_mbps,
             te_factory=self.te if config.serve_te else None,
+            max_pending_groups=config.max_pending_groups,
         )
         self.server.gate = self.gate = gate
         self.timing: dict[str, float] = {}
@@ -145,7 +147,9 @@ class Agent:
             self.gate.open(store.manifest.digest, None)  # loaded from storage: this pod's engine sets the digests
         return await self._finish(store)
 
-    async def pull_seed(self, req: PullRequest, attempt: int = 1) -> bool:
+    async def pull_seed(
+        self, req: PullRequest, attempt: int = 1, abort: Callable[[], str | None] | None = None
+    ) -> bool:
         if self.server.serving:
             return True
         self._begin(attempt, "seed", req.backend, req.seed)
@@ -156,7 +160,7 @@ class Agent:
 
         stats: dict[str, float] = {}
         try:
-            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats)
+            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats, abort)
         except PullError as e:
             self._fail(str(e))
             self.server.metrics.transfers.labels("client", req.backend, "failed").inc()

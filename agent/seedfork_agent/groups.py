@@ -6,6 +6,10 @@ SGLang creates its weight-send group with a private torch helper over a
 byte for byte, so a stock SGLang peer and our agent can meet in one group.
 Groups are created outside the default process group, so one process can hold
 several at once (one per client, or a cohort) and make new ones after a failure.
+
+Every wait of a group creation asks an ``abort`` callback between short slices (``AbortableStore``), so a
+member that died, a group that expired or a newer assignment ends it within a second, on every rank: an
+aborted rank 0 drops its store, which fails the members' own store waits at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 from torch.distributed.distributed_c10d import _new_process_group_helper, _world
 from torch.distributed.rendezvous import rendezvous
+
+from .abortable import AbortableStore, JoinAborted
 
 _LOCK = threading.Lock()  # torch's group registry is process-global
 
@@ -40,8 +46,7 @@ def local_backend(requested: str, device: torch.device) -> str:
     return "nccl"
 
 
-class JoinAborted(RuntimeError):
-    """A client gave up joining a group because ``abort`` gave a reason (e.g. the seed refused the group)."""
+__all__ = ["JoinAborted", "destroy_group", "init_group"]
 
 
 def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], str | None]) -> None:
@@ -79,7 +84,8 @@ def init_group(
 ) -> dist.ProcessGroup:
     """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store) and build the group; barrier once.
 
-    ``abort`` (clients only) is asked while connecting; a reason ends the join with ``JoinAborted``."""
+    ``abort`` is asked while connecting and between the slices of every store wait; a reason ends the
+    join with ``JoinAborted`` (on rank 0 the store is then closed, which ends the members' waits too)."""
     timeout = timedelta(seconds=timeout_s)
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # called from worker threads
@@ -87,21 +93,38 @@ def init_group(
         started = time.monotonic()
         _wait_listening(host, port, timeout_s, abort)
         timeout = timedelta(seconds=max(1.0, timeout_s - (time.monotonic() - started)))
-    store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    if rank == 0:
+        # rendezvous() would block in the store's constructor until every member connected, where no abort
+        # can reach it; the members' arrival is waited for below, in the group's own (abortable) waits.
+        raw = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False, multi_tenant=True)
+    else:
+        raw, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
+    raw.set_timeout(timeout)
+    store = AbortableStore(raw, abort or _never, timeout_s)
+    del raw  # the wrapper holds the only reference: closing it closes rank 0's listener
     prefixed = PrefixStore(name, store)
     device_id = device if device is not None and device.type == "cuda" else None
-    with _LOCK:
+    try:
+        # Not under _LOCK: building waits for the other ranks, and other groups must be built meanwhile.
         pg, _ = _new_process_group_helper(
             world_size, rank, [], backend, prefixed, group_name=name, timeout=timeout, device_id=device_id
         )
+    except BaseException:
+        store.close()
+        raise
+    with _LOCK:
         _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     try:
         dist.barrier(group=pg, device_ids=[device.index] if device_id is not None else None)
     except BaseException:
         destroy_group(pg)
+        store.close()
         raise
     return pg
+
+
+def _never() -> str | None:
+    return None
 
 
 def destroy_group(pg: dist.ProcessGroup | None) -> None:

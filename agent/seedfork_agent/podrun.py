@@ -28,6 +28,7 @@ class PodAgent(PodLoop):
                 timeout_s=env.timeout_seconds,
                 bandwidth_limit_mbps=env.bandwidth_limit_mbps,
                 client_id=env.pod_ip,
+                max_pending_groups=env.max_clients_per_seed,
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
@@ -99,7 +100,13 @@ class PodAgent(PodLoop):
             cohort_rank=a.cohort_rank,
             cohort_size=a.cohort_size,
         )
-        await self.agent.pull_seed(req, a.attempt)
+        await self.agent.pull_seed(req, a.attempt, abort=lambda: self.superseded)
+
+    def abandon(self, attempt: int, source: str | None, reason: str) -> bool:
+        p = self.agent.server.progress
+        p.attempt, p.state, p.error, p.source = attempt, "failed", reason, source
+        p.bytes_done = p.bytes_total = 0
+        return True
 
     def _fail_now(self, a: Assignment, reason: str) -> None:
         p = self.agent.server.progress

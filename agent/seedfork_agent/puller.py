@@ -67,10 +67,12 @@ def pull(
     te_factory: Callable[[], TransferEngineHandle] | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
     stats: dict[str, float] | None = None,
+    abort: Callable[[], str | None] | None = None,
 ) -> WeightStore:
     """Pull and verify; returns a verified store (registered with TE when TE was used).
 
     ``stats``, when given, receives the phase durations (seconds) and the transfer's wall-clock window.
+    ``abort``, when given, is asked while a group forms; a reason (e.g. a newer assignment) ends the pull.
     """
     stats = {} if stats is None else stats
     mark = time.perf_counter()
@@ -128,7 +130,7 @@ def pull(
                 background.submit(_announce, http, req, "done", manifest.payload_bytes)
                 te_info = None  # the read is over and announced
             elif req.backend in ("nccl", "gloo"):
-                _pull_group(http, req, store, progress, deadline, stats)
+                _pull_group(http, req, store, progress, deadline, stats, abort)
             else:
                 raise PullError(f"unknown backend {req.backend!r}")
             phase("transfer_s")
@@ -181,7 +183,13 @@ def check_identity(manifest: Manifest, req: PullRequest) -> None:
 
 # ---- NCCL / gloo: SGLang R-Fork group protocol ------------------------------
 def _pull_group(
-    http: httpx.Client, req: PullRequest, store: WeightStore, progress, deadline: float, stats: dict
+    http: httpx.Client,
+    req: PullRequest,
+    store: WeightStore,
+    progress,
+    deadline: float,
+    stats: dict,
+    abort: Callable[[], str | None] | None = None,
 ) -> None:
     if len(req.group_ports) != 1:
         raise PullError(f"need exactly one group port (tp 1), got {req.group_ports}")
@@ -210,7 +218,7 @@ def _pull_group(
         init = pool.submit(_post, http, "/init_weights_send_group_for_remote_instance", body, remaining)
 
         def refused() -> str | None:  # the seed answers once all joined; a failed answer before that ends the join
-            return _result_error(init, 0) if init.done() else None
+            return (_result_error(init, 0) if init.done() else None) or (abort() if abort else None)
 
         try:
             pg = groups.init_group(
