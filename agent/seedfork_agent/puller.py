@@ -213,7 +213,9 @@ def _pull_group(
     device = store.device
     backend = groups.local_backend("nccl", device)
     pg = None
-    with ThreadPoolExecutor(2) as pool:
+    # Not a with-block: leaving must not wait for an init call the seed has not answered (an aborted join).
+    pool = ThreadPoolExecutor(2, thread_name_prefix="seedfork-pull-group")
+    try:
         # The seed answers the init call only after every member joined: send it while we join.
         init = pool.submit(_post, http, "/init_weights_send_group_for_remote_instance", body, remaining)
 
@@ -225,7 +227,8 @@ def _pull_group(
                 backend, req.seed_ip, port, world, rank, groups.group_name(base, port, 0), remaining, device, refused
             )
         except Exception as e:
-            err = _result_error(init, 5.0)
+            # Our own reason (a newer assignment) at once; else the seed's, which comes with the failure.
+            err = (abort() if abort else None) or _result_error(init, 5.0)
             raise PullError(f"joining group {base} at {req.seed_ip}:{port} failed: {err or e}") from None
         try:
             _check_rfork(init.result(timeout=max(1.0, deadline - time.monotonic())), "init group")
@@ -244,6 +247,8 @@ def _pull_group(
             _check_rfork(send.result(timeout=max(1.0, deadline - time.monotonic())), "send weights")
         finally:
             groups.destroy_group(pg)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _post(http: httpx.Client, path: str, body: dict, timeout: float) -> httpx.Response:
