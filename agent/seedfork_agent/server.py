@@ -36,7 +36,7 @@ log = logging.getLogger("seedfork.agent.server")
 
 # A pending group ends this long after its latest member's init request arrived (and never beyond the set's
 # timeout): a real member joins its store as it sends the request, cohort siblings arrive seconds apart.
-PENDING_GROUP_S = 10.0
+PENDING_GROUP_S = 15.0
 _SWEEP_S = 0.5
 
 

@@ -31,7 +31,7 @@ def models(faults, tmp_path_factory):
 
 @pytest.mark.parametrize("fault", ["cohort_client_killed", "flood_of_never_joining_inits"])
 def test_fault_recovers_without_bad_weights_or_stalls(faults, models, fault, api_client, control_plane, crd, tmp_path):
-    run = faults.run_one(control_plane, api_client, tmp_path, fault, 0, models, timeout_s=20)
+    run = faults.run_one(control_plane, api_client, tmp_path, fault, 0, models, timeout_s=60)
     assert run.error is None, run
     assert run.recovered, run
     assert run.bad_ready == [], run
