@@ -38,6 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-te", action="store_true", help="do not serve over TransferEngine")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for any transfer or rendezvous")
     p.add_argument("--bandwidth-limit-mbps", type=int, default=None, help="cap on bytes served (NCCL/gloo)")
+    p.add_argument("--max-clients", type=int, default=4, help="group creations this seed lets wait at once")
     p.add_argument("--engine-hook", default=os.environ.get("SEEDFORK_ENGINE_HOOK"), help="module:callable")
     p.add_argument(
         "--engine-ranks",
@@ -114,6 +115,7 @@ def _agent(args: argparse.Namespace) -> Agent:
         bandwidth_limit_mbps=args.bandwidth_limit_mbps,
         client_id=getattr(args, "client_id", "") or "",
         **({"port_range": args.port_range} if args.port_range else {}),
+        max_pending_groups=args.max_clients,
     )
     gate = EngineGate(args.engine_ranks) if args.engine_ranks else None
     return Agent(config, load_hook(args.engine_hook), gate)

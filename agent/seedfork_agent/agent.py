@@ -48,6 +48,7 @@ class AgentConfig:
     client_id: str = ""
     # The set's transfer ports (inclusive): TransferEngine and rendezvous listeners stay inside (contract).
     port_range: tuple[int, int] = (PORTS.start, PORTS.end)
+    max_pending_groups: int = 4  # the set's maxClientsPerSeed: group creations one seed lets wait at once
 
 
 def load_hook(spec: str | None) -> EngineHook | None:
@@ -79,6 +80,7 @@ class Agent:
             bandwidth_limit_mbps=config.bandwidth_limit_mbps,
             te_factory=self.te if config.serve_te else None,
             group_ports=group_ports(*config.port_range),
+            max_pending_groups=config.max_pending_groups,
         )
         self.server.gate = self.gate = gate
         # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
@@ -158,7 +160,9 @@ class Agent:
             self.gate.open(store.manifest.digest, None)  # loaded from storage: this pod's engine sets the digests
         return await self._finish(store)
 
-    async def pull_seed(self, req: PullRequest, attempt: int = 1) -> bool:
+    async def pull_seed(
+        self, req: PullRequest, attempt: int = 1, abort: Callable[[], str | None] | None = None
+    ) -> bool:
         if self.server.serving:
             return True
         self._begin(attempt, "seed", req.backend, req.seed)
@@ -169,7 +173,7 @@ class Agent:
 
         stats: dict[str, float] = {}
         try:
-            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats)
+            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats, abort)
         except PullError as e:
             self._fail(str(e))
             self.server.metrics.transfers.labels("client", req.backend, "failed").inc()

@@ -12,6 +12,10 @@ bound here (torch's store would bind all addresses); it closes when the group is
 destroyed. Over gloo each member's pair listener binds the member's pod IP (torch's
 default device binds whatever the host name resolves to); its port is the kernel's
 choice, as gloo and NCCL take no port setting.
+
+Every wait of a group creation asks an ``abort`` callback between short slices (``AbortableStore``), so a
+member that died, a group that expired or a newer assignment ends it within a second, on every rank: an
+aborted rank 0 drops its store, which fails the members' own store waits at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.distributed_c10d import _new_process_group_helper, _world
+
+from .abortable import AbortableStore, JoinAborted
 
 _LOCK = threading.Lock()  # torch's group registry is process-global
 # gloo with a device bound to a given address: torch's own "gloo" takes no device for a new group.
@@ -62,8 +68,7 @@ def local_backend(requested: str, device: torch.device) -> str:
     return "nccl"
 
 
-class JoinAborted(RuntimeError):
-    """A client gave up joining a group because ``abort`` gave a reason (e.g. the seed refused the group)."""
+__all__ = ["JoinAborted", "destroy_group", "init_group"]
 
 
 def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], str | None]) -> None:
@@ -89,7 +94,8 @@ def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], 
 
 
 def _master_store(host: str, port: int, world_size: int, timeout: timedelta) -> TCPStore:
-    """Rank 0's store, listening on ``host:port`` only; waits until every member connected."""
+    """Rank 0's store, listening on ``host:port`` only. It does not wait for the members: the group's own
+    (abortable) waits do."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         # The last group on this port may have left connections in TIME_WAIT: they must not block this one.
@@ -99,7 +105,9 @@ def _master_store(host: str, port: int, world_size: int, timeout: timedelta) -> 
         fd = os.dup(sock.fileno())  # the store's server owns (and closes) this one
         inode = os.fstat(fd).st_ino
         try:
-            return TCPStore(host, port, world_size, True, timeout, master_listen_fd=fd, use_libuv=True)
+            return TCPStore(
+                host, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=fd, use_libuv=True
+            )
         except BaseException:
             if _inode_of(fd) == inode:  # the failed store left its descriptor open: close it, or the port stays open
                 os.close(fd)
@@ -130,7 +138,8 @@ def init_group(
     """Rendezvous at ``tcp://host:port`` (rank 0 hosts the store on ``host``) and build the group; barrier once.
 
     ``local_host``: this member's own pod IP, which its gloo pair listener binds (rank 0: ``host``).
-    ``abort`` (clients only) is asked while connecting; a reason ends the join with ``JoinAborted``."""
+    ``abort`` is asked while connecting and between the slices of every store wait; a reason ends the
+    join with ``JoinAborted`` (on rank 0 the store is then closed, which ends the members' waits too)."""
     timeout = timedelta(seconds=timeout_s)
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # called from worker threads
@@ -139,30 +148,43 @@ def init_group(
         _wait_listening(host, port, timeout_s, abort)
         timeout = timedelta(seconds=max(1.0, timeout_s - (time.monotonic() - started)))
     if rank == 0:
-        store = _master_store(host, port, world_size, timeout)
+        # Not waiting for the members here: the store's constructor blocks where no abort can reach it; their
+        # arrival is waited for below, in the group's own (abortable) waits.
+        raw = _master_store(host, port, world_size, timeout)
     else:
-        store = TCPStore(host, port, world_size, False, timeout, use_libuv=True)
-    store.set_timeout(timeout)
+        raw = TCPStore(host, port, world_size, False, timeout, use_libuv=True)
+    raw.set_timeout(timeout)
+    store = AbortableStore(raw, abort or _never, timeout_s)
+    del raw  # the wrapper holds the only reference: closing it (or destroying the group) closes rank 0's listener
     prefixed = PrefixStore(name, store)
-    del store  # the group holds it now: destroying the group closes the store's listener
     device_id = device if device is not None and device.type == "cuda" else None
     local = host if rank == 0 else local_host
     options = None
     if backend == "gloo" and local:
         backend, options = _GLOO_AT, local
-    with _LOCK:
+    try:
+        # Not under _LOCK: building waits for the other ranks, and other groups must be built meanwhile.
         pg, _ = _new_process_group_helper(
             world_size, rank, [], backend, prefixed, group_name=name, timeout=timeout, device_id=device_id,
             backend_options=options,
         )  # fmt: skip
+    except BaseException:
+        store.close()
+        raise
+    with _LOCK:
         _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     del prefixed
     try:
         dist.barrier(group=pg, device_ids=[device.index] if device_id is not None else None)
     except BaseException:
         destroy_group(pg)
+        store.close()
         raise
     return pg
+
+
+def _never() -> str | None:
+    return None
 
 
 def destroy_group(pg: dist.ProcessGroup | None) -> None:

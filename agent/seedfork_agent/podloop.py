@@ -5,6 +5,12 @@ The operator writes an ``Assignment`` annotation (storage or seed, attempt n); t
 loop keeps watching for the next attempt, in the same process. Subclasses say how one attempt runs and
 what the report says: ``podrun.PodAgent`` (the agent moves the bytes) and ``engines.sglang_pod``
 (SGLang moves its own bytes).
+
+Only the pod's current assignment is worked on. A report already on the pod when the process starts was
+written by an earlier process of this container, so the attempt it names died with that process: it is
+reported failed (where the subclass can, ``abandon``), never run again (a cohort it belonged to is gone).
+While an attempt runs the pod is re-read every second; a newer assignment sets ``superseded``, which the
+attempt's blocking steps ask, so it ends at once instead of holding the pod until its timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ log = logging.getLogger("seedfork.agent.pod")
 
 _PUBLISH_INTERVAL_S = 1.0
 _WATCH_S = 20
+_NEWER_POLL_S = 1.0
 
 
 class PodLoop:
@@ -33,6 +40,7 @@ class PodLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: dict | None = None
         self._handled = 0
+        self.superseded: str | None = None  # set while an attempt runs and a newer one was assigned
         # One patch at a time, each built when it is sent: a patch built before the attempt finished must
         # never land after one built from the final state (it would leave a stale report or timing).
         self._publishing = asyncio.Lock()
@@ -53,6 +61,11 @@ class PodLoop:
         """Run one attempt to its end (verified or failed)."""
         raise NotImplementedError
 
+    def abandon(self, attempt: int, source: str | None, reason: str) -> bool:
+        """Report ``attempt`` failed without running it (an earlier process of this container had it).
+        False where the subclass cannot (it then runs the attempt again)."""
+        return False
+
     async def start(self) -> None:
         pass
 
@@ -70,6 +83,7 @@ class PodLoop:
         await self.start()
         publisher = asyncio.create_task(self._publish_loop())
         try:
+            await self._after_restart()
             while True:
                 annotations, version = await asyncio.to_thread(self.kube.annotations)
                 assignment = Assignment.from_annotations(annotations)
@@ -81,6 +95,20 @@ class PodLoop:
             publisher.cancel()
             await self.stop()
             self.kube.close()
+
+    async def _after_restart(self) -> None:
+        annotations, _ = await asyncio.to_thread(self.kube.annotations)
+        old = AgentReport.from_annotations(annotations)
+        if old is None or old.attempt < 1:
+            return
+        if old.state == "failed":
+            self._handled = old.attempt
+            return
+        reason = f"the agent restarted during attempt {old.attempt} (was {old.state}); that attempt is abandoned"
+        if self.abandon(old.attempt, old.source, reason):
+            log.warning("%s", reason)
+            self._handled = old.attempt
+            await self._publish(force=True)
 
     def _wants(self, a: Assignment | None) -> bool:
         # queued: the operator expects a slot soon; nothing to run until the assignment that names it
@@ -100,8 +128,26 @@ class PodLoop:
         self.timing.assigned = a.assigned_at
         self.seed_pod = a.seed_pod
         log.info("attempt %d: source %s seed %s backend %s", a.attempt, a.source, a.seed_pod, a.backend)
-        await self.attempt(a)
+        self.superseded = None
+        watcher = asyncio.create_task(self._watch_newer(a.attempt))
+        try:
+            await self.attempt(a)
+        finally:
+            watcher.cancel()
         await self._publish(force=True)
+
+    async def _watch_newer(self, attempt: int) -> None:
+        while self.superseded is None:
+            await asyncio.sleep(_NEWER_POLL_S)
+            try:
+                annotations, _ = await asyncio.to_thread(self.kube.annotations)
+                newer = Assignment.from_annotations(annotations)
+            except Exception as e:  # the apiserver is away: the attempt's own timeout still bounds it
+                log.info("could not re-read the pod: %s", e)
+                continue
+            if newer is not None and newer.attempt > attempt:
+                self.superseded = f"attempt {attempt} was superseded by attempt {newer.attempt}"
+                log.warning("%s", self.superseded)
 
     async def _publish_loop(self) -> None:
         while True:

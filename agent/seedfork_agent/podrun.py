@@ -36,6 +36,7 @@ class PodAgent(PodLoop):
                 port_range=env.port_range,
                 # A set that moves bytes over nccl never reads TransferEngine: expose no memory to it.
                 serve_te=env.backend != "nccl",
+                max_pending_groups=env.max_clients_per_seed,
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
@@ -110,7 +111,13 @@ class PodAgent(PodLoop):
             cohort_rank=a.cohort_rank,
             cohort_size=a.cohort_size,
         )
-        await self.agent.pull_seed(req, a.attempt)
+        await self.agent.pull_seed(req, a.attempt, abort=lambda: self.superseded)
+
+    def abandon(self, attempt: int, source: str | None, reason: str) -> bool:
+        p = self.agent.server.progress
+        p.attempt, p.state, p.error, p.source = attempt, "failed", reason, source
+        p.bytes_done = p.bytes_total = 0
+        return True
 
     def _watch_engine(self) -> None:
         """For an attempt whose engine loads from the store: an engine container that exits while the agent

@@ -68,10 +68,12 @@ def pull(
     te_factory: Callable[[], TransferEngineHandle] | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
     stats: dict[str, float] | None = None,
+    abort: Callable[[], str | None] | None = None,
 ) -> WeightStore:
     """Pull and verify; returns a verified store (registered with TE when TE was used).
 
     ``stats``, when given, receives the phase durations (seconds) and the transfer's wall-clock window.
+    ``abort``, when given, is asked while a group forms; a reason (e.g. a newer assignment) ends the pull.
     """
     stats = {} if stats is None else stats
     mark = time.perf_counter()
@@ -129,7 +131,7 @@ def pull(
                 background.submit(_announce, http, req, "done", manifest.payload_bytes)
                 te_info = None  # the read is over and announced
             elif req.backend in ("nccl", "gloo"):
-                _pull_group(http, req, store, progress, deadline, stats)
+                _pull_group(http, req, store, progress, deadline, stats, abort)
             else:
                 raise PullError(f"unknown backend {req.backend!r}")
             phase("transfer_s")
@@ -182,7 +184,13 @@ def check_identity(manifest: Manifest, req: PullRequest) -> None:
 
 # ---- NCCL / gloo: SGLang R-Fork group protocol ------------------------------
 def _pull_group(
-    http: httpx.Client, req: PullRequest, store: WeightStore, progress, deadline: float, stats: dict
+    http: httpx.Client,
+    req: PullRequest,
+    store: WeightStore,
+    progress,
+    deadline: float,
+    stats: dict,
+    abort: Callable[[], str | None] | None = None,
 ) -> None:
     if len(req.group_ports) != 1:
         raise PullError(f"need exactly one group port (tp 1), got {req.group_ports}")
@@ -206,12 +214,14 @@ def _pull_group(
     device = store.device
     backend = groups.local_backend("nccl", device)
     pg = None
-    with ThreadPoolExecutor(2) as pool:
+    # Not a with-block: leaving must not wait for an init call the seed has not answered (an aborted join).
+    pool = ThreadPoolExecutor(2, thread_name_prefix="seedfork-pull-group")
+    try:
         # The seed answers the init call only after every member joined: send it while we join.
         init = pool.submit(_post, http, "/init_weights_send_group_for_remote_instance", body, remaining)
 
         def refused() -> str | None:  # the seed answers once all joined; a failed answer before that ends the join
-            return _result_error(init, 0) if init.done() else None
+            return (_result_error(init, 0) if init.done() else None) or (abort() if abort else None)
 
         try:
             pg = groups.init_group(
@@ -219,7 +229,8 @@ def _pull_group(
                 local_host=req.local_ip,
             )  # fmt: skip
         except Exception as e:
-            err = _result_error(init, 5.0)
+            # Our own reason (a newer assignment) at once; else the seed's, which comes with the failure.
+            err = (abort() if abort else None) or _result_error(init, 5.0)
             raise PullError(f"joining group {base} at {req.seed_ip}:{port} failed: {err or e}") from None
         try:
             _check_rfork(init.result(timeout=max(1.0, deadline - time.monotonic())), "init group")
@@ -238,6 +249,8 @@ def _pull_group(
             _check_rfork(send.result(timeout=max(1.0, deadline - time.monotonic())), "send weights")
         finally:
             groups.destroy_group(pg)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _post(http: httpx.Client, path: str, body: dict, timeout: float) -> httpx.Response:

@@ -4,6 +4,11 @@ Open: ``/healthz``, ``/readyz``, ``/v1/progress``, ``/metrics`` (no weight data)
 Bearer token: ``/v1/manifest``, ``/v1/attach``, ``/v1/transfers`` and SGLang's
 R-Fork endpoints (protocols.md §1.4, §1.5), spoken with SGLang's exact paths,
 bodies and responses so stock SGLang clients can pull from us.
+
+Nothing a client sends can hold the seed: a group that has not formed (pending) is capped per seed
+(``max_pending_groups``, the set's maxClientsPerSeed; beyond it 429), lives ``PENDING_GROUP_S`` after its
+latest member arrived and never beyond the timeout, and ends at once for every member when one member's
+init request closes (the member died). A bad body is a 4xx, never a 500.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +33,11 @@ from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
 
 log = logging.getLogger("seedfork.agent.server")
+
+# A pending group ends this long after its latest member's init request arrived (and never beyond the set's
+# timeout): a real member joins its store as it sends the request, cohort siblings arrive seconds apart.
+PENDING_GROUP_S = 15.0
+_SWEEP_S = 0.5
 
 
 @dataclass
@@ -54,6 +66,14 @@ class _SendGroup:
     sent: asyncio.Future | None = None
     pg: Any = None
     created: float = field(default_factory=time.monotonic)
+    last_member: float = field(default_factory=time.monotonic)
+    members: int = 0  # init requests waiting for this group now
+    arrived: int = 0  # init requests seen for this group
+    aborted: str | None = None  # why the group creation must end (read by its store waits)
+
+    @property
+    def pending(self) -> bool:
+        return not self.ready.done()
 
 
 class Metrics:
@@ -74,6 +94,15 @@ class Metrics:
             registry=r,
         )
         self.active_clients = Gauge("seedfork_agent_active_clients", "Transfers served now", registry=r)
+        self.pending_groups = Gauge(
+            "seedfork_agent_pending_groups", "Send groups waiting for their members", registry=r
+        )
+        self.group_members_waiting = Gauge(
+            "seedfork_agent_group_members_waiting", "Init requests waiting for their group to form", registry=r
+        )
+        self.groups_refused = Counter(
+            "seedfork_agent_groups_refused", "Group creations refused or ended before forming", ["reason"], registry=r
+        )
         self.bytes_done = Gauge("seedfork_agent_pull_bytes_done", "Bytes pulled in this attempt", registry=r)
         self.bytes_total = Gauge("seedfork_agent_pull_bytes_total", "Bytes to pull in this attempt", registry=r)
         self.serving = Gauge("seedfork_agent_serving", "1 when weights are verified and served", registry=r)
@@ -93,6 +122,7 @@ class AgentServer:
         bandwidth_limit_mbps: int | None = None,
         te_factory: Any = None,
         group_ports: tuple[int, int] | None = None,
+        max_pending_groups: int = 4,
     ) -> None:
         if host in ("0.0.0.0", "::", ""):
             raise ValueError("the agent binds to the pod IP, never to all interfaces")
@@ -102,6 +132,12 @@ class AgentServer:
         self.port = port
         self._token = token.encode()
         self.timeout_s = timeout_s
+        self.max_pending_groups = max(1, max_pending_groups)
+        self.pending_group_s = min(PENDING_GROUP_S, timeout_s)
+        # Group creations wait for their members in threads of their own: never in the default pool that
+        # broadcasts, storage loads and pulls share, and never more than the cap of pending groups.
+        self._group_pool = ThreadPoolExecutor(self.max_pending_groups, thread_name_prefix="seedfork-group")
+        self._sweeper: asyncio.Task | None = None
         self.bandwidth_limit_bps = bandwidth_limit_mbps * 1e6 if bandwidth_limit_mbps else None
         self.store: WeightStore | None = None
         self.te: TransferEngineHandle | None = None
@@ -143,18 +179,60 @@ class AgentServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # handler_cancellation: a client that goes away (a member that died) cancels its handler, which is
+        # how a pending group learns that one of its members is gone.
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         log.info("agent API on http://%s:%d", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
         for g in list(self._groups.values()):
+            g.aborted = g.aborted or "the seed is stopping"
             groups.destroy_group(g.pg)
             g.pg = None
         self._groups.clear()
+        self._group_pool.shutdown(wait=False, cancel_futures=True)
         if self._runner:
             await self._runner.cleanup()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # never let the sweeper die
+                log.exception("sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """End pending groups past their bound, and forget TransferEngine reads announced but never ended."""
+        for g in list(self._groups.values()):
+            if g.pending and g.aborted is None:
+                bound = min(g.last_member + self.pending_group_s, g.created + self.timeout_s)
+                if now > bound:
+                    self._abort(g, f"group {g.name} did not form within {self.pending_group_s:.0f}s of its latest "
+                                   f"member ({g.arrived} of {g.world_size - 1} members asked)", "expired")  # fmt: skip
+        # A client that announced "start" and died never says "done": its read ends within the transfer
+        # timeout (Mooncake's own), so an older announcement is stale.
+        for client, started in list(self._te_clients.items()):
+            if now - started > self.timeout_s + 5:
+                self._te_clients.pop(client, None)
+                self._set_active(-1)
+                self.metrics.transfers.labels("seed", "transfer_engine", "expired").inc()
+        self._count_pending()
+
+    def _abort(self, group: _SendGroup, reason: str, kind: str) -> None:
+        if group.aborted is None and group.pending:
+            log.warning("ending group %s: %s", group.name, reason)
+            group.aborted = reason
+            self.metrics.groups_refused.labels(kind).inc()
+
+    def _count_pending(self) -> None:
+        self.metrics.pending_groups.set(sum(g.pending for g in self._groups.values()))
+        self.metrics.group_members_waiting.set(sum(g.members for g in self._groups.values()))
 
     def serve(self, store: WeightStore) -> None:
         """Start serving a verified store. Its memory is exposed to TransferEngine only while a client that
@@ -219,6 +297,8 @@ class AgentServer:
     async def _json(request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
+        except web.HTTPException:
+            raise  # e.g. 413: a body beyond the server's limit
         except Exception:
             raise web.HTTPBadRequest(text="body is not JSON") from None
         if not isinstance(body, dict):
@@ -317,7 +397,10 @@ class AgentServer:
         """Our clients announce one-sided (TE) reads, which the seed cannot see, for metrics and load."""
         self._require_token(request)
         body = await self._json(request)
-        client, event = str(body.get("client", "")), body.get("event")
+        client, event = str(body.get("client", ""))[:256], body.get("event")
+        nbytes = body.get("bytes", 0)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int | float) or not 0 <= nbytes < math.inf:
+            raise web.HTTPBadRequest(text="bytes must be a non-negative number")
         if event == "start" and client not in self._te_clients:
             self._te_clients[client] = time.monotonic()
             self._set_active(+1)
@@ -328,7 +411,10 @@ class AgentServer:
             self.metrics.transfers.labels("seed", "transfer_engine", result).inc()
             self.metrics.duration.labels("seed", "transfer_engine").observe(time.monotonic() - started)
             if event == "done":
-                self.metrics.bytes_served.labels("transfer_engine").inc(int(body.get("bytes", 0)))
+                # A one-sided read is invisible to the seed: take the client's word, but never more than a read
+                # of this seed's weights can move.
+                limit = self.store.manifest.payload_bytes if self.store is not None else 0
+                self.metrics.bytes_served.labels("transfer_engine").inc(min(int(nbytes), limit))
         else:
             raise web.HTTPBadRequest(text="event must be start, done or failed")
         if event == "start":
@@ -371,7 +457,7 @@ class AgentServer:
             world_size = int(body["world_size"])
             base = str(body.get("group_name", "weight_send_group"))
             requested = str(body.get("backend", "nccl"))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             return _rfork_fail(f"bad request: {e!r}")
         if not self.serving:
             return _rfork_fail("this instance is not serving weights")
@@ -386,9 +472,20 @@ class AgentServer:
         if self.group_ports and not self.group_ports[0] <= ports[0] <= self.group_ports[1]:
             lo, hi = self.group_ports
             return _rfork_fail(f"port {ports[0]} lies outside this set's rendezvous ports {lo}-{hi}")
+        if not 1 <= ports[0] <= 65535:
+            return _rfork_fail(f"port {ports[0]} out of range")
         name = groups.group_name(base, ports[0], 0)
         group = self._groups.get(name)
         if group is None:
+            pending = sum(g.pending for g in self._groups.values())
+            if pending >= self.max_pending_groups:
+                self.metrics.groups_refused.labels("cap").inc()
+                return web.json_response(
+                    {"success": False, "message": f"{pending} groups pending on this seed, the most it takes "
+                                                  f"({self.max_pending_groups}); try another seed or later"},
+                    status=429,
+                    headers={"Retry-After": str(math.ceil(self.pending_group_s))},
+                )  # fmt: skip
             loop = asyncio.get_running_loop()
             group = _SendGroup(name, world_size, loop.create_future())
             self._groups[name] = group
@@ -396,25 +493,42 @@ class AgentServer:
             self._spawn(self._build_group(group, backend, ports[0]))
         elif group.world_size != world_size:
             return _rfork_fail(f"group {name} exists with world_size {group.world_size}")
+        elif group.pending and group.arrived >= group.world_size - 1:
+            return _rfork_fail(f"group {name} already has its {group.world_size - 1} members")
+        if group.pending:
+            group.arrived += 1
+            group.last_member = time.monotonic()
+        group.members += 1
+        self._count_pending()
         try:
             await asyncio.wait_for(asyncio.shield(group.ready), self.timeout_s + 5)
+        except asyncio.CancelledError:
+            # The member went away (its process died): the others must not wait for it.
+            self._abort(group, f"a member of group {name} went away before the group formed", "member_gone")
+            raise
         except Exception as e:
             return _rfork_fail(f"failed to build group {name}: {e}")
+        finally:
+            group.members -= 1
+            self._count_pending()
         return web.json_response({"success": True, "message": f"group {name} ready"})
 
     async def _build_group(self, group: _SendGroup, backend: str, port: int) -> None:
         try:
-            group.pg = await asyncio.to_thread(
-                groups.init_group, backend, self.host, port, group.world_size, 0, group.name, self.timeout_s,
-                self.store.device,
+            group.pg = await asyncio.get_running_loop().run_in_executor(
+                self._group_pool, groups.init_group, backend, self.host, port, group.world_size, 0, group.name,
+                self.timeout_s, self.store.device, lambda: group.aborted,
             )  # fmt: skip
             group.ready.set_result(True)
+            self._count_pending()
             # A client that never asks for the weights must not pin the group (and its port) forever.
             asyncio.get_running_loop().call_later(self.timeout_s, self._expire, group)
         except Exception as e:
-            self._groups.pop(group.name, None)
-            group.ready.set_exception(RuntimeError(str(e)))
+            if self._groups.get(group.name) is group:
+                self._groups.pop(group.name, None)
+            group.ready.set_exception(RuntimeError(group.aborted or str(e)))
             group.ready.exception()  # mark retrieved
+            self._count_pending()
 
     def _expire(self, group: _SendGroup) -> None:
         if group.sent is None and self._groups.get(group.name) is group:
@@ -429,7 +543,7 @@ class AgentServer:
             body = await self._json(request)
             ports = [int(p) for p in str(body["ports"]).split(",")]
             base = str(body.get("group_name", "weight_send_group"))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             return _rfork_fail(f"bad request: {e!r}")
         name = groups.group_name(base, ports[0], 0)
         group = self._groups.get(name)

@@ -58,6 +58,7 @@ ENV_TP = "SEEDFORK_TP"
 ENV_PP = "SEEDFORK_PP"
 ENV_TIMEOUT_SECONDS = "SEEDFORK_TIMEOUT_SECONDS"
 ENV_BANDWIDTH_LIMIT_MBPS = "SEEDFORK_BANDWIDTH_LIMIT_MBPS"
+ENV_MAX_CLIENTS_PER_SEED = "SEEDFORK_MAX_CLIENTS_PER_SEED"  # also caps the group creations a seed lets wait
 ENV_TOKEN = "SEEDFORK_TOKEN"  # from a secretKeyRef, never a literal
 
 ALL_ENV = [
@@ -77,6 +78,7 @@ ALL_ENV = [
     ENV_PP,
     ENV_TIMEOUT_SECONDS,
     ENV_BANDWIDTH_LIMIT_MBPS,
+    ENV_MAX_CLIENTS_PER_SEED,
     ENV_TOKEN,
 ]
 
@@ -200,6 +202,7 @@ class PodEnv(_Model):
     pp: int = 1
     timeout_seconds: float = 300.0
     bandwidth_limit_mbps: int | None = None
+    max_clients_per_seed: int = 4
     token: str
 
     @classmethod
@@ -227,6 +230,7 @@ class PodEnv(_Model):
             pp=int(env.get(ENV_PP, "1")),
             timeout_seconds=float(env.get(ENV_TIMEOUT_SECONDS, "300")),
             bandwidth_limit_mbps=int(limit) if limit else None,
+            max_clients_per_seed=int(env.get(ENV_MAX_CLIENTS_PER_SEED, "4")),
             token=env[ENV_TOKEN],
         )
 

@@ -180,6 +180,7 @@ def contract_env(spec: ModelReplicaSetSpec, set_name: str, fingerprint: str, tok
         c.ENV_PP: str(spec.engine.parallelism.pp),
         c.ENV_TIMEOUT_SECONDS: str(t.timeout_seconds),
         c.ENV_BANDWIDTH_LIMIT_MBPS: str(t.bandwidth_limit_mbps) if t.bandwidth_limit_mbps else None,
+        c.ENV_MAX_CLIENTS_PER_SEED: str(t.max_clients_per_seed),
     }
     fields = {c.ENV_POD_NAME: "metadata.name", c.ENV_POD_NAMESPACE: "metadata.namespace", c.ENV_POD_IP: "status.podIP"}
     env = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": f}}} for n, f in fields.items()]

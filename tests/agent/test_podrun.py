@@ -100,3 +100,60 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
     core.patch_namespaced_pod("queued-0", namespace, c.annotation_patch(assignment=go))
     report = _wait_report(core, namespace, "queued-0", lambda r: r.attempt == 2 and r.state in ("verified", "failed"))
     assert report.state == "verified" and report.seed_pod == "seed-0", report
+
+def _metric(agent, name: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{agent.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_restarted_agent_works_on_the_current_assignment_only(
+    kit, agents, api_client, control_plane, namespace, weights_dir
+):
+    """The agent is killed while its attempt waits in a cohort that never fills; the restarted process must
+    not run that attempt again (its cohort is gone): it reports it failed and waits for a new one. A newer
+    assignment written while an attempt waits ends that attempt at once, and the newer one runs."""
+    import signal
+
+    core = client.CoreV1Api(api_client)
+    seed_ip = kit.new_ip()
+    _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
+    seed = agents("run", "--device", "cpu", ip=seed_ip, env=_env(kit, control_plane, namespace, "seed-0", seed_ip,
+                                                                  str(weights_dir)))  # fmt: skip
+    _wait_report(core, namespace, "seed-0", lambda r: r.state == "verified")
+
+    # Rank 1 of 3: rank 2 never comes, so the group never forms. Its port lies in the seed's rendezvous ports
+    # (the contract's default range), as the operator hands them out.
+    def cohort(attempt: int) -> c.Assignment:
+        return c.Assignment(attempt=attempt, source="seed", backend="nccl", seedPod="seed-0", seedIP=seed_ip,
+                            seedAgentPort=kit.AGENT_PORT, groupPorts=[28000 + attempt], cohortId=f"c{attempt}",
+                            cohortRank=1, cohortSize=3)  # fmt: skip
+
+    ip = kit.new_ip()
+    env = _env(kit, control_plane, namespace, "new-0", ip)
+    _pod(core, namespace, "new-0", cohort(1))
+    first = agents("run", "--device", "cpu", ip=ip, env=env)
+    _wait_report(core, namespace, "new-0", lambda r: r.attempt == 1 and r.state == "transferring" and r.bytes_total)
+    time.sleep(1.0)  # its init request is in: the seed holds the pending group
+    first.kill(signal.SIGKILL)
+
+    second = agents("run", "--device", "cpu", ip=ip, env=env)
+    report = _wait_report(core, namespace, "new-0", lambda r: r.attempt == 1 and r.state == "failed", timeout=60)
+    assert "restarted" in report.error, report
+    time.sleep(2.0)  # had it joined the old cohort again, the seed would hold a group for it now
+    assert _metric(seed, "seedfork_agent_pending_groups") == 0
+    assert "attempt 1: source" not in second.output()  # it never ran attempt 1
+
+    core.patch_namespaced_pod("new-0", namespace, c.annotation_patch(assignment=cohort(2)))
+    _wait_report(core, namespace, "new-0", lambda r: r.attempt == 2 and r.state == "transferring")
+    good = c.Assignment(attempt=3, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip,
+                        seedAgentPort=kit.AGENT_PORT)  # fmt: skip
+    core.patch_namespaced_pod("new-0", namespace, c.annotation_patch(assignment=good))
+    written = time.monotonic()
+    report = _wait_report(core, namespace, "new-0", lambda r: r.attempt == 3 and r.state in ("verified", "failed"))
+    assert report.state == "verified" and report.serving, report
+    # Ended by the newer assignment, not by the pending group's expiry nor the timeout (20 s here).
+    assert time.monotonic() - written < 8
+    assert "superseded by attempt 3" in second.output(), second.output()[-3000:]
+    assert second.proc.poll() is None
