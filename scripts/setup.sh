@@ -41,3 +41,4 @@ fi
 .venv/bin/seedfork-localdev build kube-apiserver etcd helm kubeconform >/dev/null
 # The Prometheus Operator ServiceMonitor CRD the chart's ServiceMonitor is checked against (pinned, cached).
 .venv/bin/python -m seedfork_localdev.upstream >/dev/null
+scripts/setup_sglang.sh
