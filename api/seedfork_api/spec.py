@@ -173,6 +173,11 @@ def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
         )
     if e.kind == "sglang" and t.backend == "nccl" and t.max_clients_per_seed != 1:
         return "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl"
+    if e.kind == "sglang" and t.ports.size < e.parallelism.tp * e.parallelism.pp + 2:
+        return (
+            f"transfer.ports holds {t.ports.size} ports; engine sglang needs one per rank (tp * pp) plus 2 that "
+            "each SGLang pod binds for itself (its dist-init store and engine-info bootstrap server)"
+        )
     return None
 
 

@@ -29,7 +29,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from seedfork_api.contract import Assignment, ConcreteBackend
+from seedfork_api.contract import SGLANG_OWN_PORTS, Assignment, ConcreteBackend
 from seedfork_api.spec import ModelReplicaSetSpec
 
 from .podview import PodView
@@ -95,6 +95,8 @@ def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
     """Disjoint blocks of one port per rank inside ``spec.transfer.ports``."""
     ranks = spec.engine.parallelism.tp * spec.engine.parallelism.pp
     start, end = spec.transfer.ports.start, spec.transfer.ports.end
+    if spec.engine.kind == "sglang":
+        end -= SGLANG_OWN_PORTS  # each SGLang pod's own listeners (contract.sglang_own_ports)
     return [list(range(p, p + ranks)) for p in range(start, end - ranks + 2, ranks)]
 
 
