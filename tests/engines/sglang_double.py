@@ -106,11 +106,14 @@ def weights_digest(model_path: str, corrupt: bool) -> tuple[str, list[str]]:
     return h.hexdigest(), sorted(names)
 
 
+NORMAL_ROUTES = ("/server_info", "/get_server_info")  # no @auth_level in http_server.py: only --api-key guards
+
+
 def auth_status(path: str, authorization: str | None, api_key: str | None, admin_api_key: str | None) -> int:
-    """utils/auth.py's decision for the ADMIN_OPTIONAL routes this double serves (health is always open)."""
+    """utils/auth.py's decision for the routes this double serves (health is always open)."""
     if path.startswith(("/health", "/ready", "/metrics")):
         return 200
-    key = admin_api_key or api_key
+    key = api_key if path in NORMAL_ROUTES else admin_api_key or api_key
     if not key:
         return 200
     scheme, _, value = (authorization or "").partition(" ")

@@ -192,15 +192,19 @@ def options(_req: dict) -> dict:
 
 
 def check(req: dict) -> dict:
-    """Decode each ``{"model", "body"}`` with io_struct's model (msgspec, strict types): the error, or None."""
+    """Build each ``{"model", "body"}`` as io_struct's model: unknown or missing fields, or a value of the wrong
+    plain type, are an error. (The models are array-like msgspec Structs, built from JSON objects by name.)"""
     import msgspec
     from sglang.srt.managers import io_struct
 
     out = []
     for case in req["cases"]:
-        cls = getattr(io_struct, case["model"])
+        cls, body = getattr(io_struct, case["model"]), case["body"]
         try:
-            msgspec.convert(case["body"], cls)
+            cls(**body)
+            for f in msgspec.structs.fields(cls):
+                if f.name in body and f.type in (str, int, bool, float) and not isinstance(body[f.name], f.type):
+                    raise TypeError(f"{f.name}: expected {f.type.__name__}, got {type(body[f.name]).__name__}")
             out.append(None)
         except Exception as e:
             out.append(f"{type(e).__name__}: {e}")

@@ -206,14 +206,15 @@ def render(
     return Launch(argv, env, "seed", "nccl", expected, can_seed=True, layout=layout)
 
 
-def sglang_key(argv: Sequence[str]) -> tuple[str | None, str | None]:
-    """(flag, key) SGLang checks on the routes the agent calls: the admin key if set, else the API key.
+def sglang_key(argv: Sequence[str], admin: bool = True) -> tuple[str | None, str | None]:
+    """(flag, key) SGLang checks on a route: ``admin`` for its ADMIN_OPTIONAL routes (``/weights_checker``,
+    the TransferEngine info: the admin key if set, else the API key), else for its NORMAL ones
+    (``/server_info``: the API key only), as in SGLang 0.5.23's ``sglang/srt/utils/auth.py``.
 
-    Those routes (``/server_info``, ``/weights_checker``, the TransferEngine info) are ADMIN_OPTIONAL in
-    SGLang 0.5.23 (``sglang/srt/utils/auth.py``). SGLang reads its keys only from its flags, so the engine
-    command is where the agent finds them (Kubernetes expands ``$(VAR)`` in args, e.g. from a Secret).
+    SGLang reads its keys only from its flags, so the engine command is where the agent finds them
+    (Kubernetes expands ``$(VAR)`` in args, e.g. from a Secret).
     """
-    for flag in ("--admin-api-key", "--api-key"):
+    for flag in ("--admin-api-key", "--api-key") if admin else ("--api-key",):
         key = flag_value(argv, (flag,))
         if key:
             return flag, key
@@ -326,16 +327,19 @@ class SGLangSupervisor:
         # SGLang's own key, never seedfork's token: SGLang checks its keys, and the token must not leak to it.
         self.key_flag, key = sglang_key(launch.argv)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.normal_flag, normal_key = sglang_key(launch.argv, admin=False)
+        self.normal_headers = {"Authorization": f"Bearer {normal_key}"} if normal_key else {}
 
-    def _checked(self, r, what: str):
+    def _checked(self, r, what: str, flag: str | None = None):
+        flag = self.key_flag if flag is None and what != "server_info" else flag
         if r.status_code in (401, 403):
-            if self.key_flag is None:
+            if flag is None:
                 raise PermissionError(
                     f"SGLang answered {r.status_code} to {what}: it runs with an API key (--api-key or "
                     "--admin-api-key) the agent cannot see; give it in the engine command's args (from a Secret: "
                     "an env var with valueFrom.secretKeyRef, and args: [--admin-api-key, $(VAR)])"
                 )
-            raise PermissionError(f"SGLang answered {r.status_code} to {what} with the key of {self.key_flag}")
+            raise PermissionError(f"SGLang answered {r.status_code} to {what} with the key of {flag}")
         return r
 
     async def _get(self, client, url: str):
@@ -356,8 +360,9 @@ class SGLangSupervisor:
 
     async def resolved_args(self, client, log_text: str = "") -> dict:
         for path in ("/server_info", "/get_server_info"):
-            try:
-                r = await self._get(client, f"{self.engine_url}{path}")
+            try:  # a NORMAL route: only --api-key guards it
+                r = await client.get(f"{self.engine_url}{path}", headers=self.normal_headers)
+                self._checked(r, "server_info", self.normal_flag)
             except PermissionError:
                 raise
             except Exception:
