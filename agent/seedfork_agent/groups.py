@@ -2,8 +2,8 @@
 
 SGLang creates its weight-send group with a private torch helper over a
 ``tcp://`` rendezvous whose store is wrapped in ``PrefixStore(group_name, ...)``
-(protocols.md §1.4). Building ours the same way makes every store key match
-byte for byte, so a stock SGLang peer and our agent can meet in one group.
+(docs/sglang.md). Building ours the same way makes every store key match
+byte for byte (SGLang's wire shape; stock SGLang peers are still refused, docs/sglang.md).
 Groups are created outside the default process group, so one process can hold
 several at once (one per client, or a cohort) and make new ones after a failure.
 """

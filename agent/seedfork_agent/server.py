@@ -2,8 +2,9 @@
 
 Open: ``/healthz``, ``/readyz``, ``/v1/progress``, ``/metrics`` (no weight data).
 Bearer token: ``/v1/manifest``, ``/v1/attach``, ``/v1/transfers`` and SGLang's
-R-Fork endpoints (protocols.md §1.4, §1.5), spoken with SGLang's exact paths,
-bodies and responses so stock SGLang clients can pull from us.
+R-Fork endpoints, spoken with SGLang's paths, bodies and responses for seedfork's
+own clients. Stock SGLang clients are refused (no token, and SGLang's parameter
+layout differs from the checkpoint's): docs/sglang.md, "Stock SGLang".
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import groups
+from . import groups, refusal
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
 
@@ -276,9 +277,23 @@ class AgentServer:
             raise web.HTTPBadRequest(text="event must be start, done or failed")
         return web.json_response({"ok": True})
 
-    # ---- SGLang R-Fork, NCCL backend (protocols.md §1.4) -------------------
+    # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
-        self._require_token(request)
+        if not self._authorized(request):
+            # A stock SGLang client sends no token and never reads this answer: end its rendezvous too.
+            try:
+                body = await request.json()
+            except Exception:
+                body = None
+            refused = refusal.refuse_stock_client(self.host, body)
+            message = "missing or wrong bearer token: seedfork seeds serve only seedfork agents (docs/sglang.md)"
+            if refused:
+                message += f"; the rendezvous on ports {refused} is closed so that the client fails at once"
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"success": False, "message": message}),
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         try:
             body = await self._json(request)
             master = str(body["master_address"])
@@ -379,7 +394,7 @@ class AgentServer:
             await asyncio.to_thread(groups.destroy_group, group.pg)
             self._set_active(-clients)
 
-    # ---- SGLang R-Fork, TransferEngine backend (protocols.md §1.5) ---------
+    # ---- SGLang R-Fork, TransferEngine backend (docs/sglang.md) ------------
     async def te_info(self, request: web.Request) -> web.Response:
         self._require_token(request)
         try:
