@@ -44,3 +44,5 @@ fi
 .venv/bin/python -m seedfork_localdev.upstream >/dev/null
 # vLLM's CPU build in an environment of its own (the vllm test tier, the vLLM demo), cached.
 scripts/setup_vllm.sh >/dev/null
+# SGLang's CPU-importable modules, pinned, for the sglang test tier (never in .venv), cached.
+scripts/setup_sglang.sh

@@ -2,8 +2,8 @@
 
 SGLang creates its weight-send group with a private torch helper over a
 ``tcp://`` rendezvous whose store is wrapped in ``PrefixStore(group_name, ...)``
-(protocols.md §1.4). Building ours the same way makes every store key match
-byte for byte, so a stock SGLang peer and our agent can meet in one group.
+(docs/sglang.md). Building ours the same way makes every store key match
+byte for byte (SGLang's wire shape; stock SGLang peers are still refused, docs/sglang.md).
 Groups are created outside the default process group, so one process can hold
 several at once (one per client, or a cohort) and make new ones after a failure.
 
@@ -93,7 +93,7 @@ def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], 
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def _master_store(host: str, port: int, world_size: int, timeout: timedelta) -> TCPStore:
+def master_store(host: str, port: int, world_size: int, timeout: timedelta) -> TCPStore:
     """Rank 0's store, listening on ``host:port`` only. It does not wait for the members: the group's own
     (abortable) waits do."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -150,7 +150,7 @@ def init_group(
     if rank == 0:
         # Not waiting for the members here: the store's constructor blocks where no abort can reach it; their
         # arrival is waited for below, in the group's own (abortable) waits.
-        raw = _master_store(host, port, world_size, timeout)
+        raw = master_store(host, port, world_size, timeout)
     else:
         raw = TCPStore(host, port, world_size, False, timeout, use_libuv=True)
     raw.set_timeout(timeout)

@@ -2,8 +2,9 @@
 
 Open: ``/healthz``, ``/readyz``, ``/v1/progress``, ``/metrics`` (no weight data).
 Bearer token: ``/v1/manifest``, ``/v1/attach``, ``/v1/transfers`` and SGLang's
-R-Fork endpoints (protocols.md §1.4, §1.5), spoken with SGLang's exact paths,
-bodies and responses so stock SGLang clients can pull from us.
+R-Fork endpoints, spoken with SGLang's paths, bodies and responses for seedfork's
+own clients. Stock SGLang clients are refused (no token, and SGLang's parameter
+layout differs from the checkpoint's): docs/sglang.md, "Stock SGLang".
 
 Nothing a client sends can hold the seed: a group that has not formed (pending) is capped per seed
 (``max_pending_groups``, the set's maxClientsPerSeed; beyond it 429), lives ``PENDING_GROUP_S`` after its
@@ -27,7 +28,7 @@ import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import groups
+from . import groups, refusal
 from .engines.gate import EngineGate, RankReport
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
@@ -447,9 +448,23 @@ class AgentServer:
         self._te_pending = 0
         self.te.unregister(self.store.buffer.data_ptr())
 
-    # ---- SGLang R-Fork, NCCL backend (protocols.md §1.4) -------------------
+    # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
-        self._require_token(request)
+        if not self._authorized(request):
+            # A stock SGLang client sends no token and never reads this answer: end its rendezvous too.
+            try:
+                body = await request.json()
+            except Exception:
+                body = None
+            refused = refusal.refuse_stock_client(self.host, body)
+            message = "missing or wrong bearer token: seedfork seeds serve only seedfork agents (docs/sglang.md)"
+            if refused:
+                message += f"; the rendezvous on ports {refused} is closed so that the client fails at once"
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"success": False, "message": message}),
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         try:
             body = await self._json(request)
             master = str(body["master_address"])
@@ -586,7 +601,7 @@ class AgentServer:
             group.pg = None  # the last reference: its store and listener close with it
             self._set_active(-clients)
 
-    # ---- SGLang R-Fork, TransferEngine backend (protocols.md §1.5) ---------
+    # ---- SGLang R-Fork, TransferEngine backend (docs/sglang.md) ------------
     async def te_info(self, request: web.Request) -> web.Response:
         self._require_token(request)
         try:

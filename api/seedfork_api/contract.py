@@ -235,6 +235,16 @@ class PodEnv(_Model):
         )
 
 
+SGLANG_OWN_PORTS = 2
+
+
+def sglang_own_ports(port_range: tuple[int, int]) -> tuple[int, int]:
+    """(dist-init, engine-info bootstrap): the ports each SGLang pod binds for itself, the top two of the set's
+    range. The operator hands out group ports only below them (``planner.port_blocks``)."""
+    end = port_range[1]
+    return end, end - 1
+
+
 def annotation_patch(**values: _Model | None) -> dict[str, dict[str, str | None]]:
     """A merge patch setting contract annotations, e.g. ``annotation_patch(report=r)``."""
     keys = {"assignment": ANN_ASSIGNMENT, "report": ANN_REPORT, "timing": ANN_TIMING}

@@ -193,6 +193,11 @@ def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
             f"transfer.ports {t.ports.start}-{t.ports.end} overlaps {lo}-{hi}, where Mooncake's TransferEngine "
             f"will not listen (backend {t.backend} resolves to transfer_engine); move spec.transfer.ports below {lo}"
         )
+    if e.kind == "sglang" and t.ports.size < e.parallelism.tp * e.parallelism.pp + 2:
+        return (
+            f"transfer.ports holds {t.ports.size} ports; engine sglang needs one per rank (tp * pp) plus 2 that "
+            "each SGLang pod binds for itself (its dist-init store and engine-info bootstrap server)"
+        )
     return None
 
 

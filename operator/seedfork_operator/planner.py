@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from seedfork_api.contract import Assignment, ConcreteBackend, group_ports
+from seedfork_api.contract import SGLANG_OWN_PORTS, Assignment, ConcreteBackend, group_ports
 from seedfork_api.spec import ModelReplicaSetSpec
 
 from . import fanout
@@ -127,7 +127,10 @@ def is_storage_load(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool
 def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
     """Disjoint blocks of one port per rank inside the rendezvous part of ``spec.transfer.ports``."""
     ranks = spec.engine.parallelism.tp * spec.engine.parallelism.pp
-    start, end = group_ports(spec.transfer.ports.start, spec.transfer.ports.end, ranks)
+    if spec.engine.kind == "sglang":  # SGLang moves its bytes itself: the agent runs no TransferEngine there
+        start, end = spec.transfer.ports.start, spec.transfer.ports.end - SGLANG_OWN_PORTS  # contract.sglang_own_ports
+    else:
+        start, end = group_ports(spec.transfer.ports.start, spec.transfer.ports.end, ranks)
     return [list(range(p, p + ranks)) for p in range(start, end - ranks + 2, ranks)]
 
 

@@ -26,6 +26,7 @@ import copy
 from typing import Any
 
 from seedfork_api import contract as c
+from seedfork_api.sglang_args import data_parallel_problem
 from seedfork_api.spec import API_VERSION, KIND, ModelReplicaSetSpec
 
 from .planner import resolve_backend
@@ -71,6 +72,11 @@ def check_template(template: dict[str, Any], engine: str = "") -> None:
             "command: [python3, -m, sglang.launch_server]; the operator runs it as "
             "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
         )
+    if engine == "sglang":
+        argv = [*(engine_container.get("command") or []), *(engine_container.get("args") or [])]
+        problem = data_parallel_problem([w for w in argv if isinstance(w, str)])
+        if problem:
+            raise TemplateError(f"engine sglang: container {engine_container['name']!r}: {problem}")
 
 
 def _env_value(container: dict[str, Any], name: str) -> str | None:

@@ -1,11 +1,13 @@
-"""Doubles of SGLang's R-Fork client and seed, written only from protocols.md §1.4-1.5.
+"""Doubles of SGLang 0.5.23's R-Fork client and seed wire protocol, for seedfork's own agents.
 
-SGLang itself cannot run here (it needs GPUs and its own stack), so these stand
-in for it in the conformance tests. Each does exactly what the protocol notes
-say SGLang does, nothing more: no manifest, no checksums, no timeouts of its
-own. The "model" is the safetensors set, built identically on both sides, and
-``named_parameters()`` order is the order of the files (sorted) and their keys.
-On CPU the "nccl" backend runs over gloo.
+They stand for ``sglang/srt/model_loader/remote_instance_weight_loader_utils.py`` (the client's init and
+send requests, its TransferEngine info request), ``sglang/srt/connector/remote_instance.py`` and
+``sglang/srt/utils/common.py:init_custom_process_group`` (the group join), and the seed's R-Fork routes
+of ``sglang/srt/entrypoints/http_server.py``. SGLang's model and loaders need a GPU, so the "model" is
+the safetensors set in checkpoint order; a stock SGLang moves its own fused, sharded parameters instead,
+which is why stock SGLang does not interoperate with seedfork (docs/sglang.md, "Stock SGLang"). Their
+request bodies are checked against io_struct's models by the `sglang` tier (tests/sglang/test_doubles.py);
+unlike stock SGLang, the client sends the set's token. On CPU the "nccl" backend runs over gloo.
 
     python sglang_double.py client SEED_IP SEED_PORT CLIENT_IP GROUP_PORT WEIGHTS_DIR OUT_DIR TOKEN
     python sglang_double.py seed IP PORT WEIGHTS_DIR
@@ -40,7 +42,7 @@ def named_parameters(weights_dir: str, empty: bool) -> list[tuple[str, torch.Ten
 
 
 def init_custom_process_group(init_method: str, world_size: int, rank: int, group_name: str, backend: str = "gloo"):
-    """utils/common.py:init_custom_process_group, as protocols.md describes it."""
+    """sglang/srt/utils/common.py:init_custom_process_group, with a 60 s timeout instead of 30 min."""
     timeout = timedelta(seconds=60)
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
@@ -53,22 +55,23 @@ def init_custom_process_group(init_method: str, world_size: int, rank: int, grou
 
 
 # ---- client ---------------------------------------------------------------------------------------------------
+def rfork_bodies(seed_ip: str, client_ip: str, ports: list[int]) -> tuple[dict, dict]:
+    """The init and send bodies SGLang's client POSTs (remote_instance_weight_loader_utils.py)."""
+    group_name = f"send_weights_{client_ip}"
+    joined = ",".join(str(p) for p in ports)
+    init = {"master_address": seed_ip, "ports": joined, "group_rank": 0, "world_size": 2, "group_name": group_name,
+            "backend": "nccl"}  # fmt: skip
+    return init, {"master_address": seed_ip, "ports": joined, "group_name": group_name}
+
+
 def client(seed_ip, seed_port, client_ip, group_port, weights_dir, out_dir, token):
     base = f"http://{seed_ip}:{seed_port}"
     # SGLang's own client sends no Authorization header; our seed requires one, so this double adds it.
     headers = {"Authorization": f"Bearer {token}"}
     params = named_parameters(weights_dir, empty=True)
 
-    # NCCL backend (§1.4).
-    group_name = f"send_weights_{client_ip}"
-    init_body = {
-        "master_address": seed_ip,
-        "ports": str(group_port),
-        "group_rank": 0,
-        "world_size": 2,
-        "group_name": group_name,
-        "backend": "nccl",
-    }
+    # NCCL backend.
+    init_body, send_body = rfork_bodies(seed_ip, client_ip, [group_port])
     results = {}
     t = threading.Thread(
         target=lambda: results.update(
@@ -82,7 +85,6 @@ def client(seed_ip, seed_port, client_ip, group_port, weights_dir, out_dir, toke
     dist.barrier(group=pg)
     t.join()
     assert results["init"].json()["success"], results["init"].text
-    send_body = {"master_address": seed_ip, "ports": str(group_port), "group_name": group_name}
     t = threading.Thread(
         target=lambda: results.update(
             send=requests.post(f"{base}/send_weights_to_remote_instance", json=send_body, headers=headers)
@@ -96,7 +98,7 @@ def client(seed_ip, seed_port, client_ip, group_port, weights_dir, out_dir, toke
     dist.destroy_process_group(pg)
     save_file(dict(params), str(Path(out_dir) / "nccl.safetensors"))
 
-    # TransferEngine backend (§1.5).
+    # TransferEngine backend.
     from mooncake.engine import TransferEngine
 
     params = named_parameters(weights_dir, empty=True)

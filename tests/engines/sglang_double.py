@@ -1,17 +1,18 @@
-"""A test double of SGLang's HTTP surface and R-Fork flag handling, built strictly from protocols.md.
+"""A double of SGLang 0.5.23's HTTP server and R-Fork flag handling, for the supervisor tests.
 
-SGLang itself (GPU kernels, CUDA) cannot run here. This double implements only what protocols.md
-documents for sglang 0.5.23, so the adapter is tested against the documented behaviour:
+SGLang's model forward and loaders need a GPU, so this stands in for ``sglang.launch_server``: its
+``sglang/srt/entrypoints/http_server.py`` routes the agent calls, ``sglang/srt/utils/auth.py``'s
+ADMIN_OPTIONAL decision, and the resolution of ``sglang/srt/arg_groups/model_path_hook.py`` for the
+R-Fork flags (silent fallbacks to ``load_format auto``; the TE seed flag reset without mooncake or with
+``--enable-memory-saver``). The `sglang` tier checks it against SGLang's own code
+(tests/sglang/test_doubles.py): its parser accepts only flags SGLang has, its auth answers as SGLang's
+``decide_request_auth``, and its replies carry the keys SGLang's handlers build. The SGLang commands the
+agent renders are themselves parsed and resolved by SGLang there.
 
-- the R-Fork flags of §1.3 (same names, types and defaults; group ports as a JSON list);
-- §1.3's silent fallbacks: ``remote_instance`` without seed IP or port, or ``nccl`` without group
-  ports, or ``transfer_engine`` when ``validate_transfer_engine()`` fails, fall back to ``auto``
-  with only a warning; on a seed the TE flag is overwritten with that validation's result, which
-  fails if ``mooncake.engine`` cannot be imported or ``--enable-memory-saver`` is set;
-- ``GET /health``; ``GET /server_info`` and ``/get_server_info`` with the resolved args (§5.2 step 1);
-  ``POST /weights_checker {"action": "checksum"}`` answering ``per_engine_checksum`` (§5.3 step 8);
-  ``GET /remote_instance_transfer_engine_info?rank=r`` with §1.5's 200 and 400 bodies;
-  ``--api-key`` guarding all but ``/health`` (§1.4).
+- ``GET /health``; ``GET /server_info`` and ``/get_server_info`` with the resolved args;
+  ``POST /weights_checker {"action": "checksum"}`` answering ``per_engine_checksum``;
+  ``GET /remote_instance_transfer_engine_info?rank=r`` with SGLang's 200 and 400 bodies; it logs
+  ``server_args={...}`` as SGLang's Engine does.
 
 What it does NOT emulate: the transfer itself. Loading "from the seed" reads the same safetensors
 as the seed (``--model-path``); ``SGLANG_DOUBLE_CORRUPT=1`` flips one byte of what was "received",
@@ -32,14 +33,20 @@ from aiohttp import web
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--model-path", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--tp-size", "--tp", type=int, default=1)
+    p.add_argument("--tp-size", type=int, default=1)  # argparse takes "--tp" as its prefix, as SGLang does
     p.add_argument("--pp-size", type=int, default=1)
     p.add_argument("--dp-size", type=int, default=1)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-api-key", default=None)
+    p.add_argument("--dist-init-addr", default=None)
     p.add_argument("--enable-memory-saver", action="store_true")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--remote-instance-weight-loader-seed-instance-ip", default=None)
@@ -50,7 +57,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--remote-instance-weight-loader-start-seed-via-transfer-engine", action="store_true")
     p.add_argument("--engine-info-bootstrap-port", type=int, default=6789)
-    return p.parse_args(argv)
+    return p
 
 
 def validate_transfer_engine(args: argparse.Namespace) -> bool:
@@ -66,7 +73,7 @@ def validate_transfer_engine(args: argparse.Namespace) -> bool:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """The model_path_hook fallbacks of §1.3: warn and keep going."""
+    """arg_groups/model_path_hook.py's fallbacks: warn and keep going."""
     if args.load_format == "remote_instance" and args.remote_instance_weight_loader_backend != "modelexpress":
         backend = args.remote_instance_weight_loader_backend
         if (
@@ -99,17 +106,42 @@ def weights_digest(model_path: str, corrupt: bool) -> tuple[str, list[str]]:
     return h.hexdigest(), sorted(names)
 
 
+NORMAL_ROUTES = ("/server_info", "/get_server_info")  # no @auth_level in http_server.py: only --api-key guards
+
+
+def auth_status(path: str, authorization: str | None, api_key: str | None, admin_api_key: str | None) -> int:
+    """utils/auth.py's decision for the routes this double serves (health is always open)."""
+    if path.startswith(("/health", "/ready", "/metrics")):
+        return 200
+    key = api_key if path in NORMAL_ROUTES else admin_api_key or api_key
+    if not key:
+        return 200
+    scheme, _, value = (authorization or "").partition(" ")
+    return 200 if scheme.lower() == "bearer" and value == key else 401
+
+
+def weights_checker_reply(digest: str, tp: int) -> dict:
+    """``/weights_checker`` checksum: per rank a checksum, ``per_engine_checksum`` the sha256 over them."""
+    ranks = [{"tp_rank": r, "per_gpu_checksum": digest} for r in range(tp)]
+    engine = hashlib.sha256()
+    for r in ranks:
+        engine.update(r["per_gpu_checksum"].encode())
+    return {"success": True, "message": "", "ranks": ranks, "per_engine_checksum": engine.hexdigest()}
+
+
 def main() -> None:
     args = resolve(parse(sys.argv[1:]))
-    print(f"resolved load_format={args.load_format}", flush=True)
+    print(f"server_args={vars(args)}", flush=True)  # as SGLang's Engine logs its resolved args
     remote = args.load_format == "remote_instance"
     digest, names = weights_digest(args.model_path, remote and os.environ.get("SGLANG_DOUBLE_CORRUPT") == "1")
 
     @web.middleware
     async def auth(request, handler):
-        authorized = request.headers.get("Authorization") == f"Bearer {args.api_key}"
-        if args.api_key and not request.path.startswith("/health") and not authorized:
-            return web.json_response({"error": "Unauthorized"}, status=401)
+        # SGLANG_DOUBLE_CONFIG_ADMIN_KEY: a key SGLang read from a --config file, which the agent cannot see.
+        admin = os.environ.get("SGLANG_DOUBLE_CONFIG_ADMIN_KEY") or args.admin_api_key
+        status = auth_status(request.path, request.headers.get("Authorization"), args.api_key, admin)
+        if status != 200:
+            return web.json_response({"error": "Unauthorized"}, status=status)
         return await handler(request)
 
     async def health(_):
@@ -122,7 +154,7 @@ def main() -> None:
         body = await request.json()
         if body.get("action") != "checksum":
             return web.json_response({"success": False, "message": "unsupported action"}, status=400)
-        return web.json_response({"success": True, "per_engine_checksum": [digest] * args.tp_size})
+        return web.json_response(weights_checker_reply(digest, args.tp_size))
 
     async def te_info(request):
         try:

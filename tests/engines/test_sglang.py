@@ -125,18 +125,22 @@ def test_fallback_problems_name_the_silent_fallback():
     assert "TransferEngine validation failed" in te[0]
 
 
-def test_resolved_args_from_log_reads_the_last_server_args_repr():
+def test_resolved_args_from_log_reads_the_last_server_args_dict():
+    """SGLang 0.5.23 logs ``server_args={resolved dict}``; a ``ServerArgs(...)`` repr (raw inputs) is ignored."""
     log = (
-        "INFO boot\n"
-        "server_args=ServerArgs(model_path='/m', load_format='remote_instance', tp_size=2)\n"
+        "[2026-12-01 09:00:00] server_args={'model_path': '/m', 'load_format': 'remote_instance', 'tp_size': 2}\n"
         "WARNING falling back\n"
-        "server_args=ServerArgs(model_path='/m, x', load_format='auto', tp_size=2, "
-        "remote_instance_weight_loader_send_weights_group_ports=[1, 2], enable_memory_saver=False)\n"
+        "[2026-12-01 09:00:01] server_args={'model_path': '/m, x', 'load_format': 'auto', 'tp_size': 2, "
+        "'remote_instance_weight_loader_send_weights_group_ports': [1, 2], 'enable_memory_saver': False}\n"
+        "ServerArgs(model_path='/m', load_format='remote_instance', tp_size=2)\n"
     )
     got = sglang.resolved_args_from_log(log)
     assert got["load_format"] == "auto" and got["model_path"] == "/m, x" and got["tp_size"] == 2
     assert got["remote_instance_weight_loader_send_weights_group_ports"] == [1, 2]
     assert got["enable_memory_saver"] is False
+    # A value that is no Python literal (an object's repr) costs only that value, not the line.
+    odd = "server_args={'load_format': 'auto', 'quant': <Q at 0x1>, 'tp_size': 2}"
+    assert sglang.resolved_args_from_log(odd) == {"load_format": "auto", "quant": "<Q at 0x1>", "tp_size": 2}
 
 
 # ---- supervision against the double (real processes) --------------------------------------------
@@ -157,7 +161,7 @@ async def start(h, model, tmp_path, name, *, assignment=None, seed_backend="tran
         launch = mutate(launch)
     seed_url = f"http://{assignment.seed_ip}:{port}" if assignment else None
     proc, outcome = await sglang.launch_and_supervise(
-        launch, f"http://{ip}:{port}", seed_url, "k", str(tmp_path / f"{name}.log"), timeout_s=60,
+        launch, f"http://{ip}:{port}", seed_url, str(tmp_path / f"{name}.log"), timeout_s=60,
         base_env={**os.environ, **(env or {})},
     )  # fmt: skip
     return ip, port, proc, outcome
@@ -192,7 +196,7 @@ async def test_seed_then_clients_verified_or_caught(tiny_model, tmp_path, h):
                 launch = kw["mutate"](launch)
             env = {**os.environ, **kw.get("env", {})}
             p, o = await sglang.launch_and_supervise(
-                launch, f"http://{ip}:{port}", f"http://{seed_ip}:{port}", "k", str(tmp_path / f"{name}.log"),
+                launch, f"http://{ip}:{port}", f"http://{seed_ip}:{port}", str(tmp_path / f"{name}.log"),
                 timeout_s=60, base_env=env,
             )  # fmt: skip
             procs.append(p)
@@ -210,6 +214,43 @@ async def test_seed_then_clients_verified_or_caught(tiny_model, tmp_path, h):
         assert dropped.state == "failed" and "fell back to loading from disk" in dropped.error
     finally:
         await stop(*procs)
+
+
+@pytest.mark.parametrize(
+    "keys", [("--admin-api-key", "adm"), ("--api-key", "usr"), ("--api-key", "usr", "--admin-api-key", "adm")]
+)
+async def test_supervisor_uses_sglangs_own_key(tiny_model, tmp_path, h, keys):
+    """SGLang guards /server_info, /weights_checker and the TE info with its own keys (ADMIN_OPTIONAL): the
+    supervisor sends the admin key if set, else the API key, and never seedfork's token."""
+    ip = h.loopback_ip()
+    port = h.free_port(ip)
+    base = [sys.executable, str(DOUBLE), "--model-path", str(tiny_model), *keys]
+    launch = sglang.render(base, pod_ip=ip, engine_port=port, bootstrap_port=h.free_port(ip), assignment=None)
+    supervisor = sglang.SGLangSupervisor(launch, f"http://{ip}:{port}", None)
+    assert supervisor.headers == {"Authorization": f"Bearer {keys[-1]}"}
+    proc, out = await sglang.launch_and_supervise(
+        launch, f"http://{ip}:{port}", None, str(tmp_path / "seed.log"), timeout_s=60
+    )
+    try:
+        assert out.state == "verified", out.error
+    finally:
+        await stop(proc)
+
+
+async def test_a_key_the_agent_cannot_see_is_named(tiny_model, tmp_path, h):
+    ip = h.loopback_ip()
+    port = h.free_port(ip)
+    base = [sys.executable, str(DOUBLE), "--model-path", str(tiny_model)]
+    launch = sglang.render(base, pod_ip=ip, engine_port=port, bootstrap_port=h.free_port(ip), assignment=None)
+    proc, out = await sglang.launch_and_supervise(
+        launch, f"http://{ip}:{port}", None, str(tmp_path / "seed.log"), timeout_s=60,
+        base_env={**os.environ, "SGLANG_DOUBLE_CONFIG_ADMIN_KEY": "hidden"},
+    )  # fmt: skip
+    try:
+        assert out.state == "failed"
+        assert "401" in out.error and "--admin-api-key" in out.error and "cannot see" in out.error
+    finally:
+        await stop(proc)
 
 
 def drop_group_ports(launch: sglang.Launch) -> sglang.Launch:

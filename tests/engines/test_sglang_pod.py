@@ -161,5 +161,5 @@ def test_a_layout_sglang_cannot_fork_is_reported_failed(h, procs, api_client, co
     _pod(core, namespace, "dp-0", c.Assignment(attempt=1, source="storage"))
     agent = _run(procs, tiny_model, "dp-0", _env(h, control_plane, namespace, "dp-0", ip, port), "--dp-size", "2")
     report = _wait_report(core, namespace, "dp-0", _final(1), agent, procs)
-    assert report.state == "failed" and "data parallel size 2 > 1" in report.error, report
+    assert report.state == "failed" and "--dp-size 2: data parallel size above 1" in report.error, report
     assert agent.poll() is None  # waits for the next assignment

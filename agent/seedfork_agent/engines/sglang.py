@@ -1,19 +1,11 @@
 """The SGLang adapter: render R-Fork launch flags from the pod contract and supervise the result.
 
-SGLang moves its own bytes (protocols.md §5.1, design 1): the agent picks the flags, and then checks
-that SGLang really did what the flags asked, because SGLang silently falls back to loading from disk
-(§1.3) and has no metadata check of its own. Everything here but ``SGLangSupervisor`` is pure.
-
-Flags (sglang 0.5.23, protocols.md §1.3, §5.2, §5.3):
-
-- client: ``--load-format remote_instance``, ``--remote-instance-weight-loader-backend nccl|transfer_engine``,
-  ``--remote-instance-weight-loader-seed-instance-ip``, ``--remote-instance-weight-loader-seed-instance-service-port``
-  (the seed's HTTP ``--port``), and for NCCL ``--remote-instance-weight-loader-send-weights-group-ports``
-  ``"[p0,...]"`` (one port per TP rank, reserved on the seed);
-- seed serving TransferEngine reads: ``--remote-instance-weight-loader-start-seed-via-transfer-engine``
-  (NCCL needs no seed flag: every SGLang serves the NCCL endpoints);
-- every pod: ``--engine-info-bootstrap-port`` (unique per instance on a node), env ``SGLANG_HOST_IP`` (the TE
-  session id's address), ``NCCL_CUMEM_ENABLE=0``, ``NCCL_NVLS_ENABLE=0``; ``MOONCAKE_PROTOCOL`` when pinned.
+SGLang moves its own bytes: the agent picks the flags, and then checks that SGLang really did what the
+flags asked, because SGLang silently falls back to loading from disk and has no metadata check of its
+own. Everything here but ``SGLangSupervisor`` is pure. The flags, what SGLang resolves them to, and the
+endpoints and keys the supervisor uses are in docs/sglang.md, with the SGLang version they were verified
+against; the `sglang` test tier (tests/sglang/) runs SGLang's own parser, resolution and bootstrap code
+on every command rendered here.
 """
 
 from __future__ import annotations
@@ -27,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from seedfork_api.contract import Assignment
+from seedfork_api.contract import Assignment, sglang_own_ports
+from seedfork_api.sglang_args import data_parallel_problem
 
 Role = Literal["seed", "client"]
 
@@ -39,6 +32,7 @@ SEED_PORT = "remote_instance_weight_loader_seed_instance_service_port"
 GROUP_PORTS = "remote_instance_weight_loader_send_weights_group_ports"
 TE_SEED = "remote_instance_weight_loader_start_seed_via_transfer_engine"
 BOOTSTRAP_PORT = "engine_info_bootstrap_port"
+DIST_INIT_ADDR = "dist_init_addr"
 
 # Flags the adapter owns: a user template that sets them would silently fight the agent.
 OWNED_FLAGS = {
@@ -49,6 +43,8 @@ OWNED_FLAGS = {
     "--remote-instance-weight-loader-backend",
     "--remote-instance-weight-loader-start-seed-via-transfer-engine",
     "--engine-info-bootstrap-port",
+    "--dist-init-addr",
+    "--nccl-init-addr",
 }
 _TP_FLAGS = ("--tp-size", "--tp", "--tensor-parallel-size")
 _PP_FLAGS = ("--pp-size", "--pp", "--pipeline-parallel-size")
@@ -91,7 +87,7 @@ class Layout:
 
 
 def check_layout(layout: Layout, backend: str) -> None:
-    """Refuse what R-Fork cannot serve (protocols.md §5.2 step 1, §5.3 step 3)."""
+    """Refuse what R-Fork cannot serve (docs/sglang.md)."""
     if layout.dp > 1:
         raise LayoutRefused(f"data parallel size {layout.dp} > 1: R-Fork asserts num_dp_ranks == 1")
     if layout.pp > 1 and backend == "transfer_engine":
@@ -127,6 +123,7 @@ def render(
     protocol: str = "auto",
     tp: int | None = None,
     pp: int | None = None,
+    dist_init_port: int | None = None,
 ) -> Launch:
     """The SGLang command for this pod.
 
@@ -134,8 +131,16 @@ def render(
     assignment from a seed, the pod is an R-Fork client; otherwise (storage) it loads from disk and
     becomes a seed, started with the TransferEngine seed flag unless the set's backend is ``nccl``.
     ``tp``/``pp`` from the pod contract must agree with the command's own flags.
+
+    ``dist_init_port`` renders ``--dist-init-addr <pod IP>:<port>``: SGLang's TP workers register their
+    TransferEngine info with the bootstrap server at that address's host, and at 127.0.0.1 without it,
+    where nothing listens because the bootstrap server binds ``--host`` (docs/sglang.md, "TransferEngine
+    seeds").
     """
     argv = list(base_argv)
+    problem = data_parallel_problem(argv)
+    if problem:
+        raise LayoutRefused(problem)
     owned = sorted({a.split("=", 1)[0] for a in argv} & OWNED_FLAGS)
     if owned:
         raise LayoutRefused(f"the engine command sets flags the agent owns: {', '.join(owned)}")
@@ -152,10 +157,13 @@ def render(
         argv += ["--port", str(engine_port)]
     layout = Layout.of(argv)
     env = {"SGLANG_HOST_IP": pod_ip, "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
-    if protocol in ("tcp", "rdma"):
-        env["MOONCAKE_PROTOCOL"] = protocol
+    env |= mooncake_env(protocol)
     argv += ["--engine-info-bootstrap-port", str(bootstrap_port)]
     expected: dict[str, object] = {BOOTSTRAP_PORT: bootstrap_port}
+    if dist_init_port is not None:
+        addr = f"[{pod_ip}]:{dist_init_port}" if ":" in pod_ip else f"{pod_ip}:{dist_init_port}"
+        argv += ["--dist-init-addr", addr]
+        expected[DIST_INIT_ADDR] = addr
 
     if assignment is not None and assignment.source == "seed":
         backend = assignment.backend
@@ -185,7 +193,7 @@ def render(
                 )
             argv += ["--remote-instance-weight-loader-send-weights-group-ports", json.dumps(ports).replace(" ", "")]
             expected[GROUP_PORTS] = ports
-        # A TE-loaded instance does not publish its own TE info in 0.5.23, so it cannot seed (§5.3 step 7).
+        # A TE-loaded instance does not publish its own TE info in 0.5.23, so it cannot seed (docs/sglang.md).
         return Launch(argv, env, "client", backend, expected, can_seed=backend == "nccl", layout=layout)
 
     check_layout(layout, seed_backend if seed_backend != "auto" else "transfer_engine")
@@ -196,6 +204,40 @@ def render(
         expected[TE_SEED] = True
         return Launch(argv, env, "seed", "transfer_engine", expected, can_seed=True, layout=layout)
     return Launch(argv, env, "seed", "nccl", expected, can_seed=True, layout=layout)
+
+
+def sglang_key(argv: Sequence[str], admin: bool = True) -> tuple[str | None, str | None]:
+    """(flag, key) SGLang checks on a route: ``admin`` for its ADMIN_OPTIONAL routes (``/weights_checker``,
+    the TransferEngine info: the admin key if set, else the API key), else for its NORMAL ones
+    (``/server_info``: the API key only), as in SGLang 0.5.23's ``sglang/srt/utils/auth.py``.
+
+    SGLang reads its keys only from its flags, so the engine command is where the agent finds them
+    (Kubernetes expands ``$(VAR)`` in args, e.g. from a Secret).
+    """
+    for flag in ("--admin-api-key", "--api-key") if admin else ("--api-key",):
+        key = flag_value(argv, (flag,))
+        if key:
+            return flag, key
+    return None, None
+
+
+def mooncake_env(protocol: str) -> dict[str, str]:
+    """What SGLang's TransferEngine needs for the set's ``protocol``.
+
+    SGLang passes ``MOONCAKE_PROTOCOL`` (default ``rdma``) to ``TransferEngine.initialize``; Mooncake takes
+    NVLink within a node only with ``MC_INTRANODE_NVLINK=1`` and forces TCP with ``MC_FORCE_TCP=1`` (the
+    same settings the agent's own TransferEngine uses, ``seedfork_agent.te``). ``auto`` leaves SGLang's
+    default.
+    """
+    if protocol == "auto":
+        return {}
+    if protocol == "tcp":
+        return {"MOONCAKE_PROTOCOL": "tcp", "MC_FORCE_TCP": "1"}
+    if protocol == "rdma":
+        return {"MOONCAKE_PROTOCOL": "rdma"}
+    if protocol == "nvlink_intra":
+        return {"MOONCAKE_PROTOCOL": "nvlink_intra", "MC_INTRANODE_NVLINK": "1"}
+    raise LayoutRefused(f"transfer.protocol {protocol!r} is not one SGLang's TransferEngine supports")
 
 
 def fallback_problems(expected: Mapping[str, object], resolved: Mapping[str, object]) -> list[str]:
@@ -220,23 +262,36 @@ def fallback_problems(expected: Mapping[str, object], resolved: Mapping[str, obj
     return problems
 
 
-_SERVER_ARGS = re.compile(r"ServerArgs\((.*)\)\s*$")
-_FIELD = re.compile(r"(\w+)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\[[^\]]*\]|\{[^}]*\}|[^,]*)(?:,\s*|$)")
+_LOG_MARK = "server_args={"
+# One ``'key': value`` pair of the logged dict, for a line that is not a Python literal as a whole.
+_PAIR = re.compile(r"'(\w+)': ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\[[^\]]*\]|[^,{}\[\]]+?)(?=, '|}$)")
 
 
 def resolved_args_from_log(log_text: str) -> dict[str, object]:
-    """The last ``ServerArgs(...)`` repr in a log, as a dict of the simple fields (best effort)."""
+    """SGLang's resolved server args from its log: the last ``server_args={...}`` line.
+
+    SGLang 0.5.23's Engine logs ``server_args=`` followed by ``ServerArgs.resolved_dict()`` once per launch
+    (what ``/server_info`` serves too). ``ServerArgs(...)``, its repr, shows the raw inputs, not what
+    resolution decided, so it is never read.
+    """
     found: dict[str, object] = {}
     for line in log_text.splitlines():
-        m = _SERVER_ARGS.search(line)
-        if not m:
+        at = line.find(_LOG_MARK)
+        if at < 0:
             continue
+        text = line[at + len(_LOG_MARK) - 1 :].strip()
+        try:
+            value = ast.literal_eval(text)
+            found = value if isinstance(value, dict) else {}
+            continue
+        except (ValueError, SyntaxError):
+            pass
         found = {}
-        for fm in _FIELD.finditer(m.group(1)):
+        for m in _PAIR.finditer(text):
             try:
-                found[fm.group(1)] = ast.literal_eval(fm.group(2))
+                found[m.group(1)] = ast.literal_eval(m.group(2))
             except (ValueError, SyntaxError):
-                found[fm.group(1)] = fm.group(2)
+                found[m.group(1)] = m.group(2)
     return found
 
 
@@ -265,14 +320,30 @@ class SGLangSupervisor:
     server-info endpoint is unavailable).
     """
 
-    def __init__(self, launch: Launch, engine_url: str, seed_url: str | None, token: str | None = None) -> None:
+    def __init__(self, launch: Launch, engine_url: str, seed_url: str | None) -> None:
         self.launch = launch
         self.engine_url = engine_url.rstrip("/")
         self.seed_url = seed_url.rstrip("/") if seed_url else None
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # SGLang's own key, never seedfork's token: SGLang checks its keys, and the token must not leak to it.
+        self.key_flag, key = sglang_key(launch.argv)
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.normal_flag, normal_key = sglang_key(launch.argv, admin=False)
+        self.normal_headers = {"Authorization": f"Bearer {normal_key}"} if normal_key else {}
+
+    def _checked(self, r, what: str, flag: str | None = None):
+        flag = self.key_flag if flag is None and what != "server_info" else flag
+        if r.status_code in (401, 403):
+            if flag is None:
+                raise PermissionError(
+                    f"SGLang answered {r.status_code} to {what}: it runs with an API key (--api-key or "
+                    "--admin-api-key) the agent cannot see; give it in the engine command's args (from a Secret: "
+                    "an env var with valueFrom.secretKeyRef, and args: [--admin-api-key, $(VAR)])"
+                )
+            raise PermissionError(f"SGLang answered {r.status_code} to {what} with the key of {flag}")
+        return r
 
     async def _get(self, client, url: str):
-        return await client.get(url, headers=self.headers)
+        return self._checked(await client.get(url, headers=self.headers), url.rsplit("/", 1)[-1])
 
     async def wait_healthy(self, client, timeout_s: float, proc: asyncio.subprocess.Process | None = None) -> None:
         deadline = time.monotonic() + timeout_s
@@ -289,8 +360,11 @@ class SGLangSupervisor:
 
     async def resolved_args(self, client, log_text: str = "") -> dict:
         for path in ("/server_info", "/get_server_info"):
-            try:
-                r = await self._get(client, f"{self.engine_url}{path}")
+            try:  # a NORMAL route: only --api-key guards it
+                r = await client.get(f"{self.engine_url}{path}", headers=self.normal_headers)
+                self._checked(r, "server_info", self.normal_flag)
+            except PermissionError:
+                raise
             except Exception:
                 continue
             if r.status_code == 200:
@@ -298,7 +372,10 @@ class SGLangSupervisor:
         return resolved_args_from_log(log_text)
 
     async def checksum(self, client, url: str) -> dict:
-        r = await client.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=self.headers)
+        r = self._checked(
+            await client.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=self.headers),
+            f"{url}/weights_checker",
+        )
         r.raise_for_status()
         return r.json()
 
@@ -371,7 +448,6 @@ async def launch_and_supervise(
     launch: Launch,
     engine_url: str,
     seed_url: str | None,
-    token: str | None,
     log_path: str,
     timeout_s: float = 600.0,
     base_env: Mapping[str, str] | None = None,
@@ -382,23 +458,27 @@ async def launch_and_supervise(
     restarts it with a new assignment (another seed, or storage).
     """
     proc = await start(launch, log_path, base_env)
-    outcome = await SGLangSupervisor(launch, engine_url, seed_url, token).supervise(
+    outcome = await SGLangSupervisor(launch, engine_url, seed_url).supervise(
         timeout_s, log_reader(log_path), proc
     )
     return proc, outcome
 
 
-def render_for_pod(base_argv: Sequence[str], env, assignment: Assignment | None, bootstrap_port: int = 6789) -> Launch:
+def render_for_pod(
+    base_argv: Sequence[str], env, assignment: Assignment | None, bootstrap_port: int | None = None
+) -> Launch:
     """``render`` with everything the pod contract (``seedfork_api.contract.PodEnv``) already says.
 
-    The bootstrap port defaults to SGLang's 6789: each pod has its own network namespace; set it
-    explicitly when several instances share one (host networking).
+    SGLang's own listeners, the dist-init store and the engine-info bootstrap server, take the two ports
+    at the top of the set's range (``sglang_own_ports``), which the operator never hands out as group ports.
     """
+    dist_init_port, own_bootstrap = sglang_own_ports(env.port_range)
     return render(
         base_argv,
         pod_ip=env.pod_ip,
         engine_port=env.engine_port,
-        bootstrap_port=bootstrap_port,
+        bootstrap_port=own_bootstrap if bootstrap_port is None else bootstrap_port,
+        dist_init_port=dist_init_port,
         assignment=assignment,
         seed_backend=env.backend,
         protocol=env.protocol,
@@ -445,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "--assignment-file",
         help="a downward-API file holding that annotation; waits (up to --timeout) until the operator wrote it",
     )
-    ap.add_argument("--bootstrap-port", type=int, default=6789)
+    ap.add_argument("--bootstrap-port", type=int, default=None, help="default: from the set's port range")
     ap.add_argument("--log", default="sglang.log")
     ap.add_argument("--timeout", type=float, default=None, help="seconds (default: the contract's timeout)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -470,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> int:
         proc, outcome = await launch_and_supervise(
-            launch, f"http://{env.pod_ip}:{env.engine_port}", seed_url, env.token, args.log,
+            launch, f"http://{env.pod_ip}:{env.engine_port}", seed_url, args.log,
             args.timeout or env.timeout_seconds,
         )  # fmt: skip
         # SGLang runs in its own session: pass the pod's stop signal on, so it never outlives us.

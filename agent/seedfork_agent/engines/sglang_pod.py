@@ -91,7 +91,7 @@ class SGLangPod(PodLoop):
         except OSError as e:  # the command does not exist in this image
             self._fail(f"could not start SGLang: {e}")
             return
-        supervisor = SGLangSupervisor(launch, f"http://{self.env.pod_ip}:{port}", seed_url, self.env.token)
+        supervisor = SGLangSupervisor(launch, f"http://{self.env.pod_ip}:{port}", seed_url)
         timeout_s = self.env.timeout_seconds if seed else max(self.env.timeout_seconds, _STORAGE_TIMEOUT_S)
         outcome = await supervisor.supervise(timeout_s, sglang.log_reader(str(log_path)), self.proc)
         if outcome.state != "verified":

@@ -1,0 +1,283 @@
+"""Runs SGLang's own code for the `sglang` test tier; started by ``tier.run`` with SGLang's folder on the path.
+
+    python helper.py OP < request.json > answer.json
+
+It imports SGLang (the version of tests/sglang/requirements.txt) and never seedfork: the tests compare what
+SGLang did with what the agent expected. Every answer is one JSON object on the last line of stdout.
+
+- ``resolve``: ``{"argvs": [[...], ...]}``. Each argv (the arguments after ``-m sglang.launch_server``) goes
+  through SGLang's parser and resolution (``prepare_server_args``, ``resolve_once``), as ``sglang serve`` does.
+  Answer per argv: ``ok``, ``error`` (the parser's message for an unknown flag), ``resolved``
+  (``ServerArgs.resolved_dict()``, what ``/server_info`` serves) and ``log_line`` (what ``Engine`` logs).
+- ``bootstrap``: ``{"argv": [...], "tp": N}``. Starts SGLang's ``EngineInfoBootstrapServer`` the way
+  ``Engine`` does, then runs each TP worker's ``RemoteInstanceWeightTransporter`` (TransferEngine init, memory
+  registration, registration with the bootstrap server) over a small CPU model, then asks the bootstrap
+  server for each rank at the URL the HTTP server's ``/remote_instance_transfer_engine_info`` proxies to.
+- ``models``: the fields of io_struct's R-Fork request models, SGLang's HTTP routes with their auth levels
+  (read from http_server.py's source: importing it needs GPU-only packages) and the bootstrap server's routes.
+- ``auth``: ``{"cases": [{"api_key", "admin_api_key", "authorization"}]}``: SGLang's own auth decision for an
+  ADMIN_OPTIONAL route (``sglang.srt.utils.auth``), as the status it would answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sys
+
+
+def _resolve_one(argv: list[str]) -> dict:
+    from sglang.srt.sampling.watermarking.core import redact_watermark_secrets
+    from sglang.srt.server_args import prepare_server_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = prepare_server_args(list(argv))
+    except SystemExit:
+        return {"ok": False, "error": err.getvalue().strip().splitlines()[-1]}
+    try:
+        args.resolve_once()
+    except Exception as e:
+        return {"ok": False, "error": f"resolution failed: {type(e).__name__}: {e}"}
+    resolved = args.resolved_dict()
+    # sglang/srt/entrypoints/engine.py logs exactly this (its _server_args_for_logging), once per launch.
+    log_line = f"server_args={redact_watermark_secrets(resolved)}"
+    return {"ok": True, "resolved": json.loads(json.dumps(resolved, default=str)), "log_line": log_line}
+
+
+def resolve(req: dict) -> dict:
+    return {"results": [_resolve_one(argv) for argv in req["argvs"]]}
+
+
+def bootstrap(req: dict) -> dict:
+    import requests
+    import torch
+    from sglang.srt.entrypoints.engine_info_bootstrap_server import EngineInfoBootstrapServer
+    from sglang.srt.model_executor.model_runner_components.remote_instance_weight_transporter import (
+        RemoteInstanceWeightTransporter,
+    )
+    from sglang.srt.runtime_context import SpawnRanks, get_model, get_parallel, get_serving, publish, spawn_world_rank
+    from sglang.srt.server_args import prepare_server_args
+
+    argv, tp = req["argv"], int(req["tp"])
+    launcher = prepare_server_args(list(argv))
+    publish(launcher, role="tokenizer")
+    # sglang/srt/entrypoints/engine.py: the server starts only for a TE seed on node rank 0, on --host.
+    server = None
+    if get_model().remote_instance_weight_loader_start_seed_via_transfer_engine and get_parallel().node_rank == 0:
+        server = EngineInfoBootstrapServer(host=get_serving().host, port=get_model().engine_info_bootstrap_port)
+    url = launcher.engine_info_bootstrap_url  # what /remote_instance_transfer_engine_info proxies to
+    if server is not None:
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    logging.getLogger("sglang").addHandler(handler)
+    models = []
+    for rank in range(tp):
+        worker = prepare_server_args(list(argv))  # each TP worker gets its own copy, as over a pickle
+        publish(
+            worker,
+            role="scheduler",
+            ranks=SpawnRanks(world_rank=spawn_world_rank(worker, tp_rank=rank, pp_rank=0), gpu_id=rank),
+        )
+        torch.manual_seed(rank)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        models.append(model)
+        transporter = RemoteInstanceWeightTransporter(get_model=lambda m=model: m, gpu_id=rank)
+        transporter.init_engine()
+        transporter.maybe_register_and_publish_weight_info()
+        models.append(transporter)  # keep the engine (and its registration) alive
+    served = []
+    for rank in range(tp):
+        try:
+            r = requests.get(f"{url}/get_transfer_engine_info", params={"rank": rank}, timeout=5)
+            served.append({"rank": rank, "status": r.status_code, "body": r.json()})
+        except Exception as e:
+            served.append({"rank": rank, "status": None, "error": f"{type(e).__name__}: {e}"})
+    if server is not None:
+        server.close()
+    return {"bootstrap_url": url, "server_started": server is not None, "served": served, "log": logs.getvalue()}
+
+
+def _fields(cls) -> dict:
+    """A msgspec Struct's fields: name -> whether the field is required."""
+    import msgspec
+
+    return {
+        f.name: f.required for f in msgspec.structs.fields(cls) if not f.name.startswith("_") and f.name != "rid"
+    }
+
+
+def _reply_keys(func) -> list[str]:
+    """The keys of the JSON body a handler builds: ``body = {...}`` and ``body["k"] = ...``."""
+    import ast
+
+    keys = []
+    for node in ast.walk(func):
+        if not isinstance(node, ast.Assign):
+            continue
+        for t in node.targets:
+            if getattr(t, "id", None) == "body" and isinstance(node.value, ast.Dict):
+                keys += [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+            elif isinstance(t, ast.Subscript) and getattr(t.value, "id", None) == "body":
+                keys += [t.slice.value] if isinstance(t.slice, ast.Constant) else []
+    return keys
+
+
+def _routes(source: str) -> list[dict]:
+    """``@app.get/post/put/api_route(path)`` handlers of a module's source, with ``@auth_level(...)``."""
+    import ast
+
+    routes = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        calls = [d for d in node.decorator_list if isinstance(d, ast.Call)]
+        auth = next((ast.unparse(d.args[0]) for d in calls if getattr(d.func, "id", None) == "auth_level"), None)
+        for d in calls:
+            func = d.func
+            is_app = isinstance(func, ast.Attribute) and getattr(func.value, "id", None) == "app"
+            if not (is_app and d.args and isinstance(d.args[0], ast.Constant)):
+                continue
+            methods = [func.attr.upper()]
+            if func.attr == "api_route":
+                kw = {k.arg: k.value for k in d.keywords}
+                methods = [e.value for e in kw["methods"].elts] if "methods" in kw else ["GET"]
+            for method in methods:
+                routes.append(
+                    {"method": method, "path": d.args[0].value, "auth": auth, "reply_keys": _reply_keys(node)}
+                )
+    return routes
+
+
+def models(_req: dict) -> dict:
+    """io_struct's R-Fork request models (field -> default) and the HTTP routes of SGLang's servers.
+
+    The routes come from the modules' source: importing http_server needs GPU-only packages."""
+    import importlib.util
+    from pathlib import Path
+
+    from sglang.srt.managers import io_struct
+
+    names = ["InitWeightsSendGroupForRemoteInstanceReqInput", "SendWeightsToRemoteInstanceReqInput"]
+    names += ["CheckWeightsReqInput", "InitWeightsSendGroupForRemoteInstanceReqOutput"]
+    names += ["SendWeightsToRemoteInstanceReqOutput"]
+    fields = {n: _fields(getattr(io_struct, n)) for n in names}
+
+    def source(module: str) -> str:
+        return Path(importlib.util.find_spec(module).origin).read_text()
+
+    return {
+        "models": fields,
+        "routes": _routes(source("sglang.srt.entrypoints.http_server")),
+        "bootstrap_routes": _routes(source("sglang.srt.entrypoints.engine_info_bootstrap_server")),
+    }
+
+
+def options(_req: dict) -> dict:
+    """Every option string of SGLang's parser, and which field (dest) each sets."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return {"options": {o: a.dest for a in parser._actions for o in a.option_strings}}
+
+
+def check(req: dict) -> dict:
+    """Build each ``{"model", "body"}`` as io_struct's model: unknown or missing fields, or a value of the wrong
+    plain type, are an error. (The models are array-like msgspec Structs, built from JSON objects by name.)"""
+    import msgspec
+    from sglang.srt.managers import io_struct
+
+    out = []
+    for case in req["cases"]:
+        cls, body = getattr(io_struct, case["model"]), case["body"]
+        try:
+            cls(**body)
+            for f in msgspec.structs.fields(cls):
+                if f.name in body and f.type in (str, int, bool, float) and not isinstance(body[f.name], f.type):
+                    raise TypeError(f"{f.name}: expected {f.type.__name__}, got {type(body[f.name]).__name__}")
+            out.append(None)
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return {"errors": out}
+
+
+def auth(req: dict) -> dict:
+    """SGLang's own auth decision (utils/auth.decide_request_auth) per case, as the status it answers."""
+    from sglang.srt.utils.auth import AuthLevel, decide_request_auth
+
+    out = []
+    for case in req["cases"]:
+        d = decide_request_auth(
+            method=case["method"], path=case["path"], authorization_header=case.get("authorization"),
+            api_key=case.get("api_key"), admin_api_key=case.get("admin_api_key"),
+            auth_level=AuthLevel(case.get("level", "admin_optional")),
+        )  # fmt: skip
+        out.append(200 if d.allowed else d.error_status_code)
+    return {"statuses": out}
+
+
+def stock_client(req: dict) -> dict:
+    """SGLang's own NCCL client, as a TP rank 0 runs it (over gloo on a CPU): the init request in a thread
+    (load_model_utils.maybe_trigger_remote_instance_nccl_send_group), then the group join
+    (connector/remote_instance.build_group's init_custom_process_group, with SGLang's default timeout)."""
+    import threading
+    import time
+
+    from sglang.srt.model_loader.remote_instance_weight_loader_utils import (
+        trigger_init_weights_send_group_for_remote_instance_request,
+    )
+    from sglang.srt.utils.common import init_custom_process_group
+
+    seed_ip, seed_port, ports, client_ip = req["seed_ip"], req["seed_port"], req["ports"], req["client_ip"]
+    thread = threading.Thread(
+        target=trigger_init_weights_send_group_for_remote_instance_request,
+        args=(seed_ip, seed_port, ports, client_ip),
+    )
+    started = time.monotonic()
+    thread.start()
+    try:
+        init_custom_process_group(
+            backend="gloo",
+            init_method=f"tcp://{seed_ip}:{ports[0]}",
+            world_size=2,
+            rank=1,
+            group_name=f"send_weights_{client_ip}_{ports[0]}_0",
+        )
+        outcome = "joined"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    thread.join(timeout=30)
+    return {"outcome": outcome, "seconds": time.monotonic() - started}
+
+
+OPS = {
+    "stock_client": stock_client,
+    "resolve": resolve,
+    "bootstrap": bootstrap,
+    "models": models,
+    "check": check,
+    "options": options,
+    "auth": auth,
+}
+
+
+def main() -> None:
+    op = sys.argv[1]
+    req = json.loads(sys.stdin.read() or "{}")
+    answer = OPS[op](req)
+    sys.stdout.write("\n" + json.dumps(answer, default=str) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
