@@ -38,6 +38,10 @@ ANN_TIMING = f"{GROUP}/timing"  # JSON of phase timestamps, written by the agent
 # ---- readiness gate -----------------------------------------------------
 READINESS_GATE = f"{GROUP}/weights-ready"
 
+# ---- failures the operator acts on (an AgentReport's error starts with one) -----
+ERR_CHECKSUM_MISMATCH = "checksum mismatch"  # a client's pulled bytes differ from the seed's manifest
+ERR_SELF_CHECK_FAILED = "self-check failed"  # a seed's own store no longer matches its manifest
+
 # ---- token Secret -------------------------------------------------------
 TOKEN_SECRET_KEY = "token"
 
@@ -161,6 +165,15 @@ class AgentReport(_Model):
     serving: bool = Field(default=False, description="True once this pod serves weights to others.")
     active_clients: int = Field(default=0, alias="activeClients", description="Transfers this pod serves now.")
     fingerprint: str | None = None
+    digest: str | None = Field(
+        default=None,
+        description="Manifest digest of the weights this pod verified; a set serves one digest (status.weightsDigest).",
+    )
+    self_checks: int = Field(
+        default=0,
+        alias="selfChecks",
+        description="Re-checks of the store against its own manifest done after a client saw a checksum mismatch.",
+    )
     updated_at: float = Field(default_factory=time.time, alias="updatedAt")
 
     @classmethod

@@ -31,6 +31,7 @@ _EXTRA: dict[type[BaseModel], dict[str, Any]] = {
     api.PortRange: {"x-kubernetes-validations": api.PORT_RANGE_RULES},
     api.ModelIdentity: {"x-kubernetes-validations": api.MODEL_RULES},
     api.EngineSpec: {"x-kubernetes-validations": api.ENGINE_RULES},
+    api.TransferSpec: {"x-kubernetes-validations": api.TRANSFER_RULES},
 }
 _CONDITIONS = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"], "maxItems": 16}
 _DROP = {"title", "additionalProperties", "$defs"}
@@ -89,6 +90,10 @@ def _add_model_details(model: type[BaseModel], out: dict[str, Any]) -> None:
     for name, field in model.model_fields.items():
         prop = out["properties"].get(field.alias or name)
         if prop is None:
+            continue
+        if name in getattr(model, "ADMISSION_REQUIRED", ()):  # the apiserver must not invent this value
+            prop.pop("default", None)
+            out["required"] = [field.alias or name, *out.get("required", [])]
             continue
         if name in cluster_defaulted:  # left unset at admission: the operator resolves it (spec.resolve_transfer)
             builtin = field.get_default(call_default_factory=True)
@@ -175,6 +180,7 @@ def crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
+                            "x-kubernetes-validations": api.ROOT_RULES,
                             "description": "A set of inference replicas of one model that scale out "
                             "by pulling verified weights from replicas already serving.",
                             "required": ["spec"],

@@ -243,6 +243,30 @@ SPEC_RULES = [
         "model.uri is required for engine reference (the first replica loads the weights from it)",
         ".model.uri",
     ),
+    cel(
+        "self.engine.kind != 'reference' || (self.engine.parallelism.tp == 1 && self.engine.parallelism.pp == 1)",
+        "engine.parallelism tp and pp must be 1 for engine reference (its agent serves one rank)",
+        ".engine.parallelism",
+    ),
+]
+
+# The set's name is the value of the seedfork.io/set label on its pods and Secret, and labels hold 63 characters.
+MAX_SET_NAME = 63
+ROOT_RULES = [
+    cel(
+        f"size(self.metadata.name) <= {MAX_SET_NAME}",
+        f"metadata.name must be at most {MAX_SET_NAME} characters: it is the value of the seedfork.io/set label",
+    ),
+    # One set, one digest: other bytes behind the same identity would mix two models in one set. Until the
+    # first load is verified the URI may still change (a typo in it is fixed in place).
+    cel(
+        "!has(oldSelf.status) || !has(oldSelf.status.weightsDigest) || oldSelf.status.weightsDigest == '' || "
+        "(has(self.spec.model.uri) == has(oldSelf.spec.model.uri) && "
+        "(!has(self.spec.model.uri) || self.spec.model.uri == oldSelf.spec.model.uri))",
+        "spec.model.uri is immutable once the set has verified weights (status.weightsDigest); "
+        "create a new ModelReplicaSet to serve other weights",
+        ".spec.model.uri",
+    ),
 ]
 
 PORT_RANGE_RULES = [cel("self.end >= self.start", "ports.end must not be below ports.start")]
@@ -258,11 +282,24 @@ ENGINE_RULES = [
     cel(
         "self.kind == oldSelf.kind && self.version == oldSelf.version && self.parallelism == oldSelf.parallelism",
         "engine kind, version and parallelism are immutable; create a new ModelReplicaSet to change them",
+    ),
+    # Pods keep the port they started with (an env var), and new pods would reach existing seeds on the new one.
+    cel("self.port == oldSelf.port", "engine.port is immutable: running pods keep the port they started with"),
+]
+TRANSFER_RULES = [
+    cel(
+        "self.agentPort == oldSelf.agentPort",
+        "transfer.agentPort is immutable: running seeds keep the port they started with",
     )
 ]
 
 
 class ModelReplicaSetSpec(ApiModel):
+    # Required at admission, with no admission default: a null (``kubectl apply`` of ``replicas:``, a merge patch
+    # with null) is pruned, and a default would then scale a set of 8 silently to 1. The model keeps its default
+    # for code that builds specs.
+    ADMISSION_REQUIRED: ClassVar[tuple[str, ...]] = ("replicas",)
+
     replicas: int = Field(default=1, ge=0, le=10000, description="Desired number of replicas.")
     model: ModelIdentity
     engine: EngineSpec
@@ -325,6 +362,7 @@ class ModelReplicaSetStatus(ApiModel):
     transfers: TransferCounts = Field(default_factory=TransferCounts)
     selector: str = ""
     fingerprint: str = ""
+    weights_digest: str = ""  # manifest digest of the first verified load; every pod must verify this one
     token_secret: str = ""
     observed_generation: int = 0
     conditions: list[Condition] = Field(default_factory=list)

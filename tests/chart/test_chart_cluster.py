@@ -69,7 +69,11 @@ def _mrs(name: str) -> dict:
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
         "metadata": {"name": name},
-        "spec": {"model": {"name": "seedfork/tiny", "uri": "/models/tiny"}, "engine": {"kind": "reference"}},
+        "spec": {
+            "replicas": 1,
+            "model": {"name": "seedfork/tiny", "uri": "/models/tiny"},
+            "engine": {"kind": "reference"},
+        },
     }
 
 

@@ -67,6 +67,9 @@ def crd_reference() -> str:
         f"Short name `{names['shortNames'][0]}`; subresources: status, scale (`.spec.replicas`, "
         "`.status.replicas`, selector `.status.selector`).",
     ]
+    root_rules = [f"- {rule['message']}" for rule in root.get("x-kubernetes-validations", [])]
+    if root_rules:
+        out += ["", "Rules checked at admission (CEL) on the whole object:", "", *root_rules]
     for part in ("spec", "status"):
         rows: list[str] = []
         rules: list[str] = []

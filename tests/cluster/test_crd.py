@@ -20,6 +20,7 @@ def valid_body(name: str = "llama") -> dict:
         "kind": api.KIND,
         "metadata": {"name": name},
         "spec": {
+            "replicas": 1,
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "uri": "/models/llama"},
             "engine": {"kind": "reference"},
         },

@@ -79,6 +79,7 @@ def test_pod_the_apiserver_rejects_degrades_with_its_message(operator, nodes, se
         "kind": api.KIND,
         "metadata": {"name": "rejected"},
         "spec": {
+            "replicas": 1,
             "model": {"name": "m", "uri": "/m"},
             "engine": {"kind": "reference"},
             "template": {"spec": {"containers": [{"name": "Not_A_DNS_Label", "image": "x"}]}},
@@ -111,6 +112,7 @@ def test_console_script_runs_the_operator_as_a_process(crd, nodes, sets, wait, n
 
 def test_a_policy_the_engine_cannot_run_degrades_the_set_with_the_reason(operator, nodes, sets, wait):
     spec = {
+        "replicas": 1,
         "model": {"name": "test/tiny-llama"},
         "engine": {"kind": "sglang", "parallelism": {"tp": 1, "pp": 2}},
         "transfer": {"backend": "auto"},  # auto resolves to TransferEngine: SGLang cannot with pp 2
