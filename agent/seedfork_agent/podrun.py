@@ -54,9 +54,12 @@ class PodAgent(PodLoop):
             bytesDone=p.bytes_done,
             bytesTotal=p.bytes_total,
             error=p.error,
-            serving=self.agent.server.serving,
+            # A seed re-checking its store after a client's checksum mismatch is not offered as a seed meanwhile.
+            serving=self.agent.server.serving and not self.agent.server.checking,
             activeClients=self.agent.server.active_clients,
             fingerprint=self.env.fingerprint,
+            digest=store.manifest.digest if (store := self.agent.server.store) is not None else None,
+            selfChecks=self.agent.server.self_checks,
         )
 
     def current_timing(self) -> PodTiming | None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import httpx
 import torch
 
+from seedfork_api.contract import ERR_CHECKSUM_MISMATCH
+
 from . import groups
 from .store import ALIGN, Manifest, WeightStore, resolve_device
 from .te import TransferEngineHandle
@@ -140,7 +142,11 @@ def pull(
             bad = store.verify(manifest)
             phase("verify_s")
             if bad:
-                raise PullError(f"checksum mismatch in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}")
+                if seed_is_agent:
+                    _ask_selfcheck(http)  # the seed's store may be what is wrong: it re-checks and stops if so
+                raise PullError(
+                    f"{ERR_CHECKSUM_MISMATCH} in {len(bad)} of {len(manifest.tensors)} tensors, first {bad[0]}"
+                )
             return store
         except BaseException as e:
             if store is not None:
@@ -368,6 +374,14 @@ def _coalesce(local: list[int], remote: list[int], lengths: list[int]) -> tuple[
             out_remote.append(re)
             out_len.append(n)
     return out_local, out_remote, out_len
+
+
+def _ask_selfcheck(http: httpx.Client) -> None:
+    """Best effort: the pull goes on to another seed whatever the answer."""
+    try:
+        http.post("/v1/selfcheck", timeout=5)
+    except httpx.HTTPError as e:
+        log.warning("could not ask the seed to check its store: %s", e)
 
 
 def _announce(http: httpx.Client, req: PullRequest, event: str, nbytes: int = 0) -> None:

@@ -1,7 +1,7 @@
 """The agent's HTTP API (aiohttp), bound to the pod IP.
 
 Open: ``/healthz``, ``/readyz``, ``/v1/progress``, ``/metrics`` (no weight data).
-Bearer token: ``/v1/manifest``, ``/v1/attach``, ``/v1/transfers`` and SGLang's
+Bearer token: ``/v1/manifest``, ``/v1/attach``, ``/v1/transfers``, ``/v1/selfcheck`` and SGLang's
 R-Fork endpoints, spoken with SGLang's paths, bodies and responses for seedfork's
 own clients. Stock SGLang clients are refused (no token, and SGLang's parameter
 layout differs from the checkpoint's): docs/sglang.md, "Stock SGLang".
@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 from . import groups, refusal
 from .engines.gate import EngineGate, RankReport
@@ -159,6 +161,8 @@ class AgentServer:
         # engine before this agent serves it to anyone, and the gate collects the engine's proof of its load.
         self.offered: WeightStore | None = None
         self.gate: EngineGate | None = None
+        self.checking = False  # re-checking the store against its manifest (a client saw a checksum mismatch)
+        self.self_checks = 0
 
     # ---- lifecycle --------------------------------------------------------
     def app(self) -> web.Application:
@@ -173,6 +177,7 @@ class AgentServer:
         app.router.add_get("/v1/engine", self.engine_view)
         app.router.add_post("/v1/engine/report", self.engine_report)
         app.router.add_post("/v1/engine/failed", self.engine_failed)
+        app.router.add_post("/v1/selfcheck", self.selfcheck)
         app.router.add_post("/init_weights_send_group_for_remote_instance", self.init_send_group)
         app.router.add_post("/send_weights_to_remote_instance", self.send_weights)
         app.router.add_get("/remote_instance_transfer_engine_info", self.te_info)
@@ -447,6 +452,45 @@ class AgentServer:
             return
         self._te_pending = 0
         self.te.unregister(self.store.buffer.data_ptr())
+
+    async def selfcheck(self, request: web.Request) -> web.Response:
+        """A client's pull failed its checksums: check this store against its own manifest, once at a time.
+
+        Until the check ends the pod's report says ``serving: false`` (the operator chooses no new clients for
+        it); a store that fails stops serving for good and the operator replaces the pod.
+        """
+        self._require_token(request)
+        if not self.serving:
+            return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
+        if not self.checking:
+            self.checking = True
+            self._spawn(self._selfcheck(self.store))
+            self._notify()
+        return web.json_response({"checking": True}, status=202)
+
+    async def _selfcheck(self, store: WeightStore) -> None:
+        try:
+            started = time.monotonic()
+            bad = await asyncio.to_thread(store.verify, store.manifest)
+            self.metrics.checksum_seconds.observe(time.monotonic() - started)
+        except Exception as e:  # a store that cannot be checked is not trusted either
+            bad = [f"({type(e).__name__}: {e})"]
+        finally:
+            self.checking = False
+        self.self_checks += 1
+        if bad and self.store is store:
+            total = len(store.manifest.tensors)
+            reason = f"{ERR_SELF_CHECK_FAILED}: {len(bad)} of {total} tensors differ, first {bad[0]}"
+            log.error("%s; no longer serving", reason)
+            self.progress.state, self.progress.error, self.progress.finished_at = "failed", reason, time.time()
+            self.metrics.serving.set(0)
+        else:
+            log.info("self-check passed after a client's checksum mismatch")
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change:
+            self.on_change()
 
     # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:

@@ -255,6 +255,7 @@ class PodTracker:
         self.pods: dict[str, dict[str, Any]] = {}
         self.times: dict[str, dict[str, float]] = {}
         self.deleted: dict[str, float] = {}
+        self.uids: dict[str, str] = {}  # the operator reuses a slot's name for the pod that replaces it
         self.history: dict[str, list[tuple[float, str, int]]] = {}  # (time, report state, attempt) changes
         # Every time a pod was seen Ready without verified weights: must stay empty.
         self.violations: list[str] = []
@@ -324,7 +325,12 @@ class PodTracker:
         now = time.time()
         name = pod["metadata"]["name"]
         row = PodRow.from_pod(pod)
+        uid = pod["metadata"].get("uid", "")
         with self._lock:
+            if self.uids.setdefault(name, uid) != uid:  # a successor under the same name starts a new record
+                self.uids[name] = uid
+                self.times.pop(name, None)
+                self.history.pop(name, None)
             self.pods[name] = pod
             self._mark(name, "created", now)
             if row.node:

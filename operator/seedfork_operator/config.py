@@ -21,6 +21,9 @@ class OperatorConfig:
     metrics_port: int = 8080  # 0 disables the endpoint
     metrics_addr: str = "0.0.0.0"
     transfer_defaults: TransferSpec | None = None  # the cluster's transfer policy for fields a set leaves unset
+    api_timeout: float = 30.0  # seconds any one API request may take (a frozen apiserver must not stall a pass)
+    storage_backoff: float = 5.0  # first wait after a failed storage load, doubled per failure in a row
+    storage_backoff_cap: float = 300.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:

@@ -48,12 +48,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # Events are posted explicitly, not from every log line
     settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90  # a watch the apiserver stopped answering is reopened
     if getattr(memo, "config", None) is None:
         memo.config = OperatorConfig.from_env()
+    settings.networking.request_timeout = memo.config.api_timeout
     memo.wakeups = {}
     # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="seedfork-api"))
-    memo.kube = await asyncio.to_thread(Kube.from_environment)
+    memo.kube = await asyncio.to_thread(Kube.from_environment, memo.config.api_timeout)
     metrics.serve(memo.config.metrics_port, memo.config.metrics_addr)
     logger.info("seedfork operator configured: %s", memo.config)
 

@@ -35,7 +35,7 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -243,13 +243,20 @@ def plan(
     pods: list[PodView],
     nodes: NodeLabels,
     now: float,
-    new_name: Callable[[], str],
+    new_name: Callable[[], str | None],
     template_node: str | None = None,
     estimates: fanout.Estimates | None = None,
     rule: Rule = "expected",
+    replace: Mapping[str, str] | None = None,
+    avoid: Collection[str] = (),
 ) -> Plan:
-    """``estimates``: the set's transfer and storage-load times (default: measured from the pods' timing)."""
+    """``estimates``: the set's transfer and storage-load times (default: measured from the pods' timing).
+
+    ``replace``: pods whose weights the set cannot trust (``trust.judge``), deleted and replaced with the reason;
+    ``avoid``: pods not to choose as seeds now. ``new_name`` returns None when no pod name is free (the pod is
+    then created on a later pass)."""
     out = Plan()
+    replace = replace or {}
     live = [p for p in pods if not p.deleting]
     by_name = {p.name: p for p in live}
     clients = active_clients(spec, live, now)
@@ -262,13 +269,18 @@ def plan(
             victims.add(pod.name)
             out.delete.append((pod.name, "scale down"))
     survivors = [p for p in live if p.name not in victims]
-    gone = {p.name for p in pods if p.deleting} | victims
+    gone = {p.name for p in pods if p.deleting} | victims | set(replace)
+    unchosen = gone | set(avoid)  # never a seed for a new assignment; avoided seeds keep their current clients
 
     # 2. per pod: verified → gate; failed / timed out / seed gone → retry, fall back or replace
     needs: list[_Need] = []
     replaced = 0
     for pod in survivors:
         a = pod.assignment
+        if pod.name in replace:
+            out.delete.append((pod.name, replace[pod.name]))
+            replaced += 1
+            continue
         if a is None:
             needs.append(_Need(pod.name, pod.node, 1, [], "initial"))
             continue
@@ -292,7 +304,8 @@ def plan(
         elif a.source == "seed" and (a.seed_pod in gone or a.seed_pod not in by_name):
             reason = f"seed {a.seed_pod} went away"
         if reason is None:
-            upgrade = _locality_upgrade(spec, fingerprint, pod, live, nodes, clients, now)
+            candidates = [p for p in live if p.name not in unchosen]
+            upgrade = _locality_upgrade(spec, fingerprint, pod, candidates, nodes, clients, now)
             if upgrade:
                 needs.append(_Need(pod.name, pod.node, a.attempt + 1, list(a.excluded_seeds), "locality"))
             continue
@@ -318,14 +331,16 @@ def plan(
 
     # 3. scale up (replacing pods deleted above, too)
     missing = spec.replicas - (len(survivors) - replaced)
-    needs += [_Need(new_name(), template_node, 1, [], "initial", new=True) for _ in range(max(missing, 0))]
+    names = [name for name in (new_name() for _ in range(max(missing, 0))) if name]
+    needs += [_Need(name, template_node, 1, [], "initial", new=True) for name in names]
 
     # 4. seeds for everyone who needs one, in one pass so cohorts can form
-    def replacement() -> _Need:
-        return _Need(new_name(), template_node, 1, [], "initial", new=True)
+    def replacement() -> _Need | None:
+        name = new_name()
+        return _Need(name, template_node, 1, [], "initial", new=True) if name else None
 
     if rule == "legacy":
-        _assign(spec, fingerprint, needs, live, gone, nodes, clients, now, out, replacement, client_limit(spec))
+        _assign(spec, fingerprint, needs, live, unchosen, nodes, clients, now, out, replacement, client_limit(spec))
         return out
     est = out.estimates = estimates or fanout.measure(live)
     # Locality moves first (a closer slot is free for them), then the longest-waiting pods, then the rest.
@@ -335,7 +350,9 @@ def plan(
     waiting: list[_Need] = []
     for n in needs:
         (waiting if n.storage_only else to_seed).append(n)
-    _assign(spec, fingerprint, to_seed, live, gone, nodes, clients, now, out, replacement, seed_capacity(spec), waiting)
+    _assign(
+        spec, fingerprint, to_seed, live, unchosen, nodes, clients, now, out, replacement, seed_capacity(spec), waiting
+    )
     _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
     return out
 
@@ -354,7 +371,7 @@ def _wait_or_storage(
     gone: set[str],
     now: float,
     out: Plan,
-    replacement: Callable[[], _Need],
+    replacement: Callable[[], _Need | None],
 ) -> None:
     """No seed slot is free for these pods: queue each for the slot (seed or storage) expected to verify it
     first, or load it from storage now. In need order, so the forecast books slots first come, first served."""
@@ -421,7 +438,9 @@ def _wait_or_storage(
             continue
         if late or seed_eta == float("inf"):  # no seed to come, and storage is not allowed
             out.delete.append((need.pod, "no seed to retry on and fallback is fail"))
-            order.append(replacement())
+            successor = replacement()
+            if successor is not None:
+                order.append(successor)
             continue
         forecast.take_seed()
         _queue(spec, need, now, storage_eta, out)
@@ -488,7 +507,7 @@ def _assign(
     clients: Mapping[str, list[PodView]],
     now: float,
     out: Plan,
-    replacement: Callable[[], _Need],
+    replacement: Callable[[], _Need | None],
     limit: int,
     leftover: list[_Need] | None = None,
 ) -> None:
@@ -552,7 +571,9 @@ def _assign(
             fallback = need.why == "retry"
             if fallback and spec.transfer.fallback == "fail":
                 out.delete.append((need.pod, "no other seed to retry on and fallback is fail"))
-                needs.append(replacement())  # planned in this same loop
+                successor = replacement()
+                if successor is not None:
+                    needs.append(successor)  # planned in this same loop
                 continue
             assignment = Assignment(
                 attempt=need.attempt, source="storage", excluded_seeds=need.excluded, assigned_at=now

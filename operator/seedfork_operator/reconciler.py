@@ -3,7 +3,9 @@
 The only module that talks to the API besides kopf itself. It keeps two kinds of
 memory, both safe to lose on restart: *expectations* (pods it created or deleted
 whose watch events have not arrived yet, so a fast second pass does not create
-duplicates) and caches (node labels, the token Secret check).
+duplicates), caches (node labels, the token Secret check) and the storage backoff.
+Pod names are deterministic (``<set>-<slot>``, slots below ``replicas``), so a second
+operator writing at the same time (an upgrade's overlap) gets 409 instead of a duplicate.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from seedfork_api.spec import (
     transfer_problem,
 )
 
-from . import metrics, planner, render
+from . import metrics, planner, render, trust
+from .backoff import Backoff
 from .config import OperatorConfig
 from .podview import PodView
 from .status import compute_status, now_rfc3339
@@ -46,16 +49,17 @@ NODE_TTL = 30.0
 
 
 class Kube:
-    """Blocking kubernetes-client calls, run in worker threads."""
+    """Blocking kubernetes-client calls, run in worker threads, each bounded by ``timeout`` seconds."""
 
-    def __init__(self, api: client.ApiClient):
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0):
         self.api = api
+        self.timeout = timeout
         self.core = client.CoreV1Api(api)
         self.objects = client.CustomObjectsApi(api)
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, timeout: float = 30.0) -> Kube:
         from kubernetes import config
 
         try:
@@ -65,9 +69,10 @@ class Kube:
             api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None)
         api.configuration.connection_pool_maxsize = 32
         api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
-        return cls(api)
+        return cls(api, timeout)
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", self.timeout)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def node_labels(self, name: str) -> dict[str, str]:
@@ -100,6 +105,12 @@ class SetReconciler:
     assigned: dict[str, tuple[float, c.Assignment]] = field(default_factory=dict)  # written, not yet watched
     gating: dict[str, float] = field(default_factory=dict)  # gate set, not yet watched
     gated: set[str] = field(default_factory=set)  # pod uids this process gated, for the Ready histogram
+    suspects: dict[str, trust.Suspect] = field(default_factory=dict)  # seeds a client saw a checksum mismatch from
+    backoff: Backoff | None = None
+
+    def __post_init__(self) -> None:
+        if self.backoff is None:
+            self.backoff = Backoff(self.config.storage_backoff, self.config.storage_backoff_cap)
 
     def _resolved(self, spec: ModelReplicaSetSpec) -> ModelReplicaSetSpec:
         """The spec with its transfer policy resolved against the cluster's defaults."""
@@ -127,6 +138,7 @@ class SetReconciler:
             degraded = degraded or ("InvalidTransferPolicy", problem)
         fingerprint = spec.fingerprint() if spec else ""
         token_secret = ""
+        weights_digest = str(old_status.get("weightsDigest") or "")
         if spec:
             token_secret, problem = await self._ensure_token(spec.transfer.token_secret_name)
             degraded = degraded or problem
@@ -140,9 +152,17 @@ class SetReconciler:
             template_node = (spec.template.get("spec") or {}).get("nodeName")
             if template_node:
                 nodes[template_node] = await self.kube.node_labels(template_node)
-            plan = planner.plan(spec, fingerprint, pods, nodes, now, self._new_name, template_node)
+            recorded = old_status.get("weightsDigest") or self.last_status.get("weightsDigest") or ""
+            weights_digest = trust.weights_digest(recorded, pods)
+            verdict = trust.judge(weights_digest, pods, self.suspects, now, spec.transfer.timeout_seconds)
+            names = self._namer(pods, spec.replicas)
+            plan = planner.plan(
+                spec, fingerprint, pods, nodes, now, names, template_node, verdict.replace, verdict.avoid
+            )
             if degraded:
                 plan.create = []  # nothing new until the input is fixed; existing pods keep being served
+            self._storage_backoff(generation, plan, pods, verdict, now)
+            degraded = degraded or verdict.problem or self.backoff.problem()
             degraded = await self._execute(body, spec, fingerprint, token_secret, plan, counts, pods) or degraded
             pods = self._with_expectations(indexed, now)
             self._observe_ready(pods)
@@ -160,6 +180,7 @@ class SetReconciler:
             generation=generation,
             selector=render.selector(self.name),
             token_secret=token_secret,
+            weights_digest=weights_digest,
             counts=counts,
             degraded=degraded,
             now=now,
@@ -178,8 +199,37 @@ class SetReconciler:
             self.last_status = status
 
     # ------------------------------------------------------------ helpers
-    def _new_name(self) -> str:
-        return f"{self.name[:50]}-{secrets.token_hex(3)}"
+    def _namer(self, pods: list[PodView], replicas: int) -> Callable[[], str | None]:
+        """Names for new pods: the lowest free slots ``<set>-<k>``, k < replicas.
+
+        Two operators (or one that lost its expectations) planning from the same or an older view pick
+        names from the same few slots, so a second create gets 409 and never a pod beyond ``replicas``.
+        A slot frees when its pod object is gone, so a replacement waits for its predecessor's deletion.
+        """
+        taken = {p.name for p in pods}
+        free = (f"{self.name}-{k}" for k in range(replicas) if f"{self.name}-{k}" not in taken)
+        return lambda: next(free, None)
+
+    def _storage_backoff(
+        self, generation: int, plan: planner.Plan, pods: list[PodView], verdict: trust.Verdict, now: float
+    ) -> None:
+        """Count failed storage loads, reset on a verified one, and hold back new storage pods meanwhile."""
+        b = self.backoff
+        b.observe_generation(generation)
+        by_name = {p.name: p for p in pods}
+        storage = {p.name for p in pods if p.assignment is not None and p.assignment.source == "storage"}
+        if any(name in storage for name in plan.gate):
+            b.succeeded()
+        for failure in plan.failures:
+            if failure.seed is None:
+                b.failed(failure.reason, now)
+        for name, why in verdict.replace.items():
+            if name in storage and by_name[name].verified:
+                b.failed(why, now)
+        if b.holding(now):
+            held = {n for n, a in plan.create if a.source == "storage"}
+            plan.create = [(n, a) for n, a in plan.create if n not in held]
+            plan.choices = [ch for ch in plan.choices if ch.pod not in held]
 
     def _with_expectations(self, indexed: list[PodView], now: float) -> list[PodView]:
         """The pods as the index shows them, corrected by our own writes the watch has not delivered yet."""
@@ -313,6 +363,9 @@ class SetReconciler:
                 self.created.pop(name, None)  # not created: the next pass plans it again
                 if err.status in (400, 422):
                     return ("PodRejected", f"the apiserver rejected the rendered pod: {_api_message(err)}")
+                if err.status == 409:  # another writer (a second operator during an upgrade) made this slot's pod
+                    log.info("pod %s exists already; next pass sees it", name)
+                    return None
                 raise
             return None
 

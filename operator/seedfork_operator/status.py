@@ -47,6 +47,7 @@ def compute_status(
     selector: str,
     token_secret: str,
     counts: Mapping[str, int],
+    weights_digest: str = "",
     degraded: tuple[str, str] | None,
     now: float,
 ) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def compute_status(
         "transfers": transfers,
         "selector": selector,
         "fingerprint": fingerprint,
+        "weightsDigest": weights_digest,
         "tokenSecret": token_secret,
         "observedGeneration": generation,
         "conditions": conditions,

@@ -17,6 +17,7 @@ import torch
 
 from seedfork_agent.puller import PullError, PullRequest, pull
 from seedfork_agent.te import TransferEngineError, engine
+from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 
 def _metric(agent, name: str) -> float:
@@ -182,16 +183,39 @@ def test_a_group_the_seed_refuses_ends_the_join_at_once(kit, seed):
         assert time.monotonic() - started < 60  # half the rendezvous timeout: the refusal ended it, not the clock
 
 
-def test_corrupted_bytes_never_verified(kit, agents, weights_dir):
+@pytest.mark.parametrize("backend", ["transfer_engine", "gloo"])
+def test_corrupted_bytes_never_verified_and_the_seed_takes_itself_out(kit, agents, weights_dir, backend):
+    """The client's checksum mismatch makes the seed check its own store: it finds the flipped byte and stops
+    serving (not Ready, no manifest), so no later client is offered the bad bytes."""
     bad_seed = agents(*kit.seed_args(weights_dir, ip := kit.new_ip()), ip=ip)
     bad_seed.wait_ready()
     # Corrupt the seed's memory after it verified (a bad DIMM, a stray write): flip one byte.
     tensors = bad_seed.tensors()
     name = sorted(tensors)[2]
     tensors[name].view(-1).view(torch.uint8)[7] ^= 0x40
-    for backend, ports in (("transfer_engine", []), ("gloo", [kit.new_port()])):
-        with pytest.raises(PullError, match=f"checksum mismatch in 1 of .* first {name}"):
-            pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+    ports = [kit.new_port()] if backend == "gloo" else []
+    with pytest.raises(PullError, match=f"checksum mismatch in 1 of .* first {name}"):
+        pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+
+    deadline = time.monotonic() + 20
+    while (progress := bad_seed.progress())["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert progress["state"] == "failed" and not progress["serving"], progress
+    assert progress["error"].startswith(f"{ERR_SELF_CHECK_FAILED}: 1 of ") and name in progress["error"]
+    assert httpx.get(f"{bad_seed.url}/readyz", timeout=5).status_code == 503
+    with pytest.raises(PullError, match="answered 503"):
+        pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+
+
+def test_a_sound_seed_passes_its_self_check_and_keeps_serving(kit, seed):
+    auth = {"Authorization": f"Bearer {kit.TOKEN}"}
+    assert httpx.post(f"{seed.url}/v1/selfcheck", timeout=5).status_code == 401
+    assert httpx.post(f"{seed.url}/v1/selfcheck", headers=auth, timeout=5).status_code == 202
+    deadline = time.monotonic() + 20
+    while _metric(seed, "seedfork_agent_checksum_seconds_count") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = seed.progress()
+    assert progress["state"] == "verified" and progress["serving"], progress
 
 
 def test_a_failed_read_ends_the_pull_and_the_next_pull_works(kit, seed, weight_tensors, monkeypatch):

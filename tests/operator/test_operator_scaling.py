@@ -119,6 +119,7 @@ def test_seed_deleted_mid_transfer_is_replaced_by_another_seed(operator, nodes, 
     assert client.assignment.source == "seed" and client.assignment.group_ports
     assert client.assignment.cohort_size == 2 and client.assignment.cohort_rank == 1
     victim = client.assignment.seed_pod
+    victim_uid = next(v.uid for v in sets.views("failover") if v.name == victim)
     sets.core.delete_namespaced_pod(victim, sets.namespace)
 
     def reassigned():
@@ -130,7 +131,7 @@ def test_seed_deleted_mid_transfer_is_replaced_by_another_seed(operator, nodes, 
     assert moved.assignment.excluded_seeds == [victim]
     nodes.policy = verify_at_once
     wait("3 ready again", lambda: ready_count(sets, "failover") == 3 and len(sets.views("failover")) == 3)
-    assert victim not in {v.name for v in sets.views("failover")}
+    assert victim_uid not in {v.uid for v in sets.views("failover")}  # its replacement may reuse its name
     wait("event", lambda: any(r == "TransferFailed" and "went away" in m for r, m in sets.events()))
 
 
@@ -169,8 +170,8 @@ def test_fallback_fail_replaces_the_pod(operator, nodes, sets, wait):
 
     nodes.policy = agent
     sets.scale("strict", 2)
-    first = wait("client", lambda: [v.name for v in sets.views("strict") if v.name != seed])[0]
-    wait("client replaced", lambda: first not in {v.name for v in sets.views("strict")})
+    first = wait("client", lambda: [v.uid for v in sets.views("strict") if v.name != seed])[0]
+    wait("client replaced", lambda: first not in {v.uid for v in sets.views("strict")})
     nodes.policy = verify_at_once
     wait("2 ready", lambda: ready_count(sets, "strict") == 2 and len(sets.views("strict")) == 2)
 
