@@ -123,6 +123,15 @@ def test_namespaced_rbac_grants_nothing_namespaced_cluster_wide(tools, helm_bin)
     assert sorted(sas) == ["team-a", "team-b"]
 
 
+def test_a_standalone_operator_is_never_two_at_once_during_an_upgrade(tools, helm_bin):
+    """Standalone there is no peering: a rolling update's surge would run two writers for a while."""
+    (deploy,) = tools.by_kind(tools.helm_template(helm_bin), "Deployment")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    (deploy,) = tools.by_kind(tools.helm_template(helm_bin, "--set", "operator.replicas=2"), "Deployment")
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"  # peering keeps one active
+
+
 def test_two_replicas_peer_with_distinct_priorities(tools, helm_bin, tmp_path):
     docs = tools.helm_template(helm_bin, "--set", "operator.replicas=2")
     (deploy,) = tools.by_kind(docs, "Deployment")
