@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from seedfork_api.contract import ENV_TOKEN, PodEnv
+from seedfork_api.contract import ENV_TOKEN, ENV_TOKEN_PREVIOUS, PodEnv
 
 from .agent import Agent, AgentConfig, load_hook
 from .engines.gate import EngineGate
@@ -107,6 +107,7 @@ def _agent(args: argparse.Namespace) -> Agent:
         host=args.host,
         port=args.port,
         token=_token(),
+        token_previous=os.environ.get(ENV_TOKEN_PREVIOUS) or None,
         fingerprint=args.fingerprint,
         device=args.device or default_device(),
         protocol=args.protocol,

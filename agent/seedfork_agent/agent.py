@@ -41,6 +41,7 @@ class AgentConfig:
     token: str
     fingerprint: str
     device: str = "cpu"
+    token_previous: str | None = None  # during a token rotation's grace period (the Secret's "previous")
     protocol: str = "auto"  # TransferEngine transport
     serve_te: bool = True  # publish TransferEngine info as a seed
     timeout_s: float = 300.0
@@ -76,6 +77,7 @@ class Agent:
             config.host,
             config.port,
             config.token,
+            token_previous=config.token_previous,
             timeout_s=config.timeout_s,
             bandwidth_limit_mbps=config.bandwidth_limit_mbps,
             te_factory=self.te if config.serve_te else None,
@@ -230,6 +232,7 @@ class Agent:
             seed_ip=seed_ip,
             seed_port=seed_port,
             token=kw.pop("token", self.config.token),
+            token_previous=kw.pop("token_previous", self.config.token_previous),
             backend=backend,
             fingerprint=self.config.fingerprint,
             client_id=self.config.client_id or self.config.host,

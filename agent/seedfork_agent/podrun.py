@@ -27,6 +27,7 @@ class PodAgent(PodLoop):
                 host=env.pod_ip,
                 port=env.agent_port,
                 token=env.token,
+                token_previous=env.token_previous,
                 fingerprint=env.fingerprint,
                 device=device,
                 protocol=env.protocol,

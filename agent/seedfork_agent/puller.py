@@ -55,6 +55,7 @@ class PullRequest:
     device: str = "cpu"
     expected: Manifest | None = None  # for seeds that publish no manifest (stock SGLang)
     local_ip: str | None = None  # this pod's IP: the group member's own listener binds it
+    token_previous: str | None = None  # presented when the seed refuses ``token``: it started before a rotation
 
     @property
     def base_url(self) -> str:
@@ -163,6 +164,9 @@ def pull(
 def fetch_manifest(http: httpx.Client, req: PullRequest) -> Manifest:
     try:
         r = http.get("/v1/manifest")
+        if r.status_code == 401 and req.token_previous:
+            http.headers["Authorization"] = f"Bearer {req.token_previous}"  # every later request of this pull too
+            r = http.get("/v1/manifest")
     except httpx.HTTPError as e:
         raise PullError(f"seed {req.seed} unreachable: {type(e).__name__}: {e}") from None
     if r.status_code == 401:

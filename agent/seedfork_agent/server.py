@@ -121,6 +121,7 @@ class AgentServer:
         port: int,
         token: str,
         *,
+        token_previous: str | None = None,
         timeout_s: float = 300.0,
         bandwidth_limit_mbps: int | None = None,
         te_factory: Any = None,
@@ -133,7 +134,8 @@ class AgentServer:
             raise ValueError("a bearer token is required")
         self.host = host
         self.port = port
-        self._token = token.encode()
+        # During a rotation's grace period the old token opens the weights too: pods started before it hold only that.
+        self._tokens = [t.encode() for t in (token, token_previous) if t]
         self.timeout_s = timeout_s
         self.max_pending_groups = max(1, max_pending_groups)
         self.pending_group_s = min(PENDING_GROUP_S, timeout_s)
@@ -278,7 +280,8 @@ class AgentServer:
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token)
+        given = value.strip().encode()
+        return scheme.lower() == "bearer" and any([hmac.compare_digest(given, t) for t in self._tokens])
 
     def _require_token(self, request: web.Request) -> None:
         if not self._authorized(request):

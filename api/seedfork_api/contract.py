@@ -34,6 +34,7 @@ MANAGED_BY = "seedfork-operator"
 ANN_ASSIGNMENT = f"{GROUP}/assignment"  # JSON Assignment, written by the operator
 ANN_REPORT = f"{GROUP}/report"  # JSON AgentReport, written by the agent
 ANN_TIMING = f"{GROUP}/timing"  # JSON of phase timestamps, written by the agent
+ANN_TOKEN_DIGEST = f"{GROUP}/token-digest"  # digest of the token the pod started with (never the token)
 
 # ---- readiness gate -----------------------------------------------------
 READINESS_GATE = f"{GROUP}/weights-ready"
@@ -44,6 +45,7 @@ ERR_SELF_CHECK_FAILED = "self-check failed"  # a seed's own store no longer matc
 
 # ---- token Secret -------------------------------------------------------
 TOKEN_SECRET_KEY = "token"
+TOKEN_PREVIOUS_KEY = "previous"  # after a rotation: the old token, accepted until no pod started with it is left
 
 # ---- environment variables (static, set at pod creation) ---------------
 ENV_POD_NAME = "SEEDFORK_POD_NAME"  # downward API: metadata.name
@@ -64,6 +66,7 @@ ENV_TIMEOUT_SECONDS = "SEEDFORK_TIMEOUT_SECONDS"
 ENV_BANDWIDTH_LIMIT_MBPS = "SEEDFORK_BANDWIDTH_LIMIT_MBPS"
 ENV_MAX_CLIENTS_PER_SEED = "SEEDFORK_MAX_CLIENTS_PER_SEED"  # also caps the group creations a seed lets wait
 ENV_TOKEN = "SEEDFORK_TOKEN"  # from a secretKeyRef, never a literal
+ENV_TOKEN_PREVIOUS = "SEEDFORK_TOKEN_PREVIOUS"  # optional secretKeyRef: the token before a rotation
 
 ALL_ENV = [
     ENV_POD_NAME,
@@ -84,6 +87,7 @@ ALL_ENV = [
     ENV_BANDWIDTH_LIMIT_MBPS,
     ENV_MAX_CLIENTS_PER_SEED,
     ENV_TOKEN,
+    ENV_TOKEN_PREVIOUS,
 ]
 
 # ---- the set's transfer port range, shared out -------------------------
@@ -217,6 +221,7 @@ class PodEnv(_Model):
     bandwidth_limit_mbps: int | None = None
     max_clients_per_seed: int = 4
     token: str
+    token_previous: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
@@ -245,6 +250,7 @@ class PodEnv(_Model):
             bandwidth_limit_mbps=int(limit) if limit else None,
             max_clients_per_seed=int(env.get(ENV_MAX_CLIENTS_PER_SEED, "4")),
             token=env[ENV_TOKEN],
+            token_previous=env.get(ENV_TOKEN_PREVIOUS) or None,
         )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from seedfork_api.contract import LABEL_MANAGED_BY, MANAGED_BY
+from seedfork_api.contract import LABEL_MANAGED_BY, LABEL_SET, MANAGED_BY
 from seedfork_api.spec import GROUP, KIND, PLURAL, VERSION
 
 from . import metrics
@@ -53,6 +53,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         memo.config = OperatorConfig.from_env()
     settings.networking.request_timeout = memo.config.api_timeout
     memo.wakeups = {}
+    memo.set_uids = {}  # (namespace, set name) -> uid, for Secrets labelled with a set's name
     # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="seedfork-api"))
     memo.kube = await asyncio.to_thread(Kube.from_environment, memo.config.api_timeout)
@@ -84,6 +85,19 @@ async def pod_changed(meta: Any, namespace: str, memo: kopf.Memo, **_: Any) -> N
     _wake(memo, (namespace, _owner_uid(meta)))
 
 
+@kopf.on.event("", "v1", "secrets", labels={LABEL_SET: kopf.PRESENT})
+async def token_secret_changed(meta: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """A set's token Secret was changed or deleted: its set reads it at once (no cached check).
+
+    The operator's own Secret is owned by its set; a Secret named by spec.transfer.tokenSecretName is seen
+    at once when it carries the label seedfork.io/set=<set name>, else on the set's next pass.
+    """
+    owner = _owner_uid(meta)
+    if owner is None and hasattr(memo, "set_uids"):
+        owner = memo.set_uids.get((namespace, (meta.get("labels") or {}).get(LABEL_SET)))
+    _wake(memo, (namespace, owner))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def set_changed(uid: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _wake(memo, (namespace, uid))
@@ -104,6 +118,7 @@ async def run_set(
     key = (namespace, uid)
     config: OperatorConfig = memo.config
     wake = memo.wakeups.setdefault(key, asyncio.Event())
+    memo.set_uids[(namespace, name)] = uid
     reconciler = SetReconciler(kube=memo.kube, config=config, namespace=namespace, name=name, uid=uid)
     try:
         while not stopped:
@@ -119,3 +134,4 @@ async def run_set(
             await asyncio.sleep(config.debounce)
     finally:
         memo.wakeups.pop(key, None)
+        memo.set_uids.pop((namespace, name), None)

@@ -14,7 +14,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from seedfork_api.contract import ANN_TIMING, LABEL_FINGERPRINT, READINESS_GATE, AgentReport, Assignment, PodTiming
+from seedfork_api.contract import (
+    ANN_TIMING,
+    ANN_TOKEN_DIGEST,
+    LABEL_FINGERPRINT,
+    READINESS_GATE,
+    AgentReport,
+    Assignment,
+    PodTiming,
+)
 
 
 def parse_time(value: str | None) -> float:
@@ -43,6 +51,7 @@ class PodView:
     assignment: Assignment | None = None
     report: AgentReport | None = None
     timing: PodTiming | None = None  # the agent's phase timestamps: what the planner measures transfers by
+    token_digest: str = ""  # of the token the pod started with
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
@@ -77,6 +86,7 @@ class PodView:
             assignment=assignment,
             report=report,
             timing=timing,
+            token_digest=annotations.get(ANN_TOKEN_DIGEST, ""),
         )
 
     @cached_property

@@ -21,8 +21,10 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     # the readiness gate condition seedfork.io/weights-ready
     {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch"]},
-    # the per-set token Secret (created unless spec.transfer.tokenSecretName names one; read to check it exists)
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    # the per-set token Secret: created unless spec.transfer.tokenSecretName names one; read on every pass and
+    # watched (label seedfork.io/set), so a deletion or rotation is noticed at once; patched to keep the previous
+    # token during a rotation's grace period (get on Secrets already reads any of them by name)
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # Events for seed choices, failovers and bad input (kopf posts through both APIs)
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     # cluster-scoped, optional: node labels for topology preference (same node, then same zone)

@@ -3,7 +3,7 @@
 The only module that talks to the API besides kopf itself. It keeps two kinds of
 memory, both safe to lose on restart: *expectations* (pods it created or deleted
 whose watch events have not arrived yet, so a fast second pass does not create
-duplicates), caches (node labels, the token Secret check) and the storage backoff.
+duplicates), caches (node labels), the token last read from the set's Secret and the storage backoff.
 Pod names are deterministic (``<set>-<slot>``, slots below ``replicas``), so a second
 operator writing at the same time (an upgrade's overlap) gets 409 instead of a duplicate.
 """
@@ -11,6 +11,7 @@ operator writing at the same time (an upgrade's overlap) gets 409 instead of a d
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from seedfork_api.spec import (
     transfer_problem,
 )
 
-from . import metrics, planner, render, trust
+from . import metrics, planner, render, tokensecret, trust
 from .backoff import Backoff
 from .config import OperatorConfig
 from .podview import PodView
@@ -99,7 +100,8 @@ class SetReconciler:
     uid: str
     created: dict[str, tuple[float, PodView]] = field(default_factory=dict)  # expectations
     deleted: dict[str, float] = field(default_factory=dict)
-    token_checked: str | None = None
+    token_secret: str = ""  # the Secret last read, and the token in it (to recreate it, and to see a rotation)
+    token_value: str | None = None
     last_status: dict[str, Any] = field(default_factory=dict)
     last_warning: str | None = None
     assigned: dict[str, tuple[float, c.Assignment]] = field(default_factory=dict)  # written, not yet watched
@@ -140,7 +142,7 @@ class SetReconciler:
         token_secret = ""
         weights_digest = str(old_status.get("weightsDigest") or "")
         if spec:
-            token_secret, problem = await self._ensure_token(spec.transfer.token_secret_name)
+            token_secret, problem = await self._ensure_token(body, spec.transfer.token_secret_name, pods)
             degraded = degraded or problem
             try:
                 render.check_template(spec.template, spec.engine.kind)
@@ -262,34 +264,47 @@ class SetReconciler:
         a, b = old.get("transfers") or {}, self.last_status.get("transfers") or {}
         return {k: max(int(a.get(k, 0)), int(b.get(k, 0))) for k in ("completed", "failed", "fellBack")}
 
-    async def _ensure_token(self, named: str | None) -> tuple[str, tuple[str, str] | None]:
+    async def _ensure_token(
+        self, body: Mapping[str, Any], named: str | None, pods: list[PodView]
+    ) -> tuple[str, tuple[str, str] | None]:
+        """Read the Secret on every pass (its watch wakes the set at once) and act on it (``tokensecret``)."""
         secret = named or render.token_secret_name(self.name)
-        if self.token_checked == secret:
-            return secret, None
         try:
             found = await self.kube.call(self.kube.core.read_namespaced_secret, secret, self.namespace)
         except ApiException as err:
             if err.status != 404:
                 return secret, ("TokenSecretUnreadable", f"cannot read Secret {secret}: {err.status} {err.reason}")
             found = None
-        if found is None and named:
-            return secret, (
-                "TokenSecretMissing",
-                f"Secret {secret} named by spec.transfer.tokenSecretName does not exist in namespace {self.namespace}",
-            )
-        if found is None:
-            body = render.render_token_secret(
-                set_name=self.name, set_uid=self.uid, namespace=self.namespace, token=secrets.token_urlsafe(32)
-            )
-            try:
-                await self.kube.call(self.kube.core.create_namespaced_secret, self.namespace, body)
-            except ApiException as err:
-                if err.status != 409:
-                    return secret, ("TokenSecretUnwritable", f"cannot create Secret {secret}: {err.reason}")
-        elif c.TOKEN_SECRET_KEY not in (found.data or {}):
-            return secret, ("TokenSecretInvalid", f"Secret {secret} has no key '{c.TOKEN_SECRET_KEY}'")
-        self.token_checked = secret
-        return secret, None
+        step = tokensecret.decide(
+            secret=secret,
+            namespace=self.namespace,
+            named=bool(named),
+            found=None if found is None else tokensecret.decoded(found.data),
+            last_token=self.token_value if self.token_secret == secret else None,
+            pod_digests=[p.token_digest for p in pods if not p.deleting],
+            new_token=secrets.token_urlsafe(32),
+        )
+        try:
+            if step.create is not None:
+                token = step.create[c.TOKEN_SECRET_KEY]
+                created = render.render_token_secret(
+                    set_name=self.name, set_uid=self.uid, namespace=self.namespace, token=token
+                )
+                await self.kube.call(self.kube.core.create_namespaced_secret, self.namespace, created)
+            elif step.patch is not None:
+                data = {k: v if v is None else base64.b64encode(v.encode()).decode() for k, v in step.patch.items()}
+                patch = {"metadata": {"resourceVersion": found.metadata.resource_version}, "data": data}
+                await self.kube.call(self.kube.core.patch_namespaced_secret, secret, self.namespace, patch)
+        except ApiException as err:
+            if err.status == 409:  # someone wrote it meanwhile: the next pass (woken by its watch) reads it again
+                return secret, None
+            return secret, ("TokenSecretUnwritable", f"cannot write Secret {secret}: {_api_message(err)}")
+        if step.event is not None:
+            kopf.event(dict(body), type="Normal" if step.create is None else "Warning", reason=step.event[0],
+                       message=step.event[1])  # fmt: skip
+        if step.token:
+            self.token_secret, self.token_value = secret, step.token
+        return secret, step.problem
 
     async def _execute(
         self,
@@ -355,6 +370,7 @@ class SetReconciler:
                 assignment=assignment,
                 token_secret=token_secret,
                 agent_image=self.config.agent_image,
+                token_digest=tokensecret.token_digest(self.token_value) if self.token_value else "",
             )
             self.created[name] = (time.time(), PodView(name=name, created=time.time(), assignment=assignment))
             try:

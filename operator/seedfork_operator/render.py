@@ -192,6 +192,9 @@ def contract_env(spec: ModelReplicaSetSpec, set_name: str, fingerprint: str, tok
     env = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": f}}} for n, f in fields.items()]
     env += [{"name": n, "value": v} for n, v in values.items() if v is not None]
     env.append({"name": c.ENV_TOKEN, "valueFrom": {"secretKeyRef": {"name": token_secret, "key": c.TOKEN_SECRET_KEY}}})
+    # Present only during a rotation's grace period (tokensecret): optional, so a Secret without it still starts pods.
+    previous = {"name": token_secret, "key": c.TOKEN_PREVIOUS_KEY, "optional": True}
+    env.append({"name": c.ENV_TOKEN_PREVIOUS, "valueFrom": {"secretKeyRef": previous}})
     return env
 
 
@@ -236,6 +239,7 @@ def render_pod(
     assignment: c.Assignment,
     token_secret: str,
     agent_image: str,
+    token_digest: str = "",
 ) -> dict[str, Any]:
     template = copy.deepcopy(spec.template)
     check_template(template, spec.engine.kind)
@@ -260,6 +264,8 @@ def render_pod(
 
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in (c.ANN_REPORT, c.ANN_TIMING)}
     annotations[c.ANN_ASSIGNMENT] = assignment.to_json()
+    if token_digest:
+        annotations[c.ANN_TOKEN_DIGEST] = token_digest
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -288,6 +294,7 @@ def token_secret_name(set_name: str) -> str:
 
 
 def render_token_secret(*, set_name: str, set_uid: str, namespace: str, token: str) -> dict[str, Any]:
+    """The operator's own token Secret; labelled with the set so the operator's Secret watch sees it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -172,7 +172,6 @@ def test_helm_install_cluster_wide_and_operator_calls_as_its_service_account(
         denied = {
             "delete node": lambda: ocore.delete_node("n1"),
             "list nodes": lambda: ocore.list_node(),
-            "list secrets": lambda: ocore.list_namespaced_secret(work),
             "delete secret": lambda: ocore.delete_namespaced_secret("llama-token", work),
             "create clusterrole": lambda: rbac.create_cluster_role({"metadata": {"name": f"{release}-x"}, "rules": []}),
             "create configmap": lambda: ocore.create_namespaced_config_map(work, {"metadata": {"name": "x"}}),

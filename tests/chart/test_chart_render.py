@@ -63,7 +63,7 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
 OPERATOR_NAMESPACED = {
     ("", "pods"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods/status"): {"get", "patch"},
-    ("", "secrets"): {"get", "create"},
+    ("", "secrets"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("seedfork.io", "modelreplicasets"): {"get", "list", "watch", "patch", "update"},
