@@ -109,6 +109,9 @@ def test_seed_and_te_client_verified_and_stopped_with_the_pod(h, procs, api_clie
     assert report.state == "verified", report
     assert report.source == "seed" and report.seed_pod == "seed-0" and report.backend == "transfer_engine"
     assert not report.serving  # SGLang 0.5.x does not republish TransferEngine-loaded weights: never a seed
+    # one set, one digest: both report the digest of the same /weights_checker sums
+    seed_report = c.AgentReport.from_annotations(core.read_namespaced_pod("seed-0", namespace).metadata.annotations)
+    assert report.digest and report.digest == seed_report.digest
     resolved = _resolved(ip, port)
     assert resolved["load_format"] == "remote_instance" and resolved["remote_instance_weight_loader_seed_instance_ip"]
     assert resolved["remote_instance_weight_loader_seed_instance_ip"] == seed_ip

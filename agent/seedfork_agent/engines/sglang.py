@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,8 @@ from typing import Literal
 
 from seedfork_api.contract import Assignment, sglang_own_ports
 from seedfork_api.sglang_args import data_parallel_problem
+
+log = logging.getLogger("seedfork.agent.sglang")
 
 Role = Literal["seed", "client"]
 
@@ -311,6 +315,13 @@ class Outcome:
     error: str | None = None
     can_seed: bool = False
     resolved: dict = field(default_factory=dict)
+    digest: str | None = None  # of the weights as /weights_checker sums them: one set serves one (status.weightsDigest)
+
+
+def weights_digest(checksum: Mapping) -> str | None:
+    """A digest of a ``/weights_checker`` answer's ``per_engine_checksum`` (None when it has none)."""
+    sums = checksum.get("per_engine_checksum")
+    return hashlib.sha256(json.dumps(sums).encode()).hexdigest() if sums is not None else None
 
 
 class SGLangSupervisor:
@@ -406,7 +417,12 @@ class SGLangSupervisor:
                 if self.launch.role == "seed":
                     if self.launch.backend == "transfer_engine":
                         await self.wait_te_info(client, timeout_s)
-                    return Outcome("verified", can_seed=True, resolved=resolved)
+                    try:
+                        digest = weights_digest(await self.checksum(client, self.engine_url))
+                    except Exception as e:  # the digest is for the operator's one-digest rule; serving goes on
+                        log.warning("no /weights_checker digest from the seed: %s", e)
+                        digest = None
+                    return Outcome("verified", can_seed=True, resolved=resolved, digest=digest)
                 if self.seed_url is None:
                     return Outcome("failed", "no seed URL to verify against", resolved=resolved)
                 seed_sum, own_sum = await asyncio.gather(
@@ -417,7 +433,7 @@ class SGLangSupervisor:
         ok, detail = checksums_match(seed_sum, own_sum)
         if not ok:
             return Outcome("failed", detail, resolved=resolved)
-        return Outcome("verified", can_seed=self.launch.can_seed, resolved=resolved)
+        return Outcome("verified", can_seed=self.launch.can_seed, resolved=resolved, digest=weights_digest(own_sum))
 
 
 async def start(launch: Launch, log_path: str, base_env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:

@@ -71,6 +71,7 @@ class SGLangPod(PodLoop):
             backend=a.backend if seed else None,
             error=None,
             serving=False,
+            digest=None,
         )
         await self.stop_engine()
         self.timing = self.timing.model_copy(
@@ -100,7 +101,7 @@ class SGLangPod(PodLoop):
             return
         now = time.time()
         self.timing = self.timing.model_copy(update={"transfer_end": now, "verified": now, "engine_attached": now})
-        self._set(state="verified", serving=outcome.can_seed)
+        self._set(state="verified", serving=outcome.can_seed, digest=outcome.digest)
         log.info("attempt %d verified (can seed: %s)", a.attempt, outcome.can_seed)
         self._exit_watch = asyncio.create_task(self._watch_exit(self.proc))
 
