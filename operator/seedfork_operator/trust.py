@@ -6,8 +6,8 @@ Two rules, both decided before the planner runs, which then treats the answer as
 - One set, one digest. The manifest digest of the set's first verified load is recorded in
   ``status.weightsDigest``; a pod that verified other bytes (the storage behind ``model.uri``
   changed, or a pod of another build) is never gated Ready and never a seed: it is replaced, and
-  the set is Degraded with both digests named. A report without a digest (SGLang pods, whose agent
-  compares ``/weights_checker`` with the seed instead; agents older than the field) is not compared.
+  the set is Degraded with both digests named. SGLang pods report the digest of SGLang's
+  ``/weights_checker`` sums; a report without a digest (an agent older than the field) is not compared.
 - Seeds that fail are taken out. A pod that was gated Ready and then reports ``failed`` (its agent
   re-checked its store after a client saw a checksum mismatch, and the store no longer matches its
   manifest) is replaced. A seed named in a client's checksum-mismatch failure is *suspect*: not chosen
