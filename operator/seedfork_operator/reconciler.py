@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -165,7 +165,10 @@ class SetReconciler:
                 plan.create = []  # nothing new until the input is fixed; existing pods keep being served
             self._storage_backoff(generation, plan, pods, verdict, now)
             degraded = degraded or verdict.problem or self.backoff.problem()
-            degraded = await self._execute(body, spec, fingerprint, token_secret, plan, counts, pods) or degraded
+            # Pods being replaced for untrusted weights leave the Ready set now, not when their deletion completes.
+            ungate = [p.name for p in pods if p.name in verdict.replace and p.gate]
+            problem = await self._execute(body, spec, fingerprint, token_secret, plan, counts, pods, ungate)
+            degraded = problem or degraded
             pods = self._with_expectations(indexed, now)
             self._observe_ready(pods)
 
@@ -315,6 +318,7 @@ class SetReconciler:
         plan: planner.Plan,
         counts: dict[str, int],
         pods: list[PodView],
+        ungate: Iterable[str] = (),
     ) -> tuple[str, str] | None:
         core = self.kube.core
         problem: tuple[str, str] | None = None
@@ -420,12 +424,29 @@ class SetReconciler:
             if name in uids:
                 self.gated.add(uids[name])
 
+        async def untrust(name: str) -> None:
+            condition = {
+                "type": c.READINESS_GATE,
+                "status": "False",
+                "lastTransitionTime": now_rfc3339(time.time()),
+                "reason": "WeightsUntrusted",
+                "message": "the pod's weights failed a check; it is being replaced",
+            }
+            try:
+                await run(
+                    core.patch_namespaced_pod_status, name, self.namespace, {"status": {"conditions": [condition]}}
+                )
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+
         uids = {p.name: p.uid for p in pods}
         versions = {p.name: p.resource_version for p in pods}
         jobs: list[Any] = [delete(n) for n, _ in plan.delete]
         jobs += [create(n, a) for n, a in plan.create]
         jobs += [assign(n, a, versions.get(n, "")) for n, a in plan.assign]
         jobs += [gate(n) for n in plan.gate]
+        jobs += [untrust(n) for n in ungate]
         for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, ApiException):
                 log.warning("API call failed: %s %s", result.status, _api_message(result))
