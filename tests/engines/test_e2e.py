@@ -180,18 +180,19 @@ def test_client_hands_weights_over_ipc(seed, procs, tiny_model, h, want):
     assert h.generations(client.engine_url) == want
 
 
-def test_corruption_at_the_seed_is_caught_before_the_client_engine_serves(seed, procs, tiny_model, h):
+def test_corruption_at_the_seed_is_caught_before_the_client_engine_serves(procs, tiny_model, h):
+    # A seed of its own: the client's checksum mismatch makes it check its store and take itself out.
+    seed = Pod(h, procs, "bad-seed")
+    seed.wait_agent_verified(seed.agent("serve", "--weights", str(tiny_model), "--no-te"))
     raw = map_tensor(seed.attach_info(), "model.layers.0.mlp.up_proj.weight")
     raw[100] ^= 0x10  # bit rot in the seed's memory after it verified
-    try:
-        client = Pod(h, procs, "client")
-        engine = client.engine_attach(tiny_model)
-        extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo"]
-        agent = client.agent("pull", *extra, "--group-port", group_port(), "--no-te", "--timeout", "20")
-        assert agent.wait(90) == 1  # the pull fails verification
-    finally:
-        raw[100] ^= 0x10  # the seed is shared with the other tests of this module
+    client = Pod(h, procs, "client")
+    engine = client.engine_attach(tiny_model)
+    extra = ["--seed", f"{seed.ip}:{seed.agent_port}", "--backend", "gloo"]
+    agent = client.agent("pull", *extra, "--group-port", group_port(), "--no-te", "--timeout", "20")
+    assert agent.wait(90) == 1  # the pull fails verification
     assert "model.layers.0.mlp.up_proj.weight" in procs.log(agent)
+    assert h.wait_status(f"{seed.agent_url}/readyz", 503, 30).status_code == 503  # the seed took itself out
     # The failed pull can end before the engine process has even started listening: wait for it to answer.
     health = h.wait_status(f"{client.engine_url}/health", 503, 60, proc=engine)
     assert health.status_code == 503
