@@ -159,7 +159,7 @@ class SetReconciler:
             verdict = trust.judge(weights_digest, pods, self.suspects, now, spec.transfer.timeout_seconds)
             names = self._namer(pods, spec.replicas)
             plan = planner.plan(
-                spec, fingerprint, pods, nodes, now, names, template_node, verdict.replace, verdict.avoid
+                spec, fingerprint, pods, nodes, now, names, template_node, replace=verdict.replace, avoid=verdict.avoid
             )
             if degraded:
                 plan.create = []  # nothing new until the input is fixed; existing pods keep being served

@@ -17,6 +17,10 @@ def with_digest(pod, digest, **report):
     return replace(pod, report=pod.report.model_copy(update={"digest": digest, **report}))
 
 
+def judged_plan(spec, pods, verdict):
+    return planner.plan(spec, FP, pods, NODES, NOW, names(), None, replace=verdict.replace, avoid=verdict.avoid)
+
+
 def test_the_set_digest_is_the_recorded_one_else_the_oldest_verified_load():
     older = with_digest(seed_pod("s0", created=1.0), GOOD)
     newer = with_digest(seed_pod("s1", created=2.0), OTHER)
@@ -34,12 +38,12 @@ def test_a_pod_with_other_bytes_is_never_gated_nor_a_seed_and_is_replaced():
     reason, message = verdict.problem
     assert reason == "WeightsDigestMismatch" and GOOD in message and OTHER in message
 
-    out = planner.plan(spec, FP, [seed, bad], NODES, NOW, names(), None, verdict.replace, verdict.avoid)
+    out = judged_plan(spec, [seed, bad], verdict)
     assert "s1" not in out.gate
     assert ("s1", verdict.replace["s1"]) in out.delete
     created = dict(out.create)
     assert len(created) == 2  # s1's replacement and the missing third pod
-    assert all(a.seed_pod == "s0" for a in created.values())  # the bad pod seeds nobody
+    assert all(a.seed_pod != "s1" for a in created.values())  # the bad pod seeds nobody
 
 
 def test_a_seed_that_failed_its_own_check_is_replaced_and_its_clients_move():
@@ -50,7 +54,7 @@ def test_a_seed_that_failed_its_own_check_is_replaced_and_its_clients_move():
     client = replace(client, assignment=Assignment(attempt=1, source="seed", seed_pod="s0", assigned_at=NOW - 1))
     verdict = trust.judge("", [seed, client], {}, NOW, 60)
     assert set(verdict.replace) == {"s0"}
-    out = planner.plan(spec, FP, [seed, client], NODES, NOW, names(), None, verdict.replace, verdict.avoid)
+    out = judged_plan(spec, [seed, client], verdict)
     assert [n for n, _ in out.delete] == ["s0"]
     assert dict(out.assign)["c1"].source == "storage"  # no other seed: its seed went away
 
@@ -67,7 +71,7 @@ def test_a_seed_a_client_caught_with_bad_bytes_is_avoided_until_it_rechecked():
     suspects: dict[str, trust.Suspect] = {}
     verdict = trust.judge("", [s0, s1, caught], suspects, NOW, 60)
     assert verdict.avoid == {"s0"} and not verdict.replace
-    out = planner.plan(spec, FP, [s0, s1, caught], NODES, NOW, names(), None, verdict.replace, verdict.avoid)
+    out = judged_plan(spec, [s0, s1, caught], verdict)
     assert {a.seed_pod for _, a in out.assign + out.create} == {"s1"}
 
     # still suspect on the next pass, then cleared by the seed's re-check
@@ -92,7 +96,7 @@ def test_an_avoided_seed_keeps_its_current_clients():
         assignment=Assignment(attempt=1, source="seed", seed_pod="s0", assigned_at=NOW - 1),
         report=AgentReport(attempt=1, state="transferring"),
     )
-    out = planner.plan(spec, FP, [s0, client], NODES, NOW, names(), None, {}, {"s0"})
+    out = planner.plan(spec, FP, [s0, client], NODES, NOW, names(), None, avoid={"s0"})
     assert out.empty, out
 
 
