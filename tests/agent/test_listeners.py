@@ -74,27 +74,17 @@ def test_a_rendezvous_listens_on_the_seed_ip_and_closes_when_its_group_ends(kit,
             wrong.update(_misplaced(seed, kit, allow_ephemeral=True))
             time.sleep(0.005)
 
-    headers = {"Authorization": f"Bearer {kit.TOKEN}"}
-    body = {"master_address": seed.ip, "ports": str(port), "world_size": 2, "group_name": "send_weights_probe"}
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        with ThreadPoolExecutor(1) as pool:
-            # Open the group first and see its store listen before anyone joins.
-            init = pool.submit(
-                httpx.post, f"{seed.url}/init_weights_send_group_for_remote_instance", json=body, headers=headers,
-                timeout=30,
-            )  # fmt: skip
-            deadline = time.monotonic() + 15
-            while f"{seed.ip}:{port}" not in seen and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert f"{seed.ip}:{port}" in seen, seen
-            req = PullRequest(
-                seed_ip=seed.ip, seed_port=kit.AGENT_PORT, token=kit.TOKEN, backend="nccl", fingerprint="fp-test",
-                group_ports=[port], client_id="probe", timeout_s=20, local_ip=kit.new_ip(),
-            )  # fmt: skip
-            pull(req).close()
-            assert init.result().json()["success"]
+        # The client's init request opens the group (its one member is the client): the seed's store must
+        # listen, on the seed's IP, while the client joins.
+        req = PullRequest(
+            seed_ip=seed.ip, seed_port=kit.AGENT_PORT, token=kit.TOKEN, backend="nccl", fingerprint="fp-test",
+            group_ports=[port], client_id="probe", timeout_s=20, local_ip=kit.new_ip(),
+        )  # fmt: skip
+        pull(req).close()
+        assert f"{seed.ip}:{port}" in seen, seen
         deadline = time.monotonic() + 10
         while any(s.port == port for s in listeners(seed.proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -262,10 +262,22 @@ def test_reads_from_our_seed_coalesce_only_where_both_sides_mirror():
     assert _coalesce([], [], []) == ([], [], [])
 
 
-def test_a_seeds_memory_is_exposed_to_transfer_engine_only_while_an_authorised_read_may_run(kit, seed):
+def test_a_seeds_memory_is_exposed_to_transfer_engine_only_while_an_authorised_read_may_run(
+    kit, weights_dir, tmp_path
+):
     """Mooncake has no authentication: whoever holds a seed's pointers could read its registered memory.
     The seed registers its store when a client showed the token for the pointers, and unregisters it when
-    that read is announced over (or could no longer run)."""
+    that read is announced over (or could no longer run). A seed of its own: pointers other tests fetched
+    without announcing a read (as stock SGLang clients do) rightly keep the module's seed open."""
+    seed = kit.AgentProc(kit.seed_args(weights_dir, ip := kit.new_ip()), ip, tmp_path)
+    try:
+        seed.wait_ready()
+        _exposure_follows_authorised_reads(kit, seed)
+    finally:
+        seed.kill(signal.SIGTERM)
+
+
+def _exposure_follows_authorised_reads(kit, seed) -> None:
     auth = {"Authorization": f"Bearer {kit.TOKEN}"}
     url = f"{seed.url}/remote_instance_transfer_engine_info"
 
