@@ -402,13 +402,14 @@ class SetReconciler:
                 return
             self.assigned[name] = (time.time(), assignment)
 
-        async def gate(name: str) -> None:
+        async def set_gate(name: str, status: str, reason: str, message: str) -> bool:
+            """Write the readiness-gate condition; False when the pod is gone."""
             condition = {
                 "type": c.READINESS_GATE,
-                "status": "True",
+                "status": status,
                 "lastTransitionTime": now_rfc3339(time.time()),
-                "reason": "WeightsVerified",
-                "message": "the agent verified the weights",
+                "reason": reason,
+                "message": message,
             }
             try:
                 await run(
@@ -417,6 +418,11 @@ class SetReconciler:
             except ApiException as err:
                 if err.status != 404:
                     raise
+                return False
+            return True
+
+        async def gate(name: str) -> None:
+            if not await set_gate(name, "True", "WeightsVerified", "the agent verified the weights"):
                 return
             self.gating[name] = time.time()
             counts["completed"] += 1
@@ -425,20 +431,7 @@ class SetReconciler:
                 self.gated.add(uids[name])
 
         async def untrust(name: str) -> None:
-            condition = {
-                "type": c.READINESS_GATE,
-                "status": "False",
-                "lastTransitionTime": now_rfc3339(time.time()),
-                "reason": "WeightsUntrusted",
-                "message": "the pod's weights failed a check; it is being replaced",
-            }
-            try:
-                await run(
-                    core.patch_namespaced_pod_status, name, self.namespace, {"status": {"conditions": [condition]}}
-                )
-            except ApiException as err:
-                if err.status != 404:
-                    raise
+            await set_gate(name, "False", "WeightsUntrusted", "the pod's weights failed a check; it is being replaced")
 
         uids = {p.name: p.uid for p in pods}
         versions = {p.name: p.resource_version for p in pods}
