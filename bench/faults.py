@@ -17,8 +17,7 @@ waits until the wanted replicas are Ready again. Per fault it prints:
 
     .venv/bin/python bench/faults.py [--runs 2] [--fault NAME ...] [--timeout 60]
 
-Writes ``bench/results/faults.json``. Faults whose fixes belong to other work (two operators, apiserver
-frozen, token Secret deleted) run too and show what the code does today; ``notes`` says so.
+Writes ``bench/results/faults.json``.
 """
 
 from __future__ import annotations
@@ -303,9 +302,9 @@ FAULTS: dict[str, tuple[Callable[[Ctx], tuple[float, int]], bool, str]] = {
     ),
     "cohort_client_killed": (cohort_client_killed, False, ""),
     "flood_of_never_joining_inits": (flood_of_never_joining_inits, False, ""),
-    "two_operators": (two_operators, False, "today's behaviour: the fix (no overlap, safe creation) is separate work"),
-    "apiserver_frozen": (apiserver_frozen, True, "today's behaviour: operator request timeouts are separate work"),
-    "token_secret_deleted": (token_secret_deleted, False, "today's behaviour: the token lifecycle is separate work"),
+    "two_operators": (two_operators, False, "slot-named pods: a second writer's create conflicts"),
+    "apiserver_frozen": (apiserver_frozen, True, "the operator's API calls time out"),
+    "token_secret_deleted": (token_secret_deleted, False, "the operator recreates the Secret with the pods' token"),
 }
 
 
