@@ -92,10 +92,11 @@ ALL_ENV = [
 
 # ---- the set's transfer port range, shared out -------------------------
 # Every listener of a pod except the agent's HTTP port and the engine's port lies in ``spec.transfer.ports``,
-# so one NetworkPolicy can name them all. The top two ports per rank belong to Mooncake's TransferEngine (its
-# RPC and TCP data listeners, which it places at random inside the range it is given); the ports below them
-# are the rendezvous ports the operator hands out, one per rank per concurrent group.
-TE_PORTS_PER_RANK = 2
+# so one NetworkPolicy can name them all. The top four ports per rank belong to Mooncake's TransferEngine (its
+# RPC and TCP data listeners, which it places at random inside the range it is given: with only two, a pod's
+# data listener found no free port in 5 of 5 tries on the shared-loopback local cluster while other pods used
+# the same two); the ports below them are the rendezvous ports the operator hands out, one per rank per group.
+TE_PORTS_PER_RANK = 4
 
 
 def transfer_engine_ports(start: int, end: int, ranks: int = 1) -> tuple[int, int]:

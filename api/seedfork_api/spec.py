@@ -218,9 +218,9 @@ SPEC_RULES = [
     ),
     cel(  # the layout of the range: seedfork_api.contract.transfer_engine_ports
         "self.transfer.ports.end - self.transfer.ports.start + 1 >= "
-        "3 * self.engine.parallelism.tp * self.engine.parallelism.pp",
+        "5 * self.engine.parallelism.tp * self.engine.parallelism.pp",
         "transfer.ports must hold at least one port per rank (tp * pp) for rendezvous "
-        "plus two per rank for TransferEngine",
+        "plus four per rank for TransferEngine",
         ".transfer.ports",
     ),
     cel(

@@ -130,10 +130,10 @@ CEL_INVALID = [
         "at least one port per rank",
     ),
     (
-        "port range without TransferEngine's two ports",
-        _set(valid_body(), "spec.transfer.ports", {"start": 28000, "end": 28001}),
+        "port range without TransferEngine's four ports",
+        _set(valid_body(), "spec.transfer.ports", {"start": 28000, "end": 28003}),
         "spec.transfer.ports",
-        "plus two per rank for TransferEngine",
+        "plus four per rank for TransferEngine",
     ),
     (
         "agent port inside the group port range",

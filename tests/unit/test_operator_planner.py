@@ -68,7 +68,7 @@ def clusters(draw):
         maxConcurrentStorageLoads=draw(st.integers(1, 3)),
         retries=draw(st.integers(0, 2)),
         fallback=draw(st.sampled_from(["storage", "fail"])),
-        ports={"start": 40000, "end": 40000 + draw(st.integers(3 * tp - 1, 3 * tp + 7))},  # CEL: 3 per rank
+        ports={"start": 40000, "end": 40000 + draw(st.integers(5 * tp - 1, 5 * tp + 7))},  # CEL: 5 per rank
     )
     n = draw(st.integers(0, 10))
     pod_names = [f"p{i}" for i in range(n)]
