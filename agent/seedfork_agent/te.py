@@ -95,6 +95,12 @@ class TransferEngineHandle:
         with self._lock:
             if self._registered.get(ptr) == nbytes:
                 return
+            # Live buffers never overlap: a registration overlapping this range belongs to memory that was freed
+            # without being unregistered (a store closed by its user), and Mooncake refuses the overlap (-7).
+            for old, size in list(self._registered.items()):
+                if old < ptr + nbytes and ptr < old + size:
+                    self._engine.unregister_memory(old)
+                    del self._registered[old]
             rc = self._engine.register_memory(ptr, nbytes)
             if rc != 0:
                 raise TransferEngineError(f"register_memory({ptr:#x}, {nbytes}) returned {rc}")
