@@ -11,7 +11,10 @@ info; fresh engine processes then attach to it, each timing:
   compiling) the checksum kernel.
 
 Zero-copy is checked, not assumed: each engine process writes a marker into the first tensor through its
-mapping, and this process must see it in its own buffer.
+mapping, and this process must see it in its own buffer. And what the pod holds for weights is measured
+(issue "one copy of the weights"): the agent's store plus what the engine allocated while it attached
+(on GPU the larger of torch's allocator growth and the device's free-memory drop; on CPU the growth of
+the engine's anonymous resident memory), over the weights' own bytes. Target: <= 1.02.
 
     .venv/bin/python bench/engine_attach.py --device cuda --gb 16      # on a GPU machine
     .venv/bin/python bench/engine_attach.py --device cpu --gb 0.5      # anywhere
@@ -77,18 +80,34 @@ def child(spec_path: str) -> None:
         torch.cuda.synchronize()
     context_ms = (time.perf_counter() - t0) * 1000
     engine = ReferenceEngine(LlamaConfig.from_dict(spec["config"]), device)
+    before = _engine_memory(device)
     t1 = time.perf_counter()
     engine.attach(spec["body"], verify=False)
     if device == "cuda":
         torch.cuda.synchronize()
     attach_ms = (time.perf_counter() - t1) * 1000
+    after = _engine_memory(device)
+    private = max(after[k] - before[k] for k in before)
     engine.attach(spec["body"], verify=True)  # the engine's own re-check (the store's checksum path)
     verify_ms = engine.timings["verify_ms"]
     first = engine.model.w["model.embed_tokens.weight"].view(-1).view(torch.uint8)
     first[:8] = torch.tensor(spec["marker"], dtype=torch.uint8, device=first.device)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"context_ms": context_ms, "attach_ms": attach_ms, "verify_ms": verify_ms}), flush=True)
+    out = {"context_ms": context_ms, "attach_ms": attach_ms, "verify_ms": verify_ms, "engine_private_bytes": private}
+    print(json.dumps(out), flush=True)
+
+
+def _engine_memory(device: str) -> dict[str, int]:
+    """What this engine process holds beyond the mapping: bytes by the measures that would see a copy."""
+    import torch
+
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return {"allocator": torch.cuda.memory_allocated(), "device_used": -free}
+    status = Path("/proc/self/status").read_text()
+    anon = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:"))
+    return {"rss_anon": anon * 1024}
 
 
 def main() -> int:
@@ -146,9 +165,14 @@ def main() -> int:
         f"engine attach, {where}: {manifest.total_bytes / 1e9:.2f} GB, {len(manifest.tensors)} tensors, "
         f"{args.runs} fresh engine processes (store alloc {alloc_s:.2f} s)"
     )
-    print(f"{'run':>4} {'context ms':>11} {'attach ms':>10} {'verify ms':>10} {'zero-copy':>10}")
+    for r in rows:
+        r["held_over_params"] = (manifest.total_bytes + max(0, r["engine_private_bytes"])) / manifest.payload_bytes
+    print(f"{'run':>4} {'context ms':>11} {'attach ms':>10} {'verify ms':>10} {'zero-copy':>10} {'held/params':>12}")
     for i, r in enumerate(rows):
-        print(f"{i:>4} {r['context_ms']:>11.1f} {r['attach_ms']:>10.2f} {r['verify_ms']:>10.1f} {r['zero_copy']!s:>10}")
+        print(
+            f"{i:>4} {r['context_ms']:>11.1f} {r['attach_ms']:>10.2f} {r['verify_ms']:>10.1f} "
+            f"{r['zero_copy']!s:>10} {r['held_over_params']:>12.3f}"
+        )
     print(f"p50  {p50('context_ms'):>11.1f} {p50('attach_ms'):>10.2f} {p50('verify_ms'):>10.1f}")
     result = {
         "device": args.device,
@@ -161,6 +185,9 @@ def main() -> int:
         "verify_ms_p50": p50("verify_ms"),
         "context_ms_p50": p50("context_ms"),
         "zero_copy": all(r["zero_copy"] for r in rows),
+        "param_bytes": manifest.payload_bytes,
+        "held_over_params_max": max(r["held_over_params"] for r in rows),
+        "target_held_over_params": 1.02,
         "target_attach_ms": TARGET_MS if args.device == "cuda" else None,
         "meets_target": p50("attach_ms") < TARGET_MS if args.device == "cuda" else None,
     }

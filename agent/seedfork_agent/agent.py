@@ -22,7 +22,8 @@ from seedfork_api.contract import group_ports, transfer_engine_ports
 from seedfork_api.spec import PortRange
 
 from .checksum import warm_up
-from .engines.gate import EngineGate, EngineGateError, seed_engine_digests
+from .engines.engine_store import engine_manifest, rank_digest, ranks_of
+from .engines.gate import CHECKPOINT, ENGINE, EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer
 from .store import Manifest, WeightStore, remove_stale_shm
@@ -134,18 +135,46 @@ class Agent:
             self.hook(store, {"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
             self.timing["engine_attached"] = time.time()
         if self.gate is not None:  # the engine loads from the store itself: it must prove it holds the weights
-            self.server.offered = store
-            reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
-            self.timing["engine_attached"] = time.time()
-            starts = [r.started_at for r in reports.values() if r.started_at is not None]
-            if starts:
-                self.timing["engine_load_start"] = min(starts)
+            store = self._engine_load(store)
         self.server.serve(store)
         p = self.server.progress
         p.state, p.finished_at = "verified", now
         p.bytes_done = p.bytes_total = store.manifest.payload_bytes
         log.info("attempt %d verified: %d bytes, %d tensors", p.attempt, p.bytes_total, len(store.manifest.tensors))
         self._changed()
+
+    def _engine_load(self, store: WeightStore) -> WeightStore:
+        """Offer ``store`` to the engine and wait for its proof (``engines.gate``); returns the store to serve,
+        which is the engine's own parameters: a checkpoint store is freed once the engine has loaded it."""
+        self.server.offered = store
+        if self.gate.phase == CHECKPOINT:
+            layouts = self.gate.wait_layouts(self.config.timeout_s, self.engine_gone)
+            filled = WeightStore.empty(engine_manifest(layouts, self.config.fingerprint), self.config.device)
+            try:
+                self.server.offered = filled
+                self.gate.fill(filled.manifest.digest)
+                store.close()  # every rank has its shard in its own parameters now: the checkpoint copy goes
+                reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
+                filled.manifest = filled.manifest.with_checksums(filled.compute_checksums())
+                for rank, report in sorted(reports.items()):
+                    if report.params_digest != rank_digest(filled.manifest, rank):
+                        raise EngineGateError(
+                            f"engine rank {rank}'s parameters are not the bytes it wrote to the engine store"
+                        )
+                self.gate.settle(filled.manifest.digest)
+            except BaseException:
+                self.server.offered = None
+                filled.close()
+                raise
+            store = filled
+        else:
+            reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
+        self.timing["engine_attached"] = time.time()
+        starts = [r.started_at for r in reports.values() if r.started_at is not None]
+        if starts:
+            self.timing["engine_load_start"] = min(starts)
+        self.server.offered = store
+        return store
 
     async def load_storage(self, uri: str, attempt: int = 1) -> bool:
         if self.server.serving:
@@ -159,7 +188,8 @@ class Agent:
             self._fail(f"loading {uri} failed: {type(e).__name__}: {e}")
             return False
         if self.gate is not None:
-            self.gate.open(store.manifest.digest, None)  # loaded from storage: this pod's engine sets the digests
+            # From storage: the engine loads the checkpoint, and its own parameters become this pod's store.
+            self.gate.open(store.manifest.digest, None, CHECKPOINT)
         return await self._finish(store)
 
     async def pull_seed(
@@ -187,7 +217,12 @@ class Agent:
         if self.gate is not None:
             try:  # the seed's engine, rank by rank: this pod's engine must come to hold the same parameters
                 expected = await asyncio.to_thread(seed_engine_digests, req.base_url, req.token, req.timeout_s)
-                self.gate.open(store.manifest.digest, expected)
+                if ranks_of(store.manifest) != set(range(self.gate.ranks)):
+                    raise ValueError(f"the seed serves no engine-layout store for {self.gate.ranks} ranks")
+                stale = [r for r, d in sorted(expected.items()) if d != rank_digest(store.manifest, r)]
+                if stale:  # what the seed serves must be what its engine holds
+                    raise ValueError(f"the seed's store is not what its engine holds for ranks {stale}")
+                self.gate.open(store.manifest.digest, expected, ENGINE)
             except (EngineGateError, OSError, ValueError) as e:
                 store.close()
                 self._fail(f"seed {req.seed}: {e}")

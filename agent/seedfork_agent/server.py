@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 from . import groups, refusal
-from .engines.gate import EngineGate, RankReport
+from .engines.gate import ENGINE, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
 
@@ -177,6 +177,7 @@ class AgentServer:
         app.router.add_get("/v1/attach", self.attach_view)
         app.router.add_post("/v1/transfers", self.transfer_event)
         app.router.add_get("/v1/engine", self.engine_view)
+        app.router.add_post("/v1/engine/layout", self.engine_layout)
         app.router.add_post("/v1/engine/report", self.engine_report)
         app.router.add_post("/v1/engine/failed", self.engine_failed)
         app.router.add_post("/v1/selfcheck", self.selfcheck)
@@ -358,7 +359,10 @@ class AgentServer:
         store = self.store if self.serving else self.offered
         if store is None:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        return web.json_response({"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
+        body = {"attach": store.attach_info(), "manifest": store.manifest.to_dict(), "attempt": self.progress.attempt}
+        if self.gate is not None:  # what the engine does with it (engines.gate): load, fill or map
+            body["layout"] = self.gate.phase if not self.serving else ENGINE
+        return web.json_response(body)
 
     # ---- the pod's own engine loading from the store (engines.gate) -------------------------------
     async def engine_view(self, request: web.Request) -> web.Response:
@@ -372,6 +376,7 @@ class AgentServer:
             {
                 "ranks": {str(r): d for r, d in sorted(ranks.items())},
                 "paramBytes": {str(r): n for r, n in sorted(sizes.items())},
+                "privateBytes": {str(r): n for r, n in sorted(self.gate.private_bytes.items())} if self.gate else {},
                 "storeBytes": self.store.nbytes,
             }
         )
@@ -387,6 +392,21 @@ class AgentServer:
         reason = self.gate.report(report)
         if reason is not None:
             log.warning("refused the engine's load: %s", reason)
+            return web.json_response({"ok": False, "reason": reason}, status=409)
+        return web.json_response({"ok": True})
+
+    async def engine_layout(self, request: web.Request) -> web.Response:
+        """A rank loaded its shard from the checkpoint: the layout of its parameters (``engines.gate``)."""
+        self._require_token(request)
+        if self.gate is None:
+            raise web.HTTPNotFound(text="this agent's engine does not load from the store")
+        try:
+            layout = RankLayoutReport.from_json(await self._json(request))
+        except ValueError as e:
+            raise web.HTTPBadRequest(text=str(e)) from None
+        reason = self.gate.layout(layout)
+        if reason is not None:
+            log.warning("refused the engine's layout: %s", reason)
             return web.json_response({"ok": False, "reason": reason}, status=409)
         return web.json_response({"ok": True})
 

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +150,13 @@ class Server:
         log: Path,
         load_format: str = "seedfork",
         contract: Mapping[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.url = f"http://{ip}:{port}"
         self.log = log
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         env |= cpu_env() | dict(contract or {})
-        argv = [str(python().parent / "vllm"), *serve_args(model, ip, port, load_format)]
+        argv = [str(python().parent / "vllm"), *serve_args(model, ip, port, load_format), *extra]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -9,29 +9,36 @@ place of vLLM's own weight loading during vLLM's own start-up:
    agent offers verified weights: from storage for the first replica, from a seed for the others. The
    wait is bounded by the set's timeout, counted afresh whenever the agent starts a new attempt (a retry
    from another seed or storage), so an agent that fails or stops answering ends it within that bound.
-3. It maps the store (the shared-memory file on CPU, a CUDA IPC handle on GPU; every tensor-parallel
-   rank maps the same store and vLLM's own ``load_weights`` takes that rank's shard), checksums what it
-   mapped, feeds every tensor to ``model.load_weights`` and checks that every parameter was loaded.
-4. It checksums the model's parameters as this rank holds them and reports both digests to the agent
-   (``POST /v1/engine/report``); the agent's ``EngineGate`` accepts or refuses. A refusal, a missing
-   parameter or any error raises: vLLM exits, the container restarts, and the pod never turns Ready.
-5. vLLM then post-processes the weights, sizes its KV cache and only then answers ``/health``.
+3. The pod keeps one copy of the weights, and it is the engine's (``engine_store``, ``gate``):
+   - a **checkpoint** store (loaded from storage): the worker maps it, checksums what it mapped, feeds
+     every tensor to vLLM's own ``model.load_weights`` (each tensor-parallel rank takes its shard),
+     checks that every parameter was loaded and reports its parameters' layout. The agent frees the
+     checkpoint and offers an empty engine-layout store; the worker copies its parameters in and makes
+     them views of that shared memory.
+   - an **engine-layout** store (pulled from a seed, or this pod's own after an engine restart): the
+     worker checksums its rank's part and makes its parameters views of it, without a load or a copy.
+   It keeps vLLM's CPU build from repacking the linear weights into oneDNN's layout (vLLM's own
+   ``_cpu_skip_gemm_dispatch`` path): a repacked weight is a second, private copy the agent cannot
+   serve. The README says what that costs.
+4. After vLLM's post-processing, it checks that the parameters still are the store's memory, checksums
+   them as this rank holds them and reports the digest to the agent (``POST /v1/engine/report``); the
+   agent's ``EngineGate`` accepts or refuses. A refusal, a missing parameter or any error raises: vLLM
+   exits, the container restarts, and the pod never turns Ready.
+5. vLLM then sizes its KV cache and only then answers ``/health``.
 
 So no dummy weights ever serve, no route that changes weights exists (vLLM's dev mode stays off), and
-the pod holds the agent's store and vLLM's own parameters (on CPU, vLLM repacks linear weights into its
-oneDNN layout after the load, so the engine's copy cannot be the agent's memory there).
+what a seed serves is its engine's own parameters.
 
-This module imports vLLM only inside ``register``: the agent itself never needs vLLM.
+This module imports vLLM only inside functions called in vLLM's processes: the agent never needs vLLM.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import gc
 import logging
 import os
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -40,7 +47,9 @@ import torch
 from seedfork_api.contract import ENV_AGENT_PORT, ENV_POD_IP, ENV_TIMEOUT_SECONDS, ENV_TOKEN
 
 from ..checksum import checksum
-from ..store import Manifest, attach_buffer, manifest_checksums, tensor_views
+from ..store import Manifest, attach_buffer, dtype_name, manifest_checksums, tensor_views
+from .engine_store import params_digest, rank_entries, rank_prefix
+from .gate import CHECKPOINT, ENGINE, FILL
 
 # A child of vLLM's own logger, so these lines land in vLLM's output with its format.
 log = logging.getLogger("vllm.seedfork")
@@ -72,33 +81,44 @@ class AgentLink:
             float(env.get(ENV_TIMEOUT_SECONDS, "300")),
         )
 
-    def wait_for_weights(self) -> dict[str, Any]:
-        """The agent's ``/v1/attach`` answer once it offers verified weights."""
+    def wait_for_weights(self, accept: tuple[str, ...], attempt: int | None = None) -> dict[str, Any]:
+        """The agent's ``/v1/attach`` answer once it offers a store of a kind in ``accept``. With ``attempt``
+        (the second step of a load), the store must belong to that attempt: if the agent left it, so does
+        the engine."""
         deadline = time.monotonic() + self.timeout_s
-        attempt: int | None = None
-        last = "no answer yet"
+        seen, last = attempt, "no answer yet"
         with httpx.Client(timeout=10.0) as client:
             while True:
                 try:
                     r = client.get(f"{self.url}/v1/attach", headers=self._headers)
-                    if r.status_code == 200:
-                        return r.json()
                     if r.status_code in (401, 403):
                         raise LoadRefused(f"the agent refused the engine's token ({r.status_code})")
+                    body = r.json() if r.status_code == 200 else {}
+                    if body.get("layout") in accept and (attempt is None or body.get("attempt") == attempt):
+                        return body
                     progress = client.get(f"{self.url}/v1/progress").json()
-                    if progress.get("attempt") != attempt:  # a new attempt: the agent is working, wait afresh
-                        attempt, deadline = progress.get("attempt"), time.monotonic() + self.timeout_s
-                    last = f"agent attempt {attempt}: {progress.get('state')} {progress.get('error') or ''}".strip()
+                    now = progress.get("attempt")
+                    if attempt is not None and now != attempt:
+                        raise LoadRefused(f"the agent left attempt {attempt} for {now}: {progress.get('error')}")
+                    if now != seen:  # a new attempt: the agent is working, wait afresh
+                        seen, deadline = now, time.monotonic() + self.timeout_s
+                    last = f"agent attempt {now}: {progress.get('state')} {progress.get('error') or ''}".strip()
                 except httpx.HTTPError as e:
                     last = f"agent unreachable: {e!r}"
                 if time.monotonic() > deadline:
                     raise LoadRefused(f"no verified weights from the agent within {self.timeout_s:.0f}s ({last})")
                 time.sleep(self.poll_s)
 
-    def report(self, body: dict[str, Any]) -> None:
-        r = httpx.post(f"{self.url}/v1/engine/report", json=body, headers=self._headers, timeout=30.0)
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        r = httpx.post(f"{self.url}{path}", json=body, headers=self._headers, timeout=30.0)
         if r.status_code != 200:
             raise LoadRefused(f"the agent refused rank {body['rank']}'s load: HTTP {r.status_code}: {r.text[:500]}")
+
+    def layout(self, body: dict[str, Any]) -> None:
+        self._post("/v1/engine/layout", body)
+
+    def report(self, body: dict[str, Any]) -> None:
+        self._post("/v1/engine/report", body)
 
     def failed(self, rank: int, reason: str) -> None:
         try:
@@ -112,60 +132,151 @@ class AgentLink:
             log.warning("could not tell the agent that rank %d failed", rank)
 
 
-def params_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int]:
-    """Digest of parameters as one engine rank holds them: names, dtypes, shapes and byte checksums."""
-    h = hashlib.sha256()
-    total = 0
-    for name, p in sorted(named, key=lambda kv: kv[0]):
-        data = p.detach().contiguous().view(-1).view(torch.uint8)
-        total += data.numel()
-        h.update(json.dumps([name, str(p.dtype), list(p.shape), checksum(data)]).encode())
-    return h.hexdigest(), total
+@dataclass
+class Binding:
+    """The store this rank's parameters are views of, from ``load_into`` to the report."""
+
+    buffer: torch.Tensor
+    manifest: Manifest
+    manifest_digest: str  # what the rank reports it read: the offered manifest, checksummed here
+    loaded_tensors: int
+    started_at: float
 
 
-def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> dict[str, Any]:
-    """Load the agent's verified weights into ``model`` (one engine rank) and have the agent accept them."""
+def _held(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def _load_checkpoint(model: torch.nn.Module, body: dict[str, Any]) -> tuple[str, int]:
+    """vLLM's own ``load_weights`` from a checkpoint store; returns the digest read and the tensors fed."""
+    manifest = Manifest.from_dict(body["manifest"])
+    buffer = attach_buffer(body["attach"])
+    # The engine's own reading of the bytes: a stale or wrong mapping shows here, not in the tokens.
+    read = manifest.with_checksums(manifest_checksums(buffer, manifest))
+    if read.digest != manifest.digest:
+        bad = [t.name for t, s in zip(manifest.tensors, read.tensors, strict=True) if t.checksum != s.checksum]
+        raise LoadRefused(f"the mapped weights differ from the manifest in {len(bad)} tensors, e.g. {bad[:3]}")
+    tensors = tensor_views(buffer, manifest)
+    loaded = model.load_weights(iter(tensors.items()))
+    if loaded is None:
+        raise LoadRefused(f"{type(model).__name__}.load_weights does not say what it loaded")
+    missing = sorted(set(_held(model)) - set(loaded))
+    if missing:
+        raise LoadRefused(f"the weights left {len(missing)} parameters unset, e.g. {missing[:5]}")
+    del tensors, buffer  # the parameters hold the shard now: unmap the checkpoint, which the agent frees
+    gc.collect()
+    return read.digest, len(manifest.tensors)
+
+
+def _bind(model: torch.nn.Module, body: dict[str, Any], rank: int, fill: bool) -> tuple[torch.Tensor, Manifest]:
+    """Make this rank's parameters views of the offered engine-layout store: copied in first (``fill``), or
+    checksummed as they are (the seed's bytes, or this pod's own)."""
+    manifest = Manifest.from_dict(body["manifest"])
+    buffer = attach_buffer(body["attach"])
+    views = tensor_views(buffer, manifest)
+    entries, params = rank_entries(manifest, rank), _held(model)
+    if set(entries) != set(params):
+        extra, missing = sorted(set(entries) - set(params)), sorted(set(params) - set(entries))
+        raise LoadRefused(f"the store's rank {rank} does not fit this engine: extra {extra[:3]}, missing {missing[:3]}")
+    for name, p in params.items():
+        view = views[rank_prefix(rank) + name]
+        if view.dtype != p.dtype or view.shape != p.shape:
+            held = f"{view.dtype} {tuple(view.shape)}"
+            raise LoadRefused(f"{name}: the store holds {held}, the engine {p.dtype} {tuple(p.shape)}")
+        if not fill and checksum(view.reshape(-1).view(torch.uint8)) != entries[name].checksum:
+            raise LoadRefused(f"{name}: the mapped bytes differ from the manifest")
+        if p.device != view.device:
+            # A GPU engine beside an agent that sees no GPU (vLLM's CUDA build: on paper, it cannot run here):
+            # the parameters stay the engine's one device copy; the store is their copy in host memory.
+            if fill:
+                view.copy_(p.data)
+            else:
+                p.data.copy_(view)
+            continue
+        if fill:
+            view.copy_(p.data)
+        p.data = view  # the private copy goes; the tie of tied parameters stays (one Parameter object)
+    gc.collect()
+    return buffer, manifest
+
+
+def keep_weights_in_place(model: torch.nn.Module) -> None:
+    """Before vLLM's post-processing: on CPU, leave unquantized linear weights as they are (vLLM's own
+    ``_cpu_skip_gemm_dispatch``), not repacked into a private oneDNN copy. Ignored off CPU."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    for module in model.modules():
+        if isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod):
+            module._cpu_skip_gemm_dispatch = True
+
+
+def drop_packed_copies(model: torch.nn.Module) -> None:
+    """After vLLM's post-processing: an embedding-like layer keeps its weight and may add a packed copy for
+    its GEMM (``cpu_linear``, CPU only); compute from the weight itself so the copy is freed."""
+    for module in model.modules():
+        fn, weight = getattr(module, "cpu_linear", None), getattr(module, "weight", None)
+        if fn is not None and fn is not torch.nn.functional.linear and weight is not None and weight.numel():
+            module.cpu_linear = torch.nn.functional.linear
+
+
+def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> Binding:
+    """Give ``model`` (one engine rank) the agent's verified weights, its parameters the pod's one store."""
     started = time.time()
-    try:
-        body = link.wait_for_weights()
-        manifest = Manifest.from_dict(body["manifest"])
-        buffer = attach_buffer(body["attach"])
-        # The engine's own reading of the bytes: a stale or wrong mapping shows here, not in the tokens.
-        read = manifest.with_checksums(manifest_checksums(buffer, manifest))
-        if read.digest != manifest.digest:
-            bad = [t.name for t, s in zip(manifest.tensors, read.tensors, strict=True) if t.checksum != s.checksum]
-            raise LoadRefused(f"the mapped weights differ from the manifest in {len(bad)} tensors, e.g. {bad[:3]}")
-        tensors = tensor_views(buffer, manifest)
-        loaded = model.load_weights(iter(tensors.items()))
-        params = dict(model.named_parameters())
-        if loaded is None:
-            raise LoadRefused(f"{type(model).__name__}.load_weights does not say what it loaded")
-        missing = sorted(set(params) - set(loaded))
-        if missing:
-            raise LoadRefused(f"the weights left {len(missing)} parameters unset, e.g. {missing[:5]}")
-        del tensors, buffer  # the model holds its own copies: unmap the store
-        digest, nbytes = params_digest(params.items())
-        report = {
-            "rank": rank,
-            "worldSize": world_size,
-            "manifestDigest": read.digest,
-            "paramsDigest": digest,
-            "paramBytes": nbytes,
-            "loadedTensors": len(manifest.tensors),
-            "startedAt": started,
-        }
-        link.report(report)
-        log.info(
-            "rank %d/%d loaded %d tensors from the agent; parameters %s",
-            rank,
-            world_size,
-            len(manifest.tensors),
-            digest[:16],
+    body = link.wait_for_weights((CHECKPOINT, ENGINE))
+    if body["layout"] == CHECKPOINT:
+        read, fed = _load_checkpoint(model, body)
+        held = _held(model)
+        link.layout(
+            {
+                "rank": rank,
+                "worldSize": world_size,
+                "manifestDigest": read,
+                "tensors": [[n, dtype_name(p.dtype), list(p.shape)] for n, p in held.items()],
+            }
         )
-        return report
-    except Exception as e:
-        link.failed(rank, f"{type(e).__name__}: {e}")
-        raise
+        buffer, manifest = _bind(model, link.wait_for_weights((FILL,), body["attempt"]), rank, fill=True)
+        return Binding(buffer, manifest, manifest.digest, fed, started)
+    buffer, manifest = _bind(model, body, rank, fill=False)
+    return Binding(buffer, manifest, manifest.digest, len(rank_entries(manifest, rank)), started)
+
+
+def prove(model: torch.nn.Module, binding: Binding, link: AgentLink, rank: int, world_size: int) -> dict[str, Any]:
+    """After vLLM's post-processing: checksum the parameters as this rank holds them, count what lies
+    outside the store, and have the agent accept them."""
+    lo = binding.buffer.data_ptr()
+    hi = lo + binding.buffer.numel()
+    items, nbytes, private = [], 0, 0
+    for name, p in _held(model).items():
+        data = p.detach().reshape(-1).view(torch.uint8)
+        nbytes += data.numel()
+        outside = not lo <= p.data_ptr() < hi or p.data_ptr() + data.numel() > hi
+        if outside and p.device == binding.buffer.device:  # a second copy in the memory the store is in
+            private += data.numel()
+        items.append((name, dtype_name(p.dtype), list(p.shape), checksum(data)))
+    for module in model.modules():  # a packed copy left behind by the post-processing
+        if getattr(module, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear:
+            private += module.weight.numel() * module.weight.element_size() if hasattr(module, "weight") else 0
+    digest = params_digest(items)
+    report = {
+        "rank": rank,
+        "worldSize": world_size,
+        "manifestDigest": binding.manifest_digest,
+        "paramsDigest": digest,
+        "paramBytes": nbytes,
+        "privateBytes": private,
+        "loadedTensors": binding.loaded_tensors,
+        "startedAt": binding.started_at,
+    }
+    link.report(report)
+    log.info(
+        "rank %d/%d holds %d parameter bytes in the pod's store (%d outside); parameters %s",
+        rank,
+        world_size,
+        nbytes,
+        private,
+        digest[:16],
+    )
+    return report
 
 
 def _rank() -> tuple[int, int]:
@@ -185,13 +296,24 @@ def register() -> None:
 
     @register_model_loader(LOAD_FORMAT)
     class SeedforkModelLoader(BaseModelLoader):
-        """Weights from the pod's seedfork agent, verified inside this engine process."""
+        """Weights from the pod's seedfork agent, verified inside this engine process, held once."""
 
         def download_model(self, model_config: Any) -> None:
             return None  # nothing to download: the agent brings the weights
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
-            rank, world_size = _rank()
-            load_into(model, AgentLink.from_environ(), rank, world_size)
+            self._binding = load_into(model, self._link, *self._rank)
+            keep_weights_in_place(model)
+
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
+            self._link, self._rank = AgentLink.from_environ(), _rank()
+            try:
+                model = super().load_model(vllm_config, model_config, prefix)
+                drop_packed_copies(model)
+                prove(model, self._binding, self._link, *self._rank)
+            except Exception as e:
+                self._link.failed(self._rank[0], f"{type(e).__name__}: {e}")
+                raise
+            return model
 
     _registered = True
