@@ -16,7 +16,8 @@ What the operator adds (``seedfork_api.contract`` names every key):
     engine container's ``--load-format`` is set to it, both containers mount one memory-backed
     ``/dev/shm`` (the store on CPU), the sidecar mounts the engine's volumes that hold ``model.uri``
     (read only, for the first replica), and the engine gets a readiness probe on vLLM's ``/health``
-    unless it has one. So vLLM answers only after the agent accepted its load.
+    unless it has one; ``--middleware`` adds seedfork's guard (``vllm_guard``), so vLLM's API refuses
+    requests until the agent has verified the weights inside the engine.
   - other engines: an agent sidecar that moves the bytes into its own store.
 """
 
@@ -35,6 +36,8 @@ AGENT_CONTAINER = "seedfork-agent"
 AGENT_COMMAND = ["seedfork-agent", "run"]
 AGENT_ENTRY_POINT = [*AGENT_COMMAND, "--"]
 VLLM_LOAD_FORMAT = "seedfork"  # registered by seedfork_agent.engines.vllm_loader in vLLM's processes
+# vLLM's API refuses requests until the agent verified the weights (a warm standby answers /health first).
+VLLM_GUARD = "seedfork_agent.engines.vllm_guard.guard"
 SHM_VOLUME = "seedfork-shm"
 SHM_PATH = "/dev/shm"
 
@@ -127,6 +130,9 @@ def vllm_engine(container: dict[str, Any], engine_port: int) -> dict[str, Any]:
             container.pop("command")
     else:
         container["command"] = _set_flag(list(container["command"]), "--load-format", VLLM_LOAD_FORMAT)
+    words = "args" if container.get("args") else "command"
+    if f"--middleware={VLLM_GUARD}" not in container[words]:  # beside any middleware of the template's
+        container[words] = [*container[words], f"--middleware={VLLM_GUARD}"]
     if not container.get("readinessProbe"):
         container["readinessProbe"] = {
             "httpGet": {"path": "/health", "port": engine_port},

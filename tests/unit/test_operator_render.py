@@ -209,6 +209,7 @@ def test_vllm_engine_loads_through_seedfork_and_shares_memory_and_the_model_with
     engine, agent = pod["spec"]["containers"]
     assert engine["args"] == [
         "--model=/models/m", "--tensor-parallel-size", "2", "--port=8000", "--load-format=seedfork",
+        f"--middleware={render.VLLM_GUARD}",
     ]  # fmt: skip
     assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": 30000}  # vLLM's API up, not only weights
     shm = {"name": render.SHM_VOLUME, "mountPath": "/dev/shm"}
@@ -235,7 +236,9 @@ def test_vllm_keeps_a_shared_memory_mount_and_probe_the_template_has():
 def test_vllm_load_format_in_the_command_is_replaced_there():
     cmd = {"name": "engine", "image": "v", "command": ["vllm", "serve", "/models/m", "--load_format=dummy"]}
     (engine, _agent) = rendered({"spec": {"containers": [cmd]}}, "vllm")["spec"]["containers"]
-    assert engine["command"] == ["vllm", "serve", "/models/m", "--load-format=seedfork"] and "args" not in engine
+    assert engine["command"] == [
+        "vllm", "serve", "/models/m", "--load-format=seedfork", f"--middleware={render.VLLM_GUARD}",
+    ] and "args" not in engine  # fmt: skip
 
 
 @pytest.mark.parametrize(
