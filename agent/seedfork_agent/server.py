@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 from . import groups, refusal
-from .engines.gate import ENGINE, EngineGate, RankLayoutReport, RankReport
+from .engines.gate import ENGINE, STANDBY, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
 
@@ -356,6 +356,8 @@ class AgentServer:
 
     async def attach_view(self, request: web.Request) -> web.Response:
         self._require_token(request)
+        if not self.serving and self.gate is not None and self.gate.phase == STANDBY:  # start warm, no weights
+            return web.json_response({"layout": STANDBY, "attempt": self.progress.attempt})
         store = self.store if self.serving else self.offered
         if store is None:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)

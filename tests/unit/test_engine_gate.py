@@ -198,3 +198,16 @@ def test_a_layout_with_the_wrong_checkpoint_or_outside_a_checkpoint_load_is_refu
 def test_malformed_layouts_name_the_field(tensors, field):
     with pytest.raises(ValueError, match=field):
         RankLayoutReport.from_json({"rank": 0, "worldSize": 1, "manifestDigest": "m", "tensors": tensors})
+
+
+def test_a_standby_offers_nothing_and_accepts_nothing_until_its_promotion_opens_an_engine_store():
+    from seedfork_agent.engines.gate import STANDBY
+
+    gate = EngineGate(1)
+    gate.standby()
+    assert gate.phase == STANDBY and not gate.is_open
+    assert "no verified weights" in gate.report(report(0, world=1))  # a warm engine cannot claim weights
+    gate.standby()
+    gate.open("m" * 64, {0: "p0" * 16}, ENGINE)  # promoted: the pulled store, the seed's digests
+    assert gate.report(report(0, world=1)) is None
+    assert set(gate.wait(1)) == {0}

@@ -34,7 +34,7 @@ from typing import Any
 
 from .engine_store import RankLayout, parse_layout
 
-CHECKPOINT, FILL, ENGINE = "checkpoint", "fill", "engine"
+CHECKPOINT, FILL, ENGINE, STANDBY = "checkpoint", "fill", "engine", "standby"
 
 
 class EngineGateError(RuntimeError):
@@ -146,6 +146,15 @@ class EngineGate:
             )
         with self._cond:
             self.phase, self._manifest_digest, self._expected = layout, manifest_digest, expected
+            self._layouts, self._reports, self._failure = {}, {}, None
+            self.published, self.param_bytes, self.private_bytes = {}, {}, {}
+            self._cond.notify_all()
+
+    def standby(self) -> None:
+        """A warm standby: the engine starts without weights, warms up, and waits for its promotion's store
+        (the next ``open``). Nothing is offered and nothing is accepted meanwhile."""
+        with self._cond:
+            self.phase, self._manifest_digest, self._expected = STANDBY, None, None
             self._layouts, self._reports, self._failure = {}, {}, None
             self.published, self.param_bytes, self.private_bytes = {}, {}, {}
             self._cond.notify_all()

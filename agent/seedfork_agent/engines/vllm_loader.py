@@ -37,6 +37,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +51,7 @@ from seedfork_api.contract import ENV_AGENT_PORT, ENV_POD_IP, ENV_TIMEOUT_SECOND
 from ..checksum import checksum
 from ..store import Manifest, attach_buffer, dtype_name, manifest_checksums, tensor_views
 from .engine_store import params_digest, rank_entries, rank_prefix
-from .gate import CHECKPOINT, ENGINE, FILL
+from .gate import CHECKPOINT, ENGINE, FILL, STANDBY
 
 # A child of vLLM's own logger, so these lines land in vLLM's output with its format.
 log = logging.getLogger("vllm.seedfork")
@@ -84,7 +86,8 @@ class AgentLink:
     def wait_for_weights(self, accept: tuple[str, ...], attempt: int | None = None) -> dict[str, Any]:
         """The agent's ``/v1/attach`` answer once it offers a store of a kind in ``accept``. With ``attempt``
         (the second step of a load), the store must belong to that attempt: if the agent left it, so does
-        the engine."""
+        the engine. While the agent holds the pod as a warm standby (and standby is not accepted), the
+        wait has no bound: a standby waits for its promotion, whose own attempt is bounded again."""
         deadline = time.monotonic() + self.timeout_s
         seen, last = attempt, "no answer yet"
         with httpx.Client(timeout=10.0) as client:
@@ -96,6 +99,8 @@ class AgentLink:
                     body = r.json() if r.status_code == 200 else {}
                     if body.get("layout") in accept and (attempt is None or body.get("attempt") == attempt):
                         return body
+                    if body.get("layout") == STANDBY:
+                        deadline = time.monotonic() + self.timeout_s
                     progress = client.get(f"{self.url}/v1/progress").json()
                     now = progress.get("attempt")
                     if attempt is not None and now != attempt:
@@ -219,10 +224,13 @@ def drop_packed_copies(model: torch.nn.Module) -> None:
             module.cpu_linear = torch.nn.functional.linear
 
 
-def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> Binding:
-    """Give ``model`` (one engine rank) the agent's verified weights, its parameters the pod's one store."""
+def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> Binding | None:
+    """Give ``model`` (one engine rank) the agent's verified weights, its parameters the pod's one store;
+    None for a warm standby (no weights yet: ``await_promotion`` brings them)."""
     started = time.time()
-    body = link.wait_for_weights((CHECKPOINT, ENGINE))
+    body = link.wait_for_weights((CHECKPOINT, ENGINE, STANDBY))
+    if body["layout"] == STANDBY:
+        return None
     if body["layout"] == CHECKPOINT:
         read, fed = _load_checkpoint(model, body)
         held = _held(model)
@@ -236,8 +244,26 @@ def load_into(model: torch.nn.Module, link: AgentLink, rank: int, world_size: in
         )
         buffer, manifest = _bind(model, link.wait_for_weights((FILL,), body["attempt"]), rank, fill=True)
         return Binding(buffer, manifest, manifest.digest, fed, started)
+    return _map(model, body, rank, started)
+
+
+def _map(model: torch.nn.Module, body: dict[str, Any], rank: int, started: float) -> Binding:
     buffer, manifest = _bind(model, body, rank, fill=False)
     return Binding(buffer, manifest, manifest.digest, len(rank_entries(manifest, rank)), started)
+
+
+def await_promotion(model: torch.nn.Module, link: AgentLink, rank: int, world_size: int) -> None:
+    """A warm standby's rank, in a thread of the running engine: once the agent offers the promoted pod's
+    store, make the parameters views of it and prove them. vLLM's guard (``vllm_guard``) has refused every
+    request meanwhile. Any failure ends the engine's process: vLLM shuts down and its container restarts,
+    so no engine stays up with weights it could not prove."""
+    try:
+        body = link.wait_for_weights((ENGINE,))
+        prove(model, _map(model, body, rank, time.time()), link, rank, world_size)
+    except Exception as e:
+        log.error("rank %d could not take its promotion's weights: %s", rank, e)
+        link.failed(rank, f"{type(e).__name__}: {e}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prove(model: torch.nn.Module, binding: Binding, link: AgentLink, rank: int, world_size: int) -> dict[str, Any]:
@@ -310,7 +336,12 @@ def register() -> None:
             try:
                 model = super().load_model(vllm_config, model_config, prefix)
                 drop_packed_copies(model)
-                prove(model, self._binding, self._link, *self._rank)
+                if self._binding is None:  # a warm standby: vLLM warms up now; the weights come on promotion
+                    threading.Thread(
+                        target=await_promotion, args=(model, self._link, *self._rank), daemon=True
+                    ).start()
+                else:
+                    prove(model, self._binding, self._link, *self._rank)
             except Exception as e:
                 self._link.failed(self._rank[0], f"{type(e).__name__}: {e}")
                 raise
