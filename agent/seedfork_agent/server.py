@@ -384,31 +384,25 @@ class AgentServer:
         )
 
     async def engine_report(self, request: web.Request) -> web.Response:
-        self._require_token(request)
-        if self.gate is None:
-            raise web.HTTPNotFound(text="this agent's engine does not load from the store")
-        try:
-            report = RankReport.from_json(await self._json(request))
-        except ValueError as e:
-            raise web.HTTPBadRequest(text=str(e)) from None
-        reason = self.gate.report(report)
-        if reason is not None:
-            log.warning("refused the engine's load: %s", reason)
-            return web.json_response({"ok": False, "reason": reason}, status=409)
-        return web.json_response({"ok": True})
+        """A rank's proof of its load (``engines.gate``)."""
+        return await self._to_gate(request, RankReport.from_json, lambda r: self.gate.report(r), "load")
 
     async def engine_layout(self, request: web.Request) -> web.Response:
         """A rank loaded its shard from the checkpoint: the layout of its parameters (``engines.gate``)."""
+        return await self._to_gate(request, RankLayoutReport.from_json, lambda r: self.gate.layout(r), "layout")
+
+    async def _to_gate(self, request: web.Request, parse: Any, record: Any, what: str) -> web.Response:
+        """Parse an engine rank's body (400 naming the field), hand it to the gate, 409 with its reason."""
         self._require_token(request)
         if self.gate is None:
             raise web.HTTPNotFound(text="this agent's engine does not load from the store")
         try:
-            layout = RankLayoutReport.from_json(await self._json(request))
+            body = parse(await self._json(request))
         except ValueError as e:
             raise web.HTTPBadRequest(text=str(e)) from None
-        reason = self.gate.layout(layout)
+        reason = record(body)
         if reason is not None:
-            log.warning("refused the engine's layout: %s", reason)
+            log.warning("refused the engine's %s: %s", what, reason)
             return web.json_response({"ok": False, "reason": reason}, status=409)
         return web.json_response({"ok": True})
 

@@ -9,6 +9,7 @@ environment in for that image (``PodRunner(images=image_env())``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -134,6 +135,15 @@ def set_body(
             },
         },
     }
+
+
+def run_script(code: str, *argv: str, timeout: float = 300) -> Any:
+    """Run ``code`` with vLLM's environment's Python (vLLM's own modules, on CPU); its last stdout line, as
+    JSON. ``AssertionError`` with its stderr when it fails."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ} | cpu_env()
+    proc = subprocess.run([str(python()), "-c", code, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class Server:

@@ -168,7 +168,7 @@ load_general_plugins()
 loader = get_model_loader(LoadConfig(load_format=args.load_format))
 print(json.dumps({"model": args.model_tag or args.model, "load_format": args.load_format,
                   "tp": args.tensor_parallel_size, "host": args.host, "port": args.port,
-                  "loader": type(loader).__module__ + "." + type(loader).__name__}))
+                  "loader": type(loader).__module__ + "." + type(loader).__name__, "middleware": args.middleware}))
 """
 
 
@@ -176,9 +176,6 @@ print(json.dumps({"model": args.model_tag or args.model, "load_format": args.loa
 def test_vllm_example_renders_an_engine_command_vllm_parses_with_seedforks_loader(tools):
     """The operator's rendering of examples/vllm.yaml, read by the vLLM release the README supports: every flag
     known to vLLM's parser, and --load-format resolving to seedfork's loader through vLLM's plugin mechanism."""
-    import os
-    import subprocess
-
     from seedfork_api import contract as c
     from seedfork_localdev import vllm
     from seedfork_operator.render import render_pod
@@ -195,16 +192,7 @@ def test_vllm_example_renders_an_engine_command_vllm_parses_with_seedforks_loade
     words = [*engine["command"], *engine.get("args", [])]
     assert words[:2] == ["vllm", "serve"]
     argv = [w.replace("$(SEEDFORK_POD_IP)", "10.0.0.2") for w in words[2:]]
-    try:
-        python = vllm.python()
-    except vllm.VllmUnavailable as e:
-        pytest.fail(str(e))
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ} | vllm.cpu_env()
-    proc = subprocess.run(
-        [str(python), "-c", _VLLM_PARSE, json.dumps(argv)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = vllm.run_script(_VLLM_PARSE, json.dumps(argv))  # a missing vLLM environment fails, never skips
     assert got == {
         "model": "/models/Qwen2.5-32B-Instruct",
         "load_format": "seedfork",
@@ -212,4 +200,5 @@ def test_vllm_example_renders_an_engine_command_vllm_parses_with_seedforks_loade
         "host": "10.0.0.2",
         "port": 8000,
         "loader": "seedfork_agent.engines.vllm_loader.SeedforkModelLoader",
+        "middleware": ["seedfork_agent.engines.vllm_guard.guard"],
     }
