@@ -144,6 +144,11 @@ class PodAgent(PodLoop):
             self._fail_now(a, f"the standby's engine did not answer within {self.env.timeout_seconds:.0f}s")
             return
         self._engine_phases = phases(info)
+        if self.agent.config.serve_te:  # warm the transfer path too: TransferEngine starts before the promotion
+            try:
+                await asyncio.to_thread(self.agent.te)
+            except Exception as e:  # the pull then starts it (and reports what fails)
+                log.warning("standby could not start TransferEngine ahead: %s", e)
         self.timing.standby_warm = time.time()
         p.state = "standby"
         log.info("standby warm: engine up, waiting for a promotion")

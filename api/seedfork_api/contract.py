@@ -151,6 +151,9 @@ class Assignment(_Model):
     excluded_seeds: list[str] = Field(
         default_factory=list, alias="excludedSeeds", description="Seeds that failed this pod before."
     )
+    promotes: bool = Field(
+        default=False, description="This attempt promotes a standby: the set refills its standbys once it ends."
+    )
     assigned_at: float = Field(default_factory=time.time, alias="assignedAt")
     wait_until: float | None = Field(
         default=None,

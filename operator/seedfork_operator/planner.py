@@ -28,8 +28,10 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
   Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
 - Standby pods (``spec.standby``, module ``standby``) are no replicas: they are not counted, scaled down or
   chosen as seeds. A missing replica promotes a standby (warm first) before a new pod is created: it gets
-  the assignment a new pod would (why ``promote``); new standbys refill to ``spec.standby`` after the
-  replicas got their names, and a failed standby is deleted and refilled.
+  the assignment a new pod would (why ``promote``, ``promotes: true``); new standbys refill to
+  ``spec.standby`` after the replicas got their names and once no promotion is on its way to Ready (a new
+  engine's start would compete with it for the node's CPUs; at most the set's timeout); a failed standby
+  is deleted and refilled.
 - A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
   ``retries``; then storage (``fallback: storage``) or the pod is replaced
@@ -351,8 +353,11 @@ def plan(
     names = [name for name in (new_name() for _ in range(max(missing - len(standby.promote), 0))) if name]
     needs += [_Need(name, template_node, 1, [], "initial", new=True) for name in names]
 
-    def refill() -> None:  # after the replicas took their names: a replica is worth more than a standby
-        for name in (new_name() for _ in range(standby.create)):
+    def refill() -> None:
+        # After the replicas took their names (a replica is worth more than a standby), and only once no
+        # promotion is loading: a new standby's engine start competes with it for the node's CPUs.
+        promoting = any(_promoting(spec, p, now) for p in survivors) or bool(standby.promote)
+        for name in (new_name() for _ in range(0 if promoting else standby.create)):
             if name:
                 out.create.append((name, standby_assignment(now)))
 
@@ -656,4 +661,14 @@ def _seed_assignment(
 
 
 def _emit(out: Plan, need: _Need, assignment: Assignment) -> None:
+    assignment.promotes = need.why == "promote"
     (out.create if need.new else out.assign).append((need.pod, assignment))
+
+
+def _promoting(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    """A standby's promotion not yet Ready: loading, or verified and waiting for its gate and probe. Bounded
+    by the set's timeout from the promotion, so an engine that never turns Ready holds no refill for long."""
+    a = pod.assignment
+    if a is None or not a.promotes or pod.ready or pod.state == "failed":
+        return False
+    return now - a.assigned_at <= spec.transfer.timeout_seconds

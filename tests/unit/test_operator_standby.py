@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
@@ -66,17 +67,32 @@ def test_scale_up_promotes_the_warm_standby_onto_the_seed_and_refills():
     p = run(spec(replicas=2, standby=2), pods)
     assert p.promoted == ["warm"]  # warm before older-but-cold
     ((name, a),) = p.assign
-    assert (name, a.source, a.seed_pod, a.attempt) == ("warm", "seed", "s", 2)
-    assert [(n, a.source) for n, a in p.create] == [("new-0", "standby")]
+    assert (name, a.source, a.seed_pod, a.attempt, a.promotes) == ("warm", "seed", "s", 2, True)
+    assert p.create == []  # the refill waits: a new engine's start would compete with the promotion
     assert [ch.why for ch in p.choices] == ["promote"]
+
+    loading = replace(pods[2], assignment=a, report=AgentReport(attempt=2, state="transferring", source="seed"))
+    assert run(spec(replicas=2, standby=2), [pods[0], pods[1], loading]).create == []
+    verified = replace(loading, report=AgentReport(attempt=2, state="verified", source="seed", serving=True))
+    assert not run(spec(replicas=2, standby=2), [pods[0], pods[1], verified]).create  # gate and probe to go
+    done = replace(verified, gate=True, ready=True)
+    p = run(spec(replicas=2, standby=2), [pods[0], pods[1], done])
+    assert [(n, a.source) for n, a in p.create] == [("new-0", "standby")]
+    stuck = replace(verified, assignment=a.model_copy(update={"assigned_at": NOW - 301}))  # past the timeout
+    assert [(n, a.source) for n, a in run(spec(replicas=2, standby=2), [pods[0], pods[1], stuck]).create] == [
+        ("new-0", "standby")
+    ]
+    failed = replace(loading, report=AgentReport(attempt=2, state="failed", source="seed", error="x"))
+    p = run(spec(replicas=2, standby=2), [pods[0], pods[1], failed])
+    assert ("new-0", "standby") in [(n, a.source) for n, a in p.create]  # a failed promotion holds nothing
+    assert all(not a.promotes for n, a in p.assign)  # its retry is a plain retry
 
 
 def test_scale_up_beyond_the_standbys_promotes_all_and_creates_the_rest():
     p = run(spec(replicas=3, standby=1), [seed("s"), standby("w")])
     assert p.promoted == ["w"]
-    sources = sorted(a.source for _, a in p.create)
-    assert "standby" in sources and len(p.create) == 2  # one new replica, one new standby
-    assert any(n == "w" for n, _ in p.assign)
+    assert [a.source for _, a in p.create] == ["queued"]  # the one new replica; the refill after the promotion
+    assert [(n, a.promotes) for n, a in p.assign] == [("w", True)]
 
 
 def test_promotion_without_a_seed_loads_storage_into_the_warm_engine():

@@ -50,14 +50,14 @@ def weights_checksums(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def process_start() -> float | None:
-    """When this process started (epoch seconds), before its imports: Linux's /proc, else None."""
+    """When this process started (epoch seconds), before its imports: from Linux's /proc (its start and the
+    uptime count from the same boot, in clock ticks and hundredths of a second), else None."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        lines = Path("/proc/stat").read_text().splitlines()
-        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def engine_checksum(per_tensor: Mapping[str, str]) -> str:
