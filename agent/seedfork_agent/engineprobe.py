@@ -42,13 +42,14 @@ class EngineProbe:
         until: Callable[[dict[str, Any]], bool],
         deadline: float,
         stop: Callable[[], Any] = lambda: None,
+        poll_s: float = POLL_S,
     ) -> dict[str, Any] | None:
         """The first info ``until`` accepts; None at ``deadline`` (epoch seconds) or once ``stop()`` is truthy."""
         while time.time() < deadline and not stop():
             info = await self.info()
             if info is not None and until(info):
                 return info
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(poll_s)
         return None
 
 

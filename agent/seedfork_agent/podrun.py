@@ -170,7 +170,7 @@ class PodAgent(PodLoop):
     async def _record_engine_verified(self) -> None:
         """The engine's own phases once it re-checked the weights and serves them (bounded by the timeout)."""
         deadline = time.time() + self.env.timeout_seconds
-        info = await self.probe.wait(lambda i: i.get("state") in ("ready", "failed"), deadline)
+        info = await self.probe.wait(lambda i: i.get("state") in ("ready", "failed"), deadline, poll_s=0.25)
         if info is None:
             return
         self._engine_phases = phases(info)
