@@ -11,6 +11,12 @@ a pod watcher and the agent's timing annotation, on one clock.
     .venv/bin/python bench/e2e_scaleout.py [--backend transfer_engine|nccl] [--size tiny|small] [--runs 3]
 
 Prints a per-pod table and p50/p99 per figure; writes ``bench/results/e2e_scaleout_<backend>_<size>.json``.
+
+``--standby``: standby against cold in one run. Each round scales a fresh set 1 -> 2 twice, once adding a
+new pod (cold) and once promoting a warm standby (``spec.standby: 1``), and records the added pod's
+startup phases, time to Ready and time to first token (``seedfork_localdev.startup``). It prints both,
+the ratios against the targets (promoted standby Ready <= 1.5 x its transfer + verification; >= 10x
+faster than the cold pod) and writes ``bench/results/e2e_standby_<size>.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from seedfork_localdev.timetoready import FIGURES, Breakdown, percentile, summar
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_OVERHEAD_P99_S = 1.0
+TARGET_STANDBY_OVER_TRANSFER = 1.5  # scale request -> promoted standby Ready, over its transfer + verification
+TARGET_COLD_OVER_STANDBY = 10.0  # a cold seeded pod's time to Ready over the promoted standby's
 
 
 def ms(x: float | None) -> str:
@@ -79,6 +87,113 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def median(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def standby_vs_cold(args: argparse.Namespace) -> int:
+    from seedfork_localdev.startup import PHASES, add_one
+
+    env = machine()
+    rounds: list[dict] = []
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="seedfork-bench-") as tmp, ControlPlane() as cp:
+        work = Path(tmp)
+        api = api_client_for(cp.kubeconfig)
+        install_crd(api)
+        model = make_model(work / "model", args.size)
+        nbytes = model_bytes(model)
+        for i in range(args.runs):
+            cases = {}
+            for mode in ("cold", "standby"):
+                try:
+                    got = add_one(
+                        api, cp.kubeconfig, work / f"{mode}{i}", model, standby=mode == "standby",
+                        timeout=args.timeout, device=args.device,
+                    )  # fmt: skip
+                except Exception as e:  # report, keep the other rounds
+                    failures.append(f"round {i} {mode}: {type(e).__name__}: {str(e)[:2000]}")
+                    print(f"round {i} {mode} failed: {e}", file=sys.stderr)
+                    continue
+                cases[mode] = got.as_dict()
+                print(
+                    f"round {i} {mode:<7}: {got.pod} ({got.source}) Ready {got.ready_s:.2f} s, first token "
+                    f"{got.first_token_s:.2f} s after the scale request",
+                    flush=True,
+                )
+            if len(cases) == 2:
+                cold, warm = cases["cold"], cases["standby"]
+                cases["standby_over_transfer_verify"] = (
+                    warm["ready_s"] / warm["transfer_verify_s"] if warm["transfer_verify_s"] else None
+                )
+                cases["cold_over_standby"] = cold["ready_s"] / warm["ready_s"]
+                rounds.append({"round": i, **cases})
+
+    def col(mode: str, phase: str) -> str:
+        values = [r[mode]["phases"][phase] for r in rounds if r[mode]["phases"].get(phase) is not None]
+        m = median(values)
+        return "-" if m is None else f"{m:+.2f}"
+
+    print(f"\nstartup phases of the added pod, seconds after the scale request (median of {len(rounds)} rounds; "
+          "negative: before the request):")  # fmt: skip
+    print(format_table(["phase", "cold", "standby"], [[ph, col("cold", ph), col("standby", ph)] for ph in PHASES]))
+    over_tv = [r["standby_over_transfer_verify"] for r in rounds if r["standby_over_transfer_verify"] is not None]
+    speedup = [r["cold_over_standby"] for r in rounds]
+    tv = [r["standby"]["transfer_verify_s"] for r in rounds if r["standby"]["transfer_verify_s"] is not None]
+    summary = {
+        "cold_ready_s": median([r["cold"]["ready_s"] for r in rounds]),
+        "standby_ready_s": median([r["standby"]["ready_s"] for r in rounds]),
+        "cold_first_token_s": median([r["cold"]["first_token_s"] for r in rounds]),
+        "standby_first_token_s": median([r["standby"]["first_token_s"] for r in rounds]),
+        "standby_transfer_verify_s": median(tv),
+        # worst round against each target: a target is met only when every round meets it
+        "standby_over_transfer_verify_max": max(over_tv) if over_tv else None,
+        "cold_over_standby_min": min(speedup) if speedup else None,
+    }
+    met_tv = bool(over_tv) and max(over_tv) <= TARGET_STANDBY_OVER_TRANSFER
+    met_speed = bool(speedup) and min(speedup) >= TARGET_COLD_OVER_STANDBY
+    print(
+        f"\nscale request -> Ready: cold {summary['cold_ready_s']:.2f} s, standby {summary['standby_ready_s']:.2f} s; "
+        f"first token: cold {summary['cold_first_token_s']:.2f} s, standby {summary['standby_first_token_s']:.2f} s"
+        if rounds else "\nno round completed"
+    )  # fmt: skip
+    if rounds:
+        print(
+            f"promoted standby Ready / its transfer + verification ({ms(summary['standby_transfer_verify_s'])} ms): "
+            f"worst {summary['standby_over_transfer_verify_max']:.2f}x (target <= {TARGET_STANDBY_OVER_TRANSFER}x: "
+            f"{'met' if met_tv else 'NOT met'})"
+        )
+        print(
+            f"cold seeded pod Ready / promoted standby Ready: worst {summary['cold_over_standby_min']:.1f}x "
+            f"(target >= {TARGET_COLD_OVER_STANDBY:.0f}x: {'met' if met_speed else 'NOT met'})"
+        )
+        print(
+            f"  ({env['cpus']} CPUs, TCP on loopback; a new interpreter importing torch takes "
+            f"{env['torch_import_s']:.2f} s here, and a cold pod starts two)"
+        )
+    out = Path(args.out) if args.out else RESULTS / f"e2e_standby_{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": "e2e_scaleout --standby",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_size": args.size,
+        "model_bytes": nbytes,
+        "device": args.device,
+        "machine": env,
+        "target": {
+            "standby_over_transfer_verify_max": TARGET_STANDBY_OVER_TRANSFER,
+            "cold_over_standby_min": TARGET_COLD_OVER_STANDBY,
+        },
+        "target_met": {"standby_over_transfer_verify": met_tv, "cold_over_standby": met_speed},
+        "summary": summary,
+        "rounds": rounds,
+        "failures": failures,
+    }
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    print(f"\nwrote {out}")
+    return 0 if rounds and not failures else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="transfer_engine", choices=["transfer_engine", "nccl"])
@@ -88,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=240)
     p.add_argument("--out", help="JSON path (default bench/results/e2e_scaleout_<backend>_<size>.json)")
+    p.add_argument("--standby", action="store_true", help="standby against cold, 1 -> 2 (transfer_engine)")
     args = p.parse_args(argv)
     # SIGTERM (a timeout) unwinds like Ctrl-C, so the pod runner and the control plane stop their processes.
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.standby:
+        return standby_vs_cold(args)
 
     env = machine()
     runs = []

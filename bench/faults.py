@@ -93,6 +93,7 @@ class Ctx:
     control_plane: Any = None  # only faults that touch the apiserver need it
     run: Run | None = None
     corrupted: set[str] = field(default_factory=set)
+    standby: int = 0  # the set's spec.standby: standby pods are no replicas, and not extra pods
 
     def body(self, backend: str, replicas: int = 1, slow: bool = False) -> dict[str, Any]:
         return reference_set_body(
@@ -102,11 +103,19 @@ class Ctx:
             replicas=replicas,
             timeout_seconds=self.timeout_s,
             bandwidth_limit_mbps=2 if slow else None,
+            standby=self.standby,
         )
 
-    def up(self, backend: str, replicas: int = 1, slow: bool = False) -> list[PodRow]:
+    def up(self, backend: str, replicas: int = 1, slow: bool = False, standby: int = 0) -> list[PodRow]:
+        self.standby = standby
         self.rset.create(self.body(backend, replicas, slow))
-        return self.rset.wait_ready(replicas, 240, self._poll)
+        return self.rset.wait_ready(replicas, 240, self._poll, standby=standby or None)
+
+    def spare(self) -> PodRow:
+        """The set's one warm standby (``up(..., standby=1)`` waited for it)."""
+        (row,) = [r for r in self.rset.rows() if r.warm and not r.deleting]
+        self.run.detail["standby"] = row.name
+        return row
 
     def _poll(self, rows: list[PodRow]) -> None:
         self.cluster.check_alive()
@@ -121,6 +130,8 @@ class Ctx:
                     os.killpg(pid, sig)
 
     def new_pod_pulling(self, known: set[str], moving: bool = True) -> PodRow:
+        """A pod not in ``known`` (a new one, or a standby just promoted) pulling from a seed."""
+
         def pulling() -> PodRow | None:
             for r in self.tracker.rows():
                 new = r.name not in known and r.source == "seed" and r.state == "transferring"
@@ -197,11 +208,17 @@ def operator_killed_and_restarted(ctx: Ctx) -> tuple[float, int]:
 
 def corrupted_seed_store(ctx: Ctx) -> tuple[float, int]:
     """Flip one byte of the seed's verified store in memory (a bad DIMM, a stray write), then scale 1 -> 3."""
+    (seed,) = ctx.up("transfer_engine")
+    _corrupt(ctx, seed)
+    ctx.rset.scale(3)
+    return time.time(), 3
+
+
+def _corrupt(ctx: Ctx, seed: PodRow) -> None:
     import torch
 
     from seedfork_agent.store import Manifest, attach
 
-    (seed,) = ctx.up("transfer_engine")
     token = ctx.rset.token()
     r = httpx.get(f"http://{seed.ip}:{AGENT_PORT}/v1/attach", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     r.raise_for_status()
@@ -209,8 +226,55 @@ def corrupted_seed_store(ctx: Ctx) -> tuple[float, int]:
     name = sorted(tensors)[len(tensors) // 2]
     tensors[name].view(-1).view(torch.uint8)[3] ^= 0x40
     ctx.corrupted.add(seed.name)
-    ctx.rset.scale(3)
-    return time.time(), 3
+
+
+def promoted_seed_killed_during_transfer(ctx: Ctx) -> tuple[float, int]:
+    """A warm standby promoted by the scale 1 -> 2 pulls at 2 MB/s (gloo): SIGKILL every process of its seed
+    once bytes are moving."""
+    first = ctx.up("nccl", slow=True, standby=1)
+    spare = ctx.spare()
+    ctx.rset.scale(2)
+    client = ctx.new_pod_pulling({r.name for r in first})
+    assert client.name == spare.name, (client.name, spare.name)  # the standby, not a new pod
+    ctx.signal_pod(client.seed_pod, signal.SIGKILL)
+    return time.time(), 2
+
+
+def promoted_from_corrupted_seed(ctx: Ctx) -> tuple[float, int]:
+    """Flip one byte of the only seed's store, then scale 1 -> 2: the promoted standby pulls from it."""
+    (seed,) = ctx.up("transfer_engine", standby=1)
+    ctx.spare()
+    _corrupt(ctx, seed)
+    ctx.rset.scale(2)
+    return time.time(), 2
+
+
+def operator_restarted_mid_promotion(ctx: Ctx) -> tuple[float, int]:
+    """SIGKILL the operator once it promoted the standby (the pull runs at 2 MB/s), then start a fresh one."""
+    first = ctx.up("nccl", slow=True, standby=1)
+    spare = ctx.spare()
+    ctx.rset.scale(2)
+    wait_until(
+        lambda: any(r.name == spare.name and r.source == "seed" for r in ctx.tracker.rows()),
+        120,
+        "the standby's promotion",
+        interval=0.02,
+    )
+    ctx.cluster.restart_operator(crash=True)
+    ctx.run.detail["first"] = [r.name for r in first]
+    return time.time(), 2
+
+
+def standby_engine_killed(ctx: Ctx) -> tuple[float, int]:
+    """SIGKILL the warm standby's engine: the standby is replaced, then the scale 1 -> 2 promotes its successor."""
+    ctx.up("transfer_engine", standby=1)
+    spare = ctx.spare()
+    uid = next(p["metadata"]["uid"] for p in ctx.rset.pods() if p["metadata"]["name"] == spare.name)
+    ctx.signal_pod(spare.name, signal.SIGKILL, ("engine",))
+    injected = time.time()
+    wait_until(lambda: all(p["metadata"]["uid"] != uid for p in ctx.rset.pods()), 120, "the dead standby replaced")
+    ctx.rset.scale(2)
+    return injected, 2
 
 
 def cohort_client_killed(ctx: Ctx) -> tuple[float, int]:
@@ -300,6 +364,10 @@ FAULTS: dict[str, tuple[Callable[[Ctx], tuple[float, int]], bool, str]] = {
         False,
         "clients catch the mismatch and fall back; taking the corrupted seed out is separate work",
     ),
+    "promoted_seed_killed_during_transfer": (promoted_seed_killed_during_transfer, False, ""),
+    "promoted_from_corrupted_seed": (promoted_from_corrupted_seed, False, ""),
+    "operator_restarted_mid_promotion": (operator_restarted_mid_promotion, False, ""),
+    "standby_engine_killed": (standby_engine_killed, False, ""),
     "cohort_client_killed": (cohort_client_killed, False, ""),
     "flood_of_never_joining_inits": (flood_of_never_joining_inits, False, ""),
     "two_operators": (two_operators, False, "slot-named pods: a second writer's create conflicts"),
@@ -363,7 +431,7 @@ def stalls(tracker: PodTracker, timeout_s: float, until: float) -> list[str]:
             for older in list(starts):
                 if older < attempt:
                     ends.setdefault(older, t)
-            if state in ("verified", "failed"):
+            if state in ("verified", "failed", "standby"):  # a warm standby waits without bound, by design
                 ends.setdefault(attempt, t)
         for attempt, start in starts.items():
             if attempt < 1:
@@ -417,7 +485,7 @@ def run_one(cp, api, work: Path, fault: str, i: int, models: tuple[Path, Path], 
             try:
                 injected, wanted = fn(ctx)
                 try:
-                    rows = rset.wait_ready(wanted, timeout_s * 4 + 60, ctx._poll)
+                    rows = rset.wait_ready(wanted, timeout_s * 4 + 60, ctx._poll, standby=ctx.standby or None)
                     run.recovered, run.recovery_s = True, time.time() - injected
                 except Exception as e:
                     rows = [r for r in rset.rows() if r.ready and not r.deleting]
@@ -435,11 +503,22 @@ def run_one(cp, api, work: Path, fault: str, i: int, models: tuple[Path, Path], 
                         run.corrupted_seed_ready = True
                     else:
                         run.bad_ready.append(f"{row.name}: {bad}")
-                run.bad_ready += tracker.violations
+                for v in tracker.violations:  # the seed corrupted on purpose stays Ready until its gate drops
+                    if v.split(" ", 1)[0] in ctx.corrupted:
+                        run.corrupted_seed_ready = True
+                    else:
+                        run.bad_ready.append(v)
                 run.stalls = stalls(tracker, timeout_s, time.time())
-                run.extra_pods = max(0, worst[0] - wanted)
+                run.extra_pods = max(0, worst[0] - wanted - ctx.standby)
                 run.detail["pods"] = [
-                    {"pod": r.name, "source": r.source, "seed": r.seed_pod, "attempt": r.attempt, "ready": r.ready}
+                    {
+                        "pod": r.name,
+                        "source": r.source,
+                        "seed": r.seed_pod,
+                        "attempt": r.attempt,
+                        "ready": r.ready,
+                        "state": r.state,
+                    }
                     for r in rset.rows()
                     if not r.deleting
                 ]

@@ -7,16 +7,22 @@ one in the same process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from .agent import Agent, AgentConfig, EngineHook
+from .engineprobe import EngineProbe, phases
 from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
 
 log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
+STANDBY_ENGINES = ("reference",)  # engines that publish their phases: a standby can see its engine warm
+STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
+STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
 
 
 class PodAgent(PodLoop):
@@ -43,6 +49,9 @@ class PodAgent(PodLoop):
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
             gate=EngineGate(env.tp * env.pp) if env.engine == "vllm" else None,
         )
+        self.probe = EngineProbe(env.pod_ip, env.engine_port, env.token)
+        self._engine_phases: dict[str, float] = {}
+        self._engine_task: asyncio.Task | None = None
 
     def report(self) -> AgentReport:
         p = self.agent.server.progress
@@ -64,15 +73,18 @@ class PodAgent(PodLoop):
         )
 
     def current_timing(self) -> PodTiming | None:
-        """Written with a final state only; the phases come from the agent's clock."""
+        """Written with a final state (and a warm standby's); the phases come from the agent's clock and the
+        engine's own (``engineprobe``)."""
         p = self.agent.server.progress
-        if p.state == "failed":
-            return self.timing
+        engine = self._engine_timing()
+        if p.state in ("failed", "standby"):
+            return self.timing.model_copy(update=engine)
         if p.state != "verified":
             return None
         t = self.agent.timing
         return self.timing.model_copy(
             update={
+                **engine,
                 "transfer_start": t.get("transfer_start"),
                 "transfer_end": t.get("transfer_end"),
                 "verified": t.get("verified"),
@@ -81,6 +93,10 @@ class PodAgent(PodLoop):
                 "bytes": p.bytes_total,
             }
         )
+
+    def _engine_timing(self) -> dict[str, float | None]:
+        e = self._engine_phases
+        return {"engine_start": e.get("started"), "engine_up": e.get("up"), "engine_verified": e.get("verified")}
 
     def done(self) -> bool:
         return self.agent.server.serving
@@ -94,8 +110,73 @@ class PodAgent(PodLoop):
         await self.agent.stop()
 
     async def attempt(self, a: Assignment) -> None:
+        if self._engine_task is not None:  # a standby's engine watch: this attempt is its promotion
+            self._engine_task.cancel()
+            self._engine_task = None
+        if a.source == "standby":
+            await self._standby(a)
+            return
         if self.agent.gate is not None:
             self._watch_engine()
+        try:
+            await self._load(a)
+        finally:
+            if self.agent.server.serving and self.env.engine in STANDBY_ENGINES:
+                self._engine_task = asyncio.create_task(self._record_engine_verified())
+
+    async def _standby(self, a: Assignment) -> None:
+        """Bring the pod to a warm standby, then return: the pod loop's watch takes the promotion at once.
+
+        The engine must answer within the set's timeout; a warm standby then waits without bound (it is not
+        a replica) while ``_watch_standby`` checks that its engine still answers: one that stops, or restarts,
+        fails the standby and the operator replaces it. Once promoted, the next attempt is bounded as any is."""
+        p = self.agent.server.progress
+        p.attempt, p.source, p.state, p.error, p.started_at = a.attempt, "standby", "pending", None, time.time()
+        self.notify()
+        if self.env.engine not in STANDBY_ENGINES:
+            self._fail_now(a, f"standby is not built for engine {self.env.engine}")
+            return
+        deadline = time.time() + self.env.timeout_seconds
+        info = await self.probe.wait(lambda i: "up" in phases(i), deadline, lambda: self.superseded)
+        if self.superseded:
+            return
+        if info is None:
+            self._fail_now(a, f"the standby's engine did not answer within {self.env.timeout_seconds:.0f}s")
+            return
+        self._engine_phases = phases(info)
+        if self.agent.config.serve_te:  # warm the transfer path too: TransferEngine starts before the promotion
+            try:
+                await asyncio.to_thread(self.agent.te)
+            except Exception as e:  # the pull then starts it (and reports what fails)
+                log.warning("standby could not start TransferEngine ahead: %s", e)
+        self.timing.standby_warm = time.time()
+        p.state = "standby"
+        log.info("standby warm: engine up, waiting for a promotion")
+        self._engine_task = asyncio.create_task(self._watch_standby(a, self._engine_phases.get("started")))
+
+    async def _watch_standby(self, a: Assignment, started: float | None) -> None:
+        misses = 0
+        while True:
+            await asyncio.sleep(STANDBY_CHECK_S)
+            info = await self.probe.info()
+            misses = 0 if info is not None else misses + 1
+            restarted = info is not None and phases(info).get("started") != started
+            if misses >= STANDBY_MISSES or restarted:
+                why = "restarted" if restarted else f"stopped answering ({misses} checks)"
+                log.warning("standby failed: its engine %s", why)
+                self._fail_now(a, f"the standby's engine {why}")
+                return
+
+    async def _record_engine_verified(self) -> None:
+        """The engine's own phases once it re-checked the weights and serves them (bounded by the timeout)."""
+        deadline = time.time() + self.env.timeout_seconds
+        info = await self.probe.wait(lambda i: i.get("state") in ("ready", "failed"), deadline, poll_s=0.25)
+        if info is None:
+            return
+        self._engine_phases = phases(info)
+        await self._publish(force=True)
+
+    async def _load(self, a: Assignment) -> None:
         if a.source == "storage":
             if not self.env.model_uri:
                 self._fail_now(a, "assigned storage but the pod has no model URI")

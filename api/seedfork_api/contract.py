@@ -28,6 +28,11 @@ _PORTS = PortRange()  # the CRD default, for a pod rendered without the range
 LABEL_SET = f"{GROUP}/set"  # owning ModelReplicaSet name
 LABEL_FINGERPRINT = f"{GROUP}/fingerprint"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+# A pod's role: a replica (counted, may become Ready and seed) or a warm standby (not Ready, never a seed, not
+# behind a Service that selects role=replica). Promotion patches the label together with the new assignment.
+LABEL_ROLE = f"{GROUP}/role"
+ROLE_REPLICA = "replica"
+ROLE_STANDBY = "standby"
 MANAGED_BY = "seedfork-operator"
 
 # ---- annotations --------------------------------------------------------
@@ -111,9 +116,12 @@ def group_ports(start: int, end: int, ranks: int = 1) -> tuple[int, int]:
 
 # ``queued``: no source yet. The operator expects a seed slot to free (or a storage slot, under the set's
 # storage fan-in limit) sooner than storage would verify; the agent does nothing until its next assignment.
-Source = Literal["seed", "storage", "queued"]
+# ``standby``: no weights yet; the agent brings the engine up warm and waits (without bound) for a promotion, an
+# assignment of a higher attempt that names a seed or storage.
+Source = Literal["seed", "storage", "queued", "standby"]
 ConcreteBackend = Literal["transfer_engine", "nccl"]
-TransferState = Literal["pending", "transferring", "verified", "failed"]
+# ``standby``: a standby's engine is up and warm, holding no weights; it is waiting for its promotion.
+TransferState = Literal["pending", "transferring", "verified", "failed", "standby"]
 
 
 class _Model(BaseModel):
@@ -142,6 +150,9 @@ class Assignment(_Model):
     cohort_size: int | None = Field(default=None, alias="cohortSize", description="Seed plus clients.")
     excluded_seeds: list[str] = Field(
         default_factory=list, alias="excludedSeeds", description="Seeds that failed this pod before."
+    )
+    promotes: bool = Field(
+        default=False, description="This attempt promotes a standby: the set refills its standbys once it ends."
     )
     assigned_at: float = Field(default_factory=time.time, alias="assignedAt")
     wait_until: float | None = Field(
@@ -188,9 +199,20 @@ class AgentReport(_Model):
 
 
 class PodTiming(_Model):
-    """Phase timestamps (epoch seconds) recorded by the agent, for the time-to-Ready breakdown."""
+    """Phase timestamps (epoch seconds) recorded by the agent, for the time-to-Ready breakdown.
+
+    In the order a pod passes them: ``started`` (agent process), ``engineStart`` / ``engineUp`` (the engine's
+    process, then its API answering, warm and without weights), ``standbyWarm`` (a standby reported warm),
+    ``assigned`` (the assignment that brought the weights: for a standby, its promotion), ``transferStart`` /
+    ``transferEnd`` (weights), ``verified`` (the agent's checksums), ``engineAttached`` (the engine hook),
+    ``engineVerified`` (the engine re-checked the weights inside itself and serves with them). The engine
+    phases are read from engines that publish them (the reference engine).
+    """
 
     started: float | None = None
+    engine_start: float | None = Field(default=None, alias="engineStart")
+    engine_up: float | None = Field(default=None, alias="engineUp")
+    standby_warm: float | None = Field(default=None, alias="standbyWarm")
     assigned: float | None = None
     transfer_start: float | None = Field(default=None, alias="transferStart")
     transfer_end: float | None = Field(default=None, alias="transferEnd")
@@ -198,6 +220,7 @@ class PodTiming(_Model):
     engine_attached: float | None = Field(default=None, alias="engineAttached")
     # Engines that load from the store themselves (vLLM): when the first rank asked for the weights.
     engine_load_start: float | None = Field(default=None, alias="engineLoadStart")
+    engine_verified: float | None = Field(default=None, alias="engineVerified")
     bytes: int = 0
 
 

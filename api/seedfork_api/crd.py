@@ -171,6 +171,7 @@ def crd() -> dict[str, Any]:
                         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Seeds", "type": "integer", "jsonPath": ".status.seeds"},
+                        {"name": "Standby", "type": "integer", "jsonPath": ".status.standbyWarm"},
                         {"name": "Backend", "type": "string", "jsonPath": ".status.backend"},
                         {"name": "Queued", "type": "integer", "jsonPath": ".status.transfers.queued"},
                         {"name": "Engine", "type": "string", "jsonPath": ".spec.engine.kind", "priority": 1},

@@ -31,6 +31,11 @@ Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn"]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
+# Engines whose pods can wait as warm standbys (engine up, no weights) and take weights when promoted. Lifting
+# the restriction for an engine is adding it here once its agent path is built; the CEL rule follows.
+STANDBY_ENGINES: tuple[str, ...] = ("reference",)
+MAX_STANDBY = 100
+
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
     """One CEL validation rule, rendered into ``x-kubernetes-validations``."""
@@ -244,6 +249,17 @@ SPEC_RULES = [
         ".model.uri",
     ),
     cel(
+        "!has(self.standby) || self.standby == 0 || self.engine.kind in ["
+        + ", ".join(f"'{e}'" for e in STANDBY_ENGINES)
+        + "]",
+        "spec.standby must be 0 for engine "
+        + " or ".join(sorted(set(EngineKind.__args__) - set(STANDBY_ENGINES)))
+        + ": standby replicas are built for engine "
+        + " and ".join(STANDBY_ENGINES)
+        + " only",
+        ".standby",
+    ),
+    cel(
         "self.engine.kind != 'reference' || (self.engine.parallelism.tp == 1 && self.engine.parallelism.pp == 1)",
         "engine.parallelism tp and pp must be 1 for engine reference (its agent serves one rank)",
         ".engine.parallelism",
@@ -301,6 +317,18 @@ class ModelReplicaSetSpec(ApiModel):
     ADMISSION_REQUIRED: ClassVar[tuple[str, ...]] = ("replicas",)
 
     replicas: int = Field(default=1, ge=0, le=10000, description="Desired number of replicas.")
+    standby: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_STANDBY,
+        description=(
+            "Extra pods kept warm: engine started, no weights, not Ready and not counted in status.replicas. "
+            "A scale-up promotes one (it takes the weights from a seed into its running engine) and a new "
+            "standby refills. Each holds its accelerators while it waits. Engines: "
+            + ", ".join(STANDBY_ENGINES)
+            + "."
+        ),
+    )
     model: ModelIdentity
     engine: EngineSpec
     transfer: TransferSpec = Field(default_factory=TransferSpec)
@@ -357,6 +385,10 @@ class ModelReplicaSetStatus(ApiModel):
 
     replicas: int = 0
     ready_replicas: int = 0
+    standby: int = Field(default=0, description="Standby pods, warm or still starting; never counted in replicas.")
+    standby_warm: int = Field(
+        default=0, description="Standby pods whose engine is up and warm, waiting for a promotion."
+    )
     seeds: int = 0
     backend: str = ""  # the resolved backend (spec, else the cluster's default): transfer_engine or nccl
     transfers: TransferCounts = Field(default_factory=TransferCounts)

@@ -232,6 +232,16 @@ class PodRow:
         )
 
     @property
+    def standby(self) -> bool:
+        """A standby pod (no replica): its assignment says so until its promotion."""
+        return self.source == "standby"
+
+    @property
+    def warm(self) -> bool:
+        """A standby whose engine is up, waiting for its promotion."""
+        return self.standby and self.state == "standby"
+
+    @property
     def origin(self) -> str:
         """Where the weights came from, for a table: ``storage`` or the seed pod's name."""
         return self.seed_pod if self.source == "seed" and self.seed_pod else (self.source or "-")
@@ -389,6 +399,7 @@ def reference_set_body(
     retries: int = 2,
     bandwidth_limit_mbps: int | None = None,
     agent_device: str | None = None,
+    standby: int = 0,
 ) -> dict[str, Any]:
     """A ModelReplicaSet of the reference engine: the engine container attaches to its agent's weights.
 
@@ -430,6 +441,7 @@ def reference_set_body(
         "metadata": {"name": name},
         "spec": {
             "replicas": replicas,
+            **({"standby": standby} if standby else {}),
             "model": {"name": "seedfork/reference-test", "revision": "main", "dtype": dtype, "uri": str(model_dir)},
             "engine": {"kind": "reference", "version": "0.1.0", "port": 30000},
             "transfer": transfer,
@@ -522,21 +534,28 @@ class ReferenceSet:
         timeout: float,
         on_poll: Callable[[list[PodRow]], None] | None = None,
         interval: float = 0.25,
+        standby: int | None = None,
     ) -> list[PodRow]:
-        """Until exactly ``replicas`` live pods exist and all are Ready; returns their rows."""
+        """Until exactly ``replicas`` live replica pods exist and all are Ready (and, with ``standby``, exactly
+        that many warm standbys besides); returns the replicas' rows. Standby pods are no replicas."""
 
         def check() -> tuple[list[PodRow]] | None:
-            rows = [r for r in self.rows() if not r.deleting]
+            live = [r for r in self.rows() if not r.deleting]
+            rows = [r for r in live if not r.standby]
             if on_poll:
                 on_poll(rows)
             failed = [r for r in rows if r.phase == "Failed"]
             if failed:
                 raise ScenarioError(f"pod {failed[0].name} failed:\n{self.describe()}")
+            spares = [r for r in live if r.standby]
+            if standby is not None and not (len(spares) == standby and all(r.warm for r in spares)):
+                return None
             if len(rows) == replicas and all(r.ready for r in rows):
                 return (rows,)  # truthy also when no pods are wanted
             return None
 
-        (rows,) = wait_until(check, timeout, f"{replicas} Ready pods of {self.name}", interval, self.describe)
+        what = f"{replicas} Ready pods of {self.name}" + (f" and {standby} warm standbys" if standby else "")
+        (rows,) = wait_until(check, timeout, what, interval, self.describe)
         return rows
 
     def describe(self) -> str:

@@ -26,6 +26,12 @@ Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
   storage as soon as storage is expected sooner at all; past the timeout it takes the next storage slot
   whatever the forecast says.
   Rule "legacy" (the planner before queuing, kept for comparison): no free seed slot → storage.
+- Standby pods (``spec.standby``, module ``standby``) are no replicas: they are not counted, scaled down or
+  chosen as seeds. A missing replica promotes a standby (warm first) before a new pod is created: it gets
+  the assignment a new pod would (why ``promote``, ``promotes: true``); new standbys refill to
+  ``spec.standby`` after the replicas got their names and once no promotion is on its way to Ready (a new
+  engine's start would compete with it for the node's CPUs; at most the set's timeout); a failed standby
+  is deleted and refilled.
 - A failed or timed-out transfer (or a seed that
   vanished) is retried on another seed, excluding the failed ones, up to
   ``retries``; then storage (``fallback: storage``) or the pod is replaced
@@ -44,6 +50,7 @@ from seedfork_api.spec import ModelReplicaSetSpec
 
 from . import fanout
 from .podview import PodView
+from .standby import plan_standby, standby_assignment
 
 Rule = Literal["expected", "legacy"]
 STORAGE = "storage"
@@ -60,7 +67,7 @@ class SeedChoice:
     attempt: int
     seed: str | None  # None = storage
     locality: str  # the topology key shared with the seed, NO_LOCALITY, or STORAGE
-    why: str  # initial | retry | fallback | locality
+    why: str  # initial | retry | fallback | locality | promote
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Plan:
     failures: list[Failure] = field(default_factory=list)
     fell_back: int = 0  # storage chosen because seed transfers failed
     queued: list[str] = field(default_factory=list)  # pods newly queued for a seed or storage slot
+    promoted: list[str] = field(default_factory=list)  # standbys that become replicas with their new assignment
     estimates: fanout.Estimates | None = None  # what the expected-time decisions were based on
 
     @property
@@ -191,7 +199,9 @@ def seed_check(spec: ModelReplicaSetSpec, fingerprint: str) -> Callable[[PodView
     storage_only = spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine"
 
     def check(pod: PodView) -> bool:
-        if pod.deleting or not pod.ready or not pod.ip or pod.fingerprint != fingerprint or not pod.serving:
+        if pod.standby or pod.deleting or not pod.ready or not pod.ip or pod.fingerprint != fingerprint:
+            return False
+        if not pod.serving:
             return False
         return not storage_only or (pod.assignment is not None and pod.assignment.source == "storage")
 
@@ -260,15 +270,17 @@ def plan(
     live = [p for p in pods if not p.deleting]
     by_name = {p.name: p for p in live}
     clients = active_clients(spec, live, now)
+    standbys = [p for p in live if p.standby]
+    members = [p for p in live if not p.standby]  # the replicas, whatever their state
 
     # 1. scale down: pick victims before anything else, so we assign nothing to them
-    excess = len(live) - spec.replicas
+    excess = len(members) - spec.replicas
     victims: set[str] = set()
     if excess > 0:
-        for pod in scale_down_order(live, clients)[:excess]:
+        for pod in scale_down_order(members, clients)[:excess]:
             victims.add(pod.name)
             out.delete.append((pod.name, "scale down"))
-    survivors = [p for p in live if p.name not in victims]
+    survivors = [p for p in members if p.name not in victims]
     gone = {p.name for p in pods if p.deleting} | victims | set(replace)
     unchosen = gone | set(avoid)  # never a seed for a new assignment; avoided seeds keep their current clients
 
@@ -329,10 +341,25 @@ def plan(
             out.delete.append((pod.name, f"{len(excluded)} seed transfers failed and fallback is fail"))
             replaced += 1
 
-    # 3. scale up (replacing pods deleted above, too)
+    # 3. scale up (replacing pods deleted above, too): standbys first, then new pods
     missing = spec.replicas - (len(survivors) - replaced)
-    names = [name for name in (new_name() for _ in range(max(missing, 0))) if name]
+    standby = plan_standby([p for p in standbys if p.name not in replace], spec.standby, missing)
+    for pod in standby.promote:
+        a = pod.assignment
+        needs.append(_Need(pod.name, pod.node, a.attempt + 1, [], "promote"))
+        out.promoted.append(pod.name)
+    out.delete += [(name, why) for name, why in standby.delete]
+    out.delete += [(name, replace[name]) for name in (p.name for p in standbys) if name in replace]
+    names = [name for name in (new_name() for _ in range(max(missing - len(standby.promote), 0))) if name]
     needs += [_Need(name, template_node, 1, [], "initial", new=True) for name in names]
+
+    def refill() -> None:
+        # After the replicas took their names (a replica is worth more than a standby), and only once no
+        # promotion is loading: a new standby's engine start competes with it for the node's CPUs.
+        promoting = any(_promoting(spec, p, now) for p in survivors) or bool(standby.promote)
+        for name in (new_name() for _ in range(0 if promoting else standby.create)):
+            if name:
+                out.create.append((name, standby_assignment(now)))
 
     # 4. seeds for everyone who needs one, in one pass so cohorts can form
     def replacement() -> _Need | None:
@@ -341,6 +368,7 @@ def plan(
 
     if rule == "legacy":
         _assign(spec, fingerprint, needs, live, unchosen, nodes, clients, now, out, replacement, client_limit(spec))
+        refill()
         return out
     est = out.estimates = estimates or fanout.measure(live)
     # Locality moves first (a closer slot is free for them), then the longest-waiting pods, then the rest.
@@ -354,6 +382,7 @@ def plan(
         spec, fingerprint, to_seed, live, unchosen, nodes, clients, now, out, replacement, seed_capacity(spec), waiting
     )
     _wait_or_storage(spec, est, waiting, live, clients, gone, now, out, replacement)
+    refill()
     return out
 
 
@@ -632,4 +661,14 @@ def _seed_assignment(
 
 
 def _emit(out: Plan, need: _Need, assignment: Assignment) -> None:
+    assignment.promotes = need.why == "promote"
     (out.create if need.new else out.assign).append((need.pod, assignment))
+
+
+def _promoting(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool:
+    """A standby's promotion not yet Ready: loading, or verified and waiting for its gate and probe. Bounded
+    by the set's timeout from the promotion, so an engine that never turns Ready holds no refill for long."""
+    a = pod.assignment
+    if a is None or not a.promotes or pod.ready or pod.state == "failed":
+        return False
+    return now - a.assigned_at <= spec.transfer.timeout_seconds

@@ -114,6 +114,11 @@ class PodView:
         return r is not None and a is not None and r.state == "verified" and 1 <= r.attempt < a.attempt
 
     @cached_property
+    def standby(self) -> bool:
+        """A warm standby, not a replica: its assignment says so (promotion replaces the assignment)."""
+        return self.assignment is not None and self.assignment.source == "standby"
+
+    @cached_property
     def verified(self) -> bool:
         return self.state == "verified"
 

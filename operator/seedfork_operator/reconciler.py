@@ -157,7 +157,7 @@ class SetReconciler:
             recorded = old_status.get("weightsDigest") or self.last_status.get("weightsDigest") or ""
             weights_digest = trust.weights_digest(recorded, pods)
             verdict = trust.judge(weights_digest, pods, self.suspects, now, spec.transfer.timeout_seconds)
-            names = self._namer(pods, spec.replicas)
+            names = self._namer(pods, spec.replicas + spec.standby)
             plan = planner.plan(
                 spec, fingerprint, pods, nodes, now, names, template_node, replace=verdict.replace, avoid=verdict.avoid
             )
@@ -205,7 +205,8 @@ class SetReconciler:
 
     # ------------------------------------------------------------ helpers
     def _namer(self, pods: list[PodView], replicas: int) -> Callable[[], str | None]:
-        """Names for new pods: the lowest free slots ``<set>-<k>``, k < replicas.
+        """Names for new pods: the lowest free slots ``<set>-<k>``, k < replicas (+ standbys: a promoted standby
+        keeps its name).
 
         Two operators (or one that lost its expectations) planning from the same or an older view pick
         names from the same few slots, so a second create gets 409 and never a pod beyond ``replicas``.
@@ -389,8 +390,13 @@ class SetReconciler:
                 raise
             return None
 
+        promoted = set(plan.promoted)
+
         async def assign(name: str, assignment: c.Assignment, version: str) -> None:
             patch = c.annotation_patch(assignment=assignment)
+            if name in promoted:  # one patch: label and assignment change together, or neither does
+                patch["metadata"]["labels"] = {c.LABEL_ROLE: c.ROLE_REPLICA}
+                kopf.event(set_ref, type="Normal", reason="StandbyPromoted", message=f"standby {name} promoted")
             if version:
                 patch["metadata"]["resourceVersion"] = version  # only if the pod is as we saw it
             try:

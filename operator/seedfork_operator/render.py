@@ -1,7 +1,7 @@
 """Render an engine pod from a ModelReplicaSet: the user's template plus the pod contract. Pure.
 
 What the operator adds (``seedfork_api.contract`` names every key):
-- labels: owning set, fingerprint, managed-by; a controller ownerReference to the set;
+- labels: owning set, fingerprint, managed-by, role (replica or standby); a controller ownerReference to the set;
 - the initial ``Assignment`` in the assignment annotation;
 - the readiness gate, so the pod is Ready only after the weights are verified;
 - the static contract env vars in every container: pod name/namespace/IP through the
@@ -47,12 +47,22 @@ class TemplateError(ValueError):
 
 
 def selector(set_name: str) -> str:
-    """status.selector: the serialized label selector the scale subresource hands to HPA/KEDA."""
-    return f"{c.LABEL_SET}={set_name}"
+    """status.selector: the serialized label selector the scale subresource hands to HPA/KEDA. Standbys are no
+    replicas; ``!=`` also matches pods made before the role label existed."""
+    return f"{c.LABEL_SET}={set_name},{c.LABEL_ROLE}!={c.ROLE_STANDBY}"
 
 
-def pod_labels(set_name: str, fingerprint: str) -> dict[str, str]:
-    return {c.LABEL_SET: set_name, c.LABEL_FINGERPRINT: fingerprint, c.LABEL_MANAGED_BY: c.MANAGED_BY}
+def pod_labels(set_name: str, fingerprint: str, role: str = c.ROLE_REPLICA) -> dict[str, str]:
+    return {
+        c.LABEL_SET: set_name,
+        c.LABEL_FINGERPRINT: fingerprint,
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_ROLE: role,
+    }
+
+
+def role(assignment: c.Assignment) -> str:
+    return c.ROLE_STANDBY if assignment.source == "standby" else c.ROLE_REPLICA
 
 
 def check_template(template: dict[str, Any], engine: str = "") -> None:
@@ -278,7 +288,7 @@ def render_pod(
         "metadata": {
             "name": pod_name,
             "namespace": namespace,
-            "labels": {**(meta.get("labels") or {}), **pod_labels(set_name, fingerprint)},
+            "labels": {**(meta.get("labels") or {}), **pod_labels(set_name, fingerprint, role(assignment))},
             "annotations": annotations,
             "ownerReferences": [
                 {

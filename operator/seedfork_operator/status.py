@@ -15,6 +15,7 @@ from seedfork_api.spec import ModelReplicaSetSpec
 
 from .planner import resolve_backend, seed_check
 from .podview import PodView
+from .standby import is_warm
 
 
 def now_rfc3339(now: float) -> str:
@@ -52,7 +53,10 @@ def compute_status(
     now: float,
 ) -> dict[str, Any]:
     """``counts``: increments of completed / failed / fellBack from this pass."""
-    live = [p for p in pods if not p.deleting]
+    everything = [p for p in pods if not p.deleting]
+    standby = [p for p in everything if p.standby]
+    warm = sum(is_warm(p) for p in standby)
+    live = [p for p in everything if not p.standby]  # the replicas: what scale and HPA count
     ready = sum(p.ready for p in live)
     seeds = sum(map(seed_check(spec, fingerprint), live)) if spec else 0
     loading = [p for p in live if p.assignment is not None and p.state not in ("verified", "failed")]
@@ -73,7 +77,14 @@ def compute_status(
         return condition(conditions_before, kind, "True" if ok else "False", reason, message, generation, now)
 
     available = ready >= desired and spec is not None
-    settled = len(live) == desired and ready == desired and in_flight + queued == 0 and len(live) == len(pods)
+    wanted_standby = spec.standby if spec else 0
+    settled = (
+        len(live) == desired
+        and ready == desired
+        and in_flight + queued == 0
+        and len(everything) == len(pods)
+        and len(standby) == warm == wanted_standby
+    )
     conditions = [
         cond(
             "Available",
@@ -85,7 +96,8 @@ def compute_status(
             "Progressing",
             not settled and degraded is None,
             "Settled" if settled else ("Blocked" if degraded else "Scaling"),
-            f"{len(live)} pods for {desired} replicas, {in_flight} loading weights, {queued} queued for a slot",
+            f"{len(live)} pods for {desired} replicas, {in_flight} loading weights, {queued} queued for a slot"
+            + (f", {warm}/{wanted_standby} standbys warm" if wanted_standby or standby else ""),
         ),
         cond(
             "Degraded",
@@ -97,6 +109,8 @@ def compute_status(
     return {
         "replicas": len(live),
         "readyReplicas": ready,
+        "standby": len(standby),
+        "standbyWarm": warm,
         "seeds": seeds,
         "backend": resolve_backend(spec) if spec else "",
         "transfers": transfers,

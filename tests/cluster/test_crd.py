@@ -100,6 +100,9 @@ INVALID = [
     ("bad token secret name", "spec.transfer.tokenSecretName", "Not_A_Name", "spec.transfer.tokenSecretName"),
     ("reversed port range", "spec.transfer.ports", {"start": 41000, "end": 40000}, "ports.end must not be below"),
     ("reference engine without uri", "spec.model.uri", _DELETE, "model.uri is required"),
+    ("negative standby", "spec.standby", -1, "spec.standby"),
+    ("standby above its maximum", "spec.standby", api.MAX_STANDBY + 1, "spec.standby"),
+    ("standby not a number", "spec.standby", "two", "spec.standby"),
 ]
 
 
@@ -142,6 +145,18 @@ CEL_INVALID = [
         "must lie outside transfer.ports",
     ),
     (
+        "standby for engine vllm",
+        _set(_set(valid_body(), "spec.engine", {"kind": "vllm"}), "spec.standby", 1),
+        "spec.standby",
+        "spec.standby must be 0 for engine sglang or vllm",
+    ),
+    (
+        "standby for engine sglang",
+        _set(_sglang("nccl", maxClientsPerSeed=1), "spec.standby", 2),
+        "spec.standby",
+        "standby replicas are built for engine reference only",
+    ),
+    (
         "engine port equals agent port",
         _set(valid_body(), "spec.engine.port", 18080),
         "spec.engine.port",
@@ -174,6 +189,21 @@ def test_valid_sglang_layouts_pass_the_cel_rules(api_client, crd, namespace):
     assert ok["spec"]["transfer"]["maxClientsPerSeed"] == 1
     ok = create(api_client, namespace, _set(_sglang("transfer_engine"), "metadata.name", "sg-te"))
     assert ok["spec"]["transfer"]["backend"] == "transfer_engine"
+
+
+def test_standby_is_accepted_for_the_reference_engine_and_refused_later_for_vllm(api_client, crd, namespace):
+    ok = create(api_client, namespace, _set(valid_body("warm"), "spec.standby", 2))
+    assert ok["spec"]["standby"] == 2
+    plain = create(api_client, namespace, _set(valid_body("cold"), "spec.engine", {"kind": "vllm"}))
+    assert plain["spec"]["standby"] == 0  # the admission default
+    objs = client.CustomObjectsApi(api_client)
+    with pytest.raises(ApiException) as err:  # an update is checked as a create is
+        objs.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, "cold", {"spec": {"standby": 1}}
+        )
+    assert err.value.status == 422
+    message = json.loads(err.value.body)["message"]
+    assert "spec.standby" in message and "engine sglang or vllm" in message, message
 
 
 def test_model_identity_is_immutable(api_client, crd, namespace):
@@ -241,5 +271,7 @@ def test_printer_columns_are_served(api_client, crd, namespace):
     resp = api_client.call_api("GET", api_client.configuration.host + path, header_params=headers)
     table = json.loads(resp.read())
     names = [c["name"] for c in table["columnDefinitions"]]
-    assert names[:5] == ["Name", "Desired", "Ready", "Seeds", "Backend"]
+    assert names[:6] == ["Name", "Desired", "Ready", "Seeds", "Standby", "Backend"]
     assert "Age" in names
+    row = next(r for r in table["rows"] if r["object"]["metadata"]["name"] == "columns")
+    assert row["cells"][names.index("Standby")] is None  # status.standbyWarm, unset until the operator writes it

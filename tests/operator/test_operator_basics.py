@@ -40,7 +40,7 @@ def test_first_pod_loads_from_storage_and_carries_the_contract(operator, nodes, 
 
     status = wait("status", lambda: sets.get("solo").get("status", {}).get("replicas") == 1 and sets.get("solo"))
     st = status["status"]
-    assert st["selector"] == f"{c.LABEL_SET}=solo"
+    assert st["selector"] == f"{c.LABEL_SET}=solo,{c.LABEL_ROLE}!={c.ROLE_STANDBY}"  # standbys are no replicas
     assert st["tokenSecret"] == "solo-seedfork-token"
     assert st["readyReplicas"] == 0
     assert st["observedGeneration"] == status["metadata"]["generation"]

@@ -54,6 +54,7 @@ def test_pod_gets_contract_gate_labels_owner_and_agent_sidecar():
         c.LABEL_SET: "llama",
         c.LABEL_FINGERPRINT: spec_with({}, "vllm").fingerprint(),
         c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_ROLE: c.ROLE_REPLICA,
     }
     assert meta["ownerReferences"][0]["uid"] == "uid-1" and meta["ownerReferences"][0]["controller"] is True
     assert c.Assignment.from_annotations(meta["annotations"]).source == "storage"
@@ -253,3 +254,13 @@ def test_vllm_templates_that_would_expose_or_skip_the_loader_are_refused(env, ma
         render.check_template({"spec": {"containers": [{**VLLM, "env": [env]}]}}, "vllm")
     render.check_template({"spec": {"containers": [{**VLLM, "env": [{"name": "VLLM_PLUGINS", "value": "seedfork"}]}]}},
                           "vllm")  # fmt: skip
+
+
+def test_standby_pod_is_labelled_standby_and_excluded_by_the_scale_selector():
+    spec = spec_with({"spec": {"containers": [ENGINE]}}, "reference")
+    pod = render.render_pod(
+        spec=spec, set_name="llama", set_uid="u", namespace="ns", pod_name="llama-1", fingerprint=spec.fingerprint(),
+        assignment=c.Assignment(attempt=1, source="standby"), token_secret="t", agent_image="a",
+    )  # fmt: skip
+    assert pod["metadata"]["labels"][c.LABEL_ROLE] == c.ROLE_STANDBY
+    assert render.selector("llama") == f"{c.LABEL_SET}=llama,{c.LABEL_ROLE}!={c.ROLE_STANDBY}"

@@ -49,6 +49,17 @@ def weights_checksums(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {name: checksum(t.contiguous().reshape(-1).view(torch.uint8)) for name, t in sorted(weights.items())}
 
 
+def process_start() -> float | None:
+    """When this process started (epoch seconds), before its imports: from Linux's /proc (its start and the
+    uptime count from the same boot, in clock ticks and hundredths of a second), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def engine_checksum(per_tensor: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(per_tensor):
@@ -67,6 +78,9 @@ class ReferenceEngine:
         self.mode = "none"
         self.attach_info: dict | None = None
         self.timings: dict[str, float] = {}
+        # Epoch seconds of the startup phases, published in /v1/engine for the pod's timing: process start,
+        # API up (warm, no weights: where a standby waits), weights attached, weights re-checked (serving).
+        self.phases: dict[str, float] = {k: v for k, v in {"started": process_start()}.items() if v is not None}
         self._lock = asyncio.Lock()
 
     # ---- weights ----------------------------------------------------------------------------
@@ -90,7 +104,9 @@ class ReferenceEngine:
             if bad:
                 raise ValueError(f"checksum mismatch in {len(bad)} tensor(s): {', '.join(bad[:5])}")
         self.attach_info = {k: v for k, v in body["attach"].items() if k in ("kind", "path", "nbytes", "device")}
+        self.phases["attached"] = time.time() - self.timings.get("verify_ms", 0.0) / 1000
         self.use_weights(weights, "attach")
+        self.phases["verified"] = time.time()
 
     def load_dir(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
@@ -160,6 +176,7 @@ class ReferenceEngine:
                 "device": str(self.device),
                 "attach": self.attach_info,
                 "timings": self.timings,
+                "phases": self.phases,
                 "deviceUUID": ipc.device_uuid(self.device),
             }
         )
@@ -279,9 +296,10 @@ async def serve(args: argparse.Namespace) -> None:
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("reference engine on http://%s:%d", args.host, args.port)
     attaching = None
+    if args.agent and engine.device.type == "cuda" and not args.no_verify:
+        await asyncio.to_thread(warm_up, engine.device)  # compile the checksum kernel while weights move
+    engine.phases["up"] = time.time()  # initialised and warm: what a standby waits in
     if args.agent:
-        if engine.device.type == "cuda" and not args.no_verify:  # compile the checksum kernel while weights move
-            await asyncio.to_thread(warm_up, engine.device)
         attaching = asyncio.create_task(
             attach_when_verified(engine, args.agent.rstrip("/"), args.token, not args.no_verify)
         )
