@@ -1,7 +1,8 @@
 """The agent's view of its pod's engine, over the engine's own authenticated info route (``GET /v1/engine``).
 
 Used where the engine publishes its phases (the reference engine): a standby is warm once the engine answers,
-and a pod's timing gains the engine's own start, API-up and in-engine verification times. Every wait here is
+and a pod's timing gains the engine's own start, API-up and in-engine verification times. For vLLM, which
+publishes none, ``HealthProbe`` reads its ``/health`` instead. Every wait here is
 bounded by the caller's deadline and ends early when ``stop`` says so.
 """
 
@@ -57,3 +58,23 @@ def phases(info: dict[str, Any] | None) -> dict[str, float]:
     """The engine's phase timestamps (epoch seconds) from its info, those that are numbers."""
     raw = (info or {}).get("phases") or {}
     return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+
+class HealthProbe(EngineProbe):
+    """For an engine that publishes no phases (vLLM): it is up once its ``/health`` answers 200; the phase
+    ``up`` is when this probe first saw that."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.url, self.headers = f"http://{host}:{port}/health", {}
+        self._up: float | None = None
+
+    async def info(self) -> dict[str, Any] | None:
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as http:
+                r = await http.get(self.url)
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        self._up = self._up or time.time()
+        return {"phases": {"up": self._up}}

@@ -12,15 +12,16 @@ import logging
 import time
 
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
+from seedfork_api.spec import STANDBY_ENGINES
 
 from .agent import Agent, AgentConfig, EngineHook
-from .engineprobe import EngineProbe, phases
+from .engineprobe import EngineProbe, HealthProbe, phases
 from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
 
 log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
-STANDBY_ENGINES = ("reference",)  # engines that publish their phases: a standby can see its engine warm
+PHASE_ENGINES = ("reference",)  # engines that publish their own phases (GET /v1/engine)
 STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
 STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
 
@@ -49,7 +50,11 @@ class PodAgent(PodLoop):
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
             gate=EngineGate(env.tp * env.pp) if env.engine == "vllm" else None,
         )
-        self.probe = EngineProbe(env.pod_ip, env.engine_port, env.token)
+        self.probe = (
+            EngineProbe(env.pod_ip, env.engine_port, env.token)
+            if env.engine in PHASE_ENGINES
+            else HealthProbe(env.pod_ip, env.engine_port)
+        )
         self._engine_phases: dict[str, float] = {}
         self._engine_task: asyncio.Task | None = None
 
@@ -121,7 +126,7 @@ class PodAgent(PodLoop):
         try:
             await self._load(a)
         finally:
-            if self.agent.server.serving and self.env.engine in STANDBY_ENGINES:
+            if self.agent.server.serving and self.env.engine in PHASE_ENGINES:
                 self._engine_task = asyncio.create_task(self._record_engine_verified())
 
     async def _standby(self, a: Assignment) -> None:
@@ -136,6 +141,8 @@ class PodAgent(PodLoop):
         if self.env.engine not in STANDBY_ENGINES:
             self._fail_now(a, f"standby is not built for engine {self.env.engine}")
             return
+        if self.agent.gate is not None:  # vLLM: its loader starts without weights and waits for the promotion
+            self.agent.gate.standby()
         deadline = time.time() + self.env.timeout_seconds
         info = await self.probe.wait(lambda i: "up" in phases(i), deadline, lambda: self.superseded)
         if self.superseded:

@@ -33,7 +33,7 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 # Engines whose pods can wait as warm standbys (engine up, no weights) and take weights when promoted. Lifting
 # the restriction for an engine is adding it here once its agent path is built; the CEL rule follows.
-STANDBY_ENGINES: tuple[str, ...] = ("reference",)
+STANDBY_ENGINES: tuple[str, ...] = ("reference", "vllm")
 MAX_STANDBY = 100
 
 

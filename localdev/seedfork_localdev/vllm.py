@@ -94,6 +94,7 @@ def set_body(
     model_dir: str | Path,
     *,
     replicas: int = 1,
+    standby: int = 0,
     backend: str = "transfer_engine",
     timeout_seconds: int = 600,
     retries: int = 2,
@@ -111,6 +112,7 @@ def set_body(
         "metadata": {"name": name},
         "spec": {
             "replicas": replicas,
+            **({"standby": standby} if standby else {}),
             "model": {"name": "seedfork/vllm-tiny", "revision": "main", "dtype": "float32", "uri": str(model_dir)},
             "engine": {"kind": "vllm", "version": VERSION, "port": 30000},
             "transfer": {

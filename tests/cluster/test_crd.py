@@ -145,16 +145,10 @@ CEL_INVALID = [
         "must lie outside transfer.ports",
     ),
     (
-        "standby for engine vllm",
-        _set(_set(valid_body(), "spec.engine", {"kind": "vllm"}), "spec.standby", 1),
-        "spec.standby",
-        "spec.standby must be 0 for engine sglang or vllm",
-    ),
-    (
         "standby for engine sglang",
         _set(_sglang("nccl", maxClientsPerSeed=1), "spec.standby", 2),
         "spec.standby",
-        "standby replicas are built for engine reference only",
+        "spec.standby must be 0 for engine sglang: standby replicas are built for engine reference and vllm only",
     ),
     (
         "engine port equals agent port",
@@ -191,10 +185,14 @@ def test_valid_sglang_layouts_pass_the_cel_rules(api_client, crd, namespace):
     assert ok["spec"]["transfer"]["backend"] == "transfer_engine"
 
 
-def test_standby_is_accepted_for_the_reference_engine_and_refused_later_for_vllm(api_client, crd, namespace):
+def test_standby_is_accepted_for_the_reference_engine_and_vllm_and_refused_later_for_sglang(
+    api_client, crd, namespace
+):
     ok = create(api_client, namespace, _set(valid_body("warm"), "spec.standby", 2))
     assert ok["spec"]["standby"] == 2
-    plain = create(api_client, namespace, _set(valid_body("cold"), "spec.engine", {"kind": "vllm"}))
+    vllm = _set(_set(valid_body("warm-vllm"), "spec.engine", {"kind": "vllm"}), "spec.standby", 1)
+    assert create(api_client, namespace, vllm)["spec"]["standby"] == 1
+    plain = create(api_client, namespace, _set(_sglang("nccl", maxClientsPerSeed=1), "metadata.name", "cold"))
     assert plain["spec"]["standby"] == 0  # the admission default
     objs = client.CustomObjectsApi(api_client)
     with pytest.raises(ApiException) as err:  # an update is checked as a create is
@@ -203,7 +201,7 @@ def test_standby_is_accepted_for_the_reference_engine_and_refused_later_for_vllm
         )
     assert err.value.status == 422
     message = json.loads(err.value.body)["message"]
-    assert "spec.standby" in message and "engine sglang or vllm" in message, message
+    assert "spec.standby" in message and "engine sglang" in message, message
 
 
 def test_model_identity_is_immutable(api_client, crd, namespace):
