@@ -102,6 +102,7 @@ class Agent:
         # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
         self.engine_gone: Callable[[], str | None] | None = None
         self.timing: dict[str, float] = {}
+        self.server.timing = self.timing
         self._warm: asyncio.Task | None = None
         self.on_progress: Callable[[], None] | None = None
 

@@ -12,11 +12,16 @@ import logging
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from .agent import Agent, AgentConfig, EngineHook
+from .engine_cache import CacheKey, device_kind
 from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
 
 log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
+
+
+def _cache_key(env: PodEnv, device: str) -> CacheKey:
+    return CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
 
 class PodAgent(PodLoop):
@@ -38,6 +43,9 @@ class PodAgent(PodLoop):
                 # A set that moves bytes over nccl never reads TransferEngine: expose no memory to it.
                 serve_te=env.backend != "nccl",
                 max_pending_groups=env.max_clients_per_seed,
+                engine_health_url=f"http://{env.pod_ip}:{env.engine_port}/health",
+                engine_cache_dir=env.engine_cache_dir,
+                engine_cache_key=_cache_key(env, device) if env.engine_cache_dir else None,
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
@@ -78,6 +86,9 @@ class PodAgent(PodLoop):
                 "verified": t.get("verified"),
                 "engine_attached": t.get("engine_attached"),
                 "engine_load_start": t.get("engine_load_start"),
+                "cache_fetch_start": t.get("cache_fetch_start"),
+                "cache_fetch_end": t.get("cache_fetch_end"),
+                "engine_ready": t.get("engine_ready"),
                 "bytes": p.bytes_total,
             }
         )
@@ -88,6 +99,7 @@ class PodAgent(PodLoop):
     async def start(self) -> None:
         self.agent.on_progress = self.notify
         self.agent.server.on_change = self.notify
+        self.agent.on_event = self.kube.event
         await self.agent.start()
 
     async def stop(self) -> None:

@@ -166,6 +166,7 @@ class AgentServer:
         self.gate: EngineGate | None = None
         # The engine's compile cache, offered to new pods once the engine finished compiling (engine_cache).
         self.engine_cache: CacheSource | None = None
+        self.timing: dict[str, float] = {}  # the agent's phase timestamps (PodTiming's), for /v1/progress
         self._packing = asyncio.Lock()
         self.checking = False  # re-checking the store against its manifest (a client saw a checksum mismatch)
         self.self_checks = 0
@@ -342,6 +343,7 @@ class AgentServer:
                 "error": p.error,
                 "serving": self.serving,
                 "activeClients": self.active_clients,
+                "timing": self.timing,
             }
         )
 
