@@ -22,6 +22,7 @@ from pathlib import Path
 from seedfork_api.contract import ENV_TOKEN, ENV_TOKEN_PREVIOUS, PodEnv
 
 from .agent import Agent, AgentConfig, load_hook
+from .engine_cache import CacheKey, device_kind
 from .engines.gate import EngineGate
 from .server import default_device
 from .store import Manifest, WeightStore
@@ -47,6 +48,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="an engine of this many ranks loads from the store itself (vLLM, --load-format seedfork): "
         "verified only once every rank proved its load",
     )
+    p.add_argument("--engine-url", default=None, help="the engine's health URL: when its API is up (compiled)")
+    p.add_argument("--engine-cache", default=None, help="the engine's compile-cache directory, shared with seeds")
+    p.add_argument("--engine-name", default="vllm", help="engine kind, part of the engine cache's key")
+    p.add_argument("--engine-version", default="", help="engine version, part of the engine cache's key")
     p.add_argument(
         "--port-range", default=None, type=_port_range,
         help="START-END: the set's transfer ports; TransferEngine and rendezvous listeners stay inside",
@@ -117,9 +122,19 @@ def _agent(args: argparse.Namespace) -> Agent:
         client_id=getattr(args, "client_id", "") or "",
         **({"port_range": args.port_range} if args.port_range else {}),
         max_pending_groups=args.max_clients,
+        engine_health_url=args.engine_url,
+        engine_cache_dir=args.engine_cache,
+        engine_cache_key=_cache_key(args),
     )
     gate = EngineGate(args.engine_ranks) if args.engine_ranks else None
     return Agent(config, load_hook(args.engine_hook), gate)
+
+
+def _cache_key(args: argparse.Namespace) -> CacheKey | None:
+    if not args.engine_cache:
+        return None
+    device = args.device or default_device()
+    return CacheKey(args.fingerprint, args.engine_name, args.engine_version, device_kind(device))
 
 
 async def _serve_forever(agent: Agent) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import torch
 
 from seedfork_api.contract import group_ports, transfer_engine_ports
@@ -23,7 +24,8 @@ from seedfork_api.spec import PortRange
 
 from .checksum import warm_up
 from .engines.engine_store import engine_manifest, rank_digest, ranks_of
-from .engines.gate import CHECKPOINT, ENGINE, EngineGate, EngineGateError, seed_engine_digests
+from .engine_cache import CacheKey, CacheSource, EngineCacheError, fetch
+from .engines.gate import CHECKPOINT, ENGINE, STANDBY, EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer
 from .store import Manifest, WeightStore, remove_stale_shm
@@ -32,6 +34,7 @@ from .te import TransferEngineHandle, engine, resolve_protocol
 log = logging.getLogger("seedfork.agent")
 
 EngineHook = Callable[[WeightStore, dict[str, Any]], None]
+_ENGINE_POLL_S = 0.5
 PORTS = PortRange()  # the CRD's default range, for an agent run by hand
 
 
@@ -51,6 +54,11 @@ class AgentConfig:
     # The set's transfer ports (inclusive): TransferEngine and rendezvous listeners stay inside (contract).
     port_range: tuple[int, int] = (PORTS.start, PORTS.end)
     max_pending_groups: int = 4  # the set's maxClientsPerSeed: group creations one seed lets wait at once
+    # The pod's engine: its health URL (when its API came up, the end of its compile/warm-up), and the
+    # directory its compile caches live in, with the key that says where they are valid (engine_cache).
+    engine_health_url: str | None = None
+    engine_cache_dir: str | None = None
+    engine_cache_key: CacheKey | None = None
 
 
 def load_hook(spec: str | None) -> EngineHook | None:
@@ -86,9 +94,16 @@ class Agent:
             max_pending_groups=config.max_pending_groups,
         )
         self.server.gate = self.gate = gate
+        if config.engine_cache_dir and config.engine_cache_key:
+            self.server.engine_cache = CacheSource(config.engine_cache_dir, config.engine_cache_key)
+        # Called with (type, reason, message) for what the pod should show as an Event (a skipped cache).
+        self.on_event: Callable[[str, str, str], None] | None = None
+        self.engine_cache_result: str | None = None
+        self._engine_watch: asyncio.Task | None = None
         # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
         self.engine_gone: Callable[[], str | None] | None = None
         self.timing: dict[str, float] = {}
+        self.server.timing = self.timing
         self._warm: asyncio.Task | None = None
         self.on_progress: Callable[[], None] | None = None
 
@@ -102,6 +117,8 @@ class Agent:
             self._warm = asyncio.create_task(asyncio.to_thread(warm_up, self.device))
 
     async def stop(self) -> None:
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
         await self.server.stop()
         if self.server.store is not None:
             self.server.store.close()
@@ -197,6 +214,8 @@ class Agent:
     ) -> bool:
         if self.server.serving:
             return True
+        # A promoted standby's engine compiled while it warmed up: its cache is in use, nothing to fetch.
+        warm = self.gate is not None and self.gate.phase == STANDBY
         self._begin(attempt, "seed", req.backend, req.seed)
         p = self.server.progress
 
@@ -227,7 +246,34 @@ class Agent:
                 store.close()
                 self._fail(f"seed {req.seed}: {e}")
                 return False
+        if self.server.engine_cache is not None and not warm:  # before the weights: the engine compiles after
+            await asyncio.to_thread(self._fetch_engine_cache, req)
         return await self._finish(store, stats.get("data_end"))
+
+    def _fetch_engine_cache(self, req: PullRequest) -> None:
+        """The seed's compile cache into this pod's (still unused) cache directory; any failure is skipped."""
+        source = self.server.engine_cache
+        self.timing["cache_fetch_start"] = time.time()
+        try:
+            got = fetch(req.base_url, req.token, source.root, source.key, self.config.timeout_s, source.max_bytes)
+        except EngineCacheError as e:
+            self.engine_cache_result = f"skipped: {e}"
+            log.warning("engine cache from %s skipped, the engine compiles itself: %s", req.seed, e)
+            self._event("Warning", "EngineCacheSkipped", f"engine cache from seed {req.seed} skipped: {e}")
+        else:
+            self.engine_cache_result = f"fetched {got.files} files, {got.bytes} bytes"
+            log.info("engine cache from %s: %s", req.seed, self.engine_cache_result)
+            message = f"engine cache from seed {req.seed}: {self.engine_cache_result}"
+            self._event("Normal", "EngineCacheFetched", message)
+        self.timing["cache_fetch_end"] = time.time()
+
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(kind, reason, message)
+        except Exception as e:  # an Event is for people; never a reason to fail the pod
+            log.info("could not post event %s: %s", reason, e)
 
     async def _finish(self, store: WeightStore, transfer_end: float | None = None) -> bool:
         try:
@@ -241,7 +287,31 @@ class Agent:
             store.close()
             self._fail(f"could not start serving: {type(e).__name__}: {e}")
             return False
+        if self.config.engine_health_url and self._engine_watch is None:
+            self._engine_watch = asyncio.get_running_loop().create_task(self._watch_engine_api())
         return True
+
+    async def _watch_engine_api(self) -> None:
+        """Until the engine's API answers (bounded by the set's timeout): the end of its compile/warm-up.
+        Only then is its compile cache complete, so only then is it offered to other pods."""
+        url = self.config.engine_health_url
+        deadline = time.monotonic() + self.config.timeout_s
+        async with httpx.AsyncClient(timeout=5) as http:
+            while time.monotonic() < deadline:
+                try:
+                    if (await http.get(url)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(_ENGINE_POLL_S)
+            else:
+                log.warning("the engine's API at %s did not come up within %.0f s", url, self.config.timeout_s)
+                return
+        self.timing["engine_ready"] = time.time()
+        if self.server.engine_cache is not None:
+            self.server.engine_cache.ready = True
+        log.info("the engine's API is up at %s", url)
+        self._changed()
 
     async def adopt(self, store: WeightStore) -> bool:
         """Serve a store the caller built and checksummed itself (an engine's own weights, a benchmark)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config, watch
@@ -42,6 +43,25 @@ class PodClient:
         if timing is not None:
             values["timing"] = timing
         self.core.patch_namespaced_pod(self.name, self.namespace, annotation_patch(**values), _request_timeout=30)
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on this pod (``kubectl describe pod`` shows it), e.g. a skipped engine cache."""
+        now = datetime.now(UTC)
+        pod = self.core.read_namespaced_pod(self.name, self.namespace, _request_timeout=10)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{self.name}.", namespace=self.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", name=self.name, namespace=self.namespace, uid=pod.metadata.uid
+            ),
+            type=kind,
+            reason=reason,
+            message=message[:1000],
+            source=client.V1EventSource(component="seedfork-agent"),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        self.core.create_namespaced_event(self.namespace, body, _request_timeout=10)
 
     def watch(self, resource_version: str, timeout_s: int = 60) -> Iterator[dict[str, str]]:
         """Annotations of each change to the pod, until the watch times out."""

@@ -163,9 +163,10 @@ class PodLoop:
 
     async def _publish(self, force: bool = False) -> None:
         async with self._publishing:
-            report = self.report()
-            key = report.model_dump(exclude={"updated_at"})
+            report, timing = self.report(), self.current_timing()
+            # Timing too: a phase after the report's final state (the engine's API up) must still land.
+            key = (report.model_dump(exclude={"updated_at"}), timing.model_dump() if timing else None)
             if key == self._last and not force:
                 return
-            await asyncio.to_thread(self.kube.report, report, self.current_timing())
+            await asyncio.to_thread(self.kube.report, report, timing)
             self._last = key

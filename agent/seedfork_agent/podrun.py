@@ -15,6 +15,7 @@ from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 from seedfork_api.spec import STANDBY_ENGINES
 
 from .agent import Agent, AgentConfig, EngineHook
+from .engine_cache import CacheKey, device_kind
 from .engineprobe import EngineProbe, HealthProbe, phases
 from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
@@ -24,6 +25,10 @@ AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator render
 PHASE_ENGINES = ("reference",)  # engines that publish their own phases (GET /v1/engine)
 STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
 STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
+
+
+def _cache_key(env: PodEnv, device: str) -> CacheKey:
+    return CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
 
 class PodAgent(PodLoop):
@@ -45,6 +50,9 @@ class PodAgent(PodLoop):
                 # A set that moves bytes over nccl never reads TransferEngine: expose no memory to it.
                 serve_te=env.backend != "nccl",
                 max_pending_groups=env.max_clients_per_seed,
+                engine_health_url=f"http://{env.pod_ip}:{env.engine_port}/health",
+                engine_cache_dir=env.engine_cache_dir,
+                engine_cache_key=_cache_key(env, device) if env.engine_cache_dir else None,
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
@@ -95,6 +103,9 @@ class PodAgent(PodLoop):
                 "verified": t.get("verified"),
                 "engine_attached": t.get("engine_attached"),
                 "engine_load_start": t.get("engine_load_start"),
+                "cache_fetch_start": t.get("cache_fetch_start"),
+                "cache_fetch_end": t.get("cache_fetch_end"),
+                "engine_ready": t.get("engine_ready"),
                 "bytes": p.bytes_total,
             }
         )
@@ -109,6 +120,7 @@ class PodAgent(PodLoop):
     async def start(self) -> None:
         self.agent.on_progress = self.notify
         self.agent.server.on_change = self.notify
+        self.agent.on_event = self.kube.event
         await self.agent.start()
 
     async def stop(self) -> None:

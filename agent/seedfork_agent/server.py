@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 from . import groups, refusal
+from .engine_cache import CacheSource, EngineCacheError
 from .engines.gate import ENGINE, STANDBY, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
 from .te import TransferEngineError, TransferEngineHandle
@@ -163,6 +164,10 @@ class AgentServer:
         # engine before this agent serves it to anyone, and the gate collects the engine's proof of its load.
         self.offered: WeightStore | None = None
         self.gate: EngineGate | None = None
+        # The engine's compile cache, offered to new pods once the engine finished compiling (engine_cache).
+        self.engine_cache: CacheSource | None = None
+        self.timing: dict[str, float] = {}  # the agent's phase timestamps (PodTiming's), for /v1/progress
+        self._packing = asyncio.Lock()
         self.checking = False  # re-checking the store against its manifest (a client saw a checksum mismatch)
         self.self_checks = 0
 
@@ -178,6 +183,7 @@ class AgentServer:
         app.router.add_post("/v1/transfers", self.transfer_event)
         app.router.add_get("/v1/engine", self.engine_view)
         app.router.add_post("/v1/engine/layout", self.engine_layout)
+        app.router.add_get("/v1/engine-cache", self.engine_cache_view)
         app.router.add_post("/v1/engine/report", self.engine_report)
         app.router.add_post("/v1/engine/failed", self.engine_failed)
         app.router.add_post("/v1/selfcheck", self.selfcheck)
@@ -338,6 +344,7 @@ class AgentServer:
                 "error": p.error,
                 "serving": self.serving,
                 "activeClients": self.active_clients,
+                "timing": self.timing,
             }
         )
 
@@ -365,6 +372,23 @@ class AgentServer:
         if self.gate is not None:  # what the engine does with it (engines.gate): load, fill or map
             body["layout"] = self.gate.phase if not self.serving else ENGINE
         return web.json_response(body)
+
+    async def engine_cache_view(self, request: web.Request) -> web.Response:
+        """The engine's compile cache as one archive (engine_cache.pack), for a new pod of the set."""
+        self._require_token(request)
+        if request.query:
+            return web.json_response({"error": {"message": "this route takes no parameters"}}, status=400)
+        source = self.engine_cache
+        if source is None:
+            return web.json_response({"error": {"message": "this pod keeps no engine cache"}}, status=404)
+        if not source.ready:
+            return web.json_response({"error": {"message": "the engine has not finished compiling"}}, status=503)
+        try:
+            async with self._packing:  # packed once, by the first request; the others wait for it
+                body = await asyncio.to_thread(source.archive)
+        except EngineCacheError as e:
+            return web.json_response({"error": {"message": str(e)}}, status=503)
+        return web.Response(body=body, content_type="application/x-tar")
 
     # ---- the pod's own engine loading from the store (engines.gate) -------------------------------
     async def engine_view(self, request: web.Request) -> web.Response:

@@ -72,6 +72,8 @@ ENV_BANDWIDTH_LIMIT_MBPS = "SEEDFORK_BANDWIDTH_LIMIT_MBPS"
 ENV_MAX_CLIENTS_PER_SEED = "SEEDFORK_MAX_CLIENTS_PER_SEED"  # also caps the group creations a seed lets wait
 ENV_TOKEN = "SEEDFORK_TOKEN"  # from a secretKeyRef, never a literal
 ENV_TOKEN_PREVIOUS = "SEEDFORK_TOKEN_PREVIOUS"  # optional secretKeyRef: the token before a rotation
+ENV_ENGINE_VERSION = "SEEDFORK_ENGINE_VERSION"  # part of the engine cache's key
+ENV_ENGINE_CACHE_DIR = "SEEDFORK_ENGINE_CACHE_DIR"  # the engine's compile caches, shared by agent and engine
 
 ALL_ENV = [
     ENV_POD_NAME,
@@ -93,7 +95,22 @@ ALL_ENV = [
     ENV_MAX_CLIENTS_PER_SEED,
     ENV_TOKEN,
     ENV_TOKEN_PREVIOUS,
-]
+    ENV_ENGINE_VERSION,
+]  # ENV_ENGINE_CACHE_DIR only where the engine compiles (vLLM): render.engine_cache
+
+# ---- the engine's compile caches (agent engine_cache) ----------------------
+ENGINE_CACHE_PATH = "/var/cache/seedfork-engine"  # a volume of the pod, mounted in engine and agent
+ENGINE_CACHE_VOLUME = "seedfork-engine-cache"
+
+
+def engine_cache_env(root: str) -> dict[str, str]:
+    """Where vLLM and torch write what they compile, all under ``root`` so one directory holds it all:
+    vLLM's torch.compile cache, Inductor's generated kernels (C++ on CPU), Triton's GPU kernels."""
+    return {
+        "VLLM_CACHE_ROOT": f"{root}/vllm",
+        "TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor",
+        "TRITON_CACHE_DIR": f"{root}/triton",
+    }
 
 # ---- the set's transfer port range, shared out -------------------------
 # Every listener of a pod except the agent's HTTP port and the engine's port lies in ``spec.transfer.ports``,
@@ -221,6 +238,12 @@ class PodTiming(_Model):
     # Engines that load from the store themselves (vLLM): when the first rank asked for the weights.
     engine_load_start: float | None = Field(default=None, alias="engineLoadStart")
     engine_verified: float | None = Field(default=None, alias="engineVerified")
+    # The engine's compile cache fetched from the seed (before the weights are offered to the engine).
+    cache_fetch_start: float | None = Field(default=None, alias="cacheFetchStart")
+    cache_fetch_end: float | None = Field(default=None, alias="cacheFetchEnd")
+    # When the engine's API first answered its health check: engine_attached -> engine_ready is the
+    # engine's compile/warm-up (and KV cache) after it proved its weights.
+    engine_ready: float | None = Field(default=None, alias="engineReady")
     bytes: int = 0
 
 
@@ -246,6 +269,8 @@ class PodEnv(_Model):
     max_clients_per_seed: int = 4
     token: str
     token_previous: str | None = None
+    engine_version: str = ""
+    engine_cache_dir: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
@@ -275,6 +300,8 @@ class PodEnv(_Model):
             max_clients_per_seed=int(env.get(ENV_MAX_CLIENTS_PER_SEED, "4")),
             token=env[ENV_TOKEN],
             token_previous=env.get(ENV_TOKEN_PREVIOUS) or None,
+            engine_version=env.get(ENV_ENGINE_VERSION, ""),
+            engine_cache_dir=env.get(ENV_ENGINE_CACHE_DIR) or None,
         )
 
 

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Downward-API field paths the runner can fill in (anything else fails the container).
@@ -186,6 +187,31 @@ def image_env(image: str | None, images: Mapping[str, Mapping[str, str]], path: 
     if "PATH" in env:
         env["PATH"] = os.pathsep.join([env["PATH"], path])
     return env
+
+
+def empty_dir_env(
+    pod: Mapping[str, Any], container: Mapping[str, Any], env: Mapping[str, str], pod_dir: str | Path
+) -> dict[str, str]:
+    """The runner mounts nothing: an ``emptyDir`` volume (not ``medium: Memory``, which is /dev/shm here) that
+    ``container`` mounts is a directory of the pod's own, ``<pod_dir>/<volume>``, and every env value that
+    names a path under its ``mountPath`` is rewritten to point there. So two pods never share what each
+    would keep in its own volume (e.g. the engine cache), while engine and agent of one pod do."""
+    volumes = {
+        v.get("name")
+        for v in (pod.get("spec") or {}).get("volumes") or []
+        if "emptyDir" in v and (v.get("emptyDir") or {}).get("medium") != "Memory"
+    }
+    out: dict[str, str] = {}
+    for m in container.get("volumeMounts") or []:
+        if m.get("name") not in volumes or not m.get("mountPath"):
+            continue
+        mount = str(m["mountPath"]).rstrip("/")
+        local = Path(pod_dir) / str(m["name"])
+        for name, value in env.items():
+            if value == mount or value.startswith(mount + "/"):
+                out[name] = str(local) + value[len(mount) :]
+                local.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def container_argv(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:

@@ -25,7 +25,8 @@ For the namespaces it is given, the runner:
   gate conditions and never writes them;
 - runs readiness probes (httpGet, tcpSocket, exec) at their period; ``probe_period``
   caps period and initial delay to speed tests up. Liveness and startup
-  probes, init containers, volumes and resources are not supported;
+  probes, init containers, volumes and resources are not supported, but for ``emptyDir``
+  volumes named in env values (``podrules.empty_dir_env``: a directory of the pod's own);
 - restarts exited containers by ``restartPolicy`` with exponential back-off;
   when a container's main process exits, the rest of its process group is killed
   (a container's processes end with it), and so is any process carrying the
@@ -76,6 +77,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +102,7 @@ from .podrules import (
     choose_node,
     container_argv,
     container_env,
+    empty_dir_env,
     image_env,
     pod_phase,
     readiness_conditions,
@@ -378,6 +381,9 @@ class PodRunner:
 
         resp = client.NetworkingV1Api(self._api).list_namespaced_network_policy(namespace, _preload_content=False)
         return json.loads(resp.data)["items"]
+
+    def _volume_dir(self, pod: _Pod) -> Path:
+        return self.logdir / "volumes" / f"{pod.namespace}_{pod.name}_{pod.uid}"
 
     def log_path(self, namespace: str, pod: str, container: str) -> Path:
         return self.logdir / f"{namespace}_{pod}_{container}.log"
@@ -661,6 +667,7 @@ class PodRunner:
         raise RuntimeError(f"no free pod address in 127.0.0.{self.ip_range[0]}-{self.ip_range[1]}")
 
     def _release(self, pod: _Pod) -> None:
+        shutil.rmtree(self._volume_dir(pod), ignore_errors=True)  # the pod's emptyDir volumes end with it
         if self.network is not None:
             self.network.remove_pod((pod.namespace, pod.name), pod.ip)
         if pod.ip_lock >= 0:
@@ -758,6 +765,7 @@ class PodRunner:
         env.update(image_env(c.spec.get("image"), self.images, env["PATH"]))
         env.update(api_env)
         env.update(own)
+        env.update(empty_dir_env(obj, c.spec, env, self._volume_dir(pod)))
         env[MARK_ENV] = self._mark(pod, c)
         c.env = env
         logfile = open(self.log_path(pod.namespace, pod.name, c.name), "a", buffering=1)  # noqa: SIM115

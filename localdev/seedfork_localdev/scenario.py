@@ -777,7 +777,11 @@ def install_agent_rbac(api: client.ApiClient, namespace: str) -> None:
     """The engine pods' ServiceAccount: the agent reads, watches and patches its own pod, nothing more."""
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     meta = {"name": AGENT_SERVICE_ACCOUNT, "namespace": namespace}
-    role = {"metadata": meta, "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]}]}
+    rules = [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},  # engine cache fetched or skipped
+    ]
+    role = {"metadata": meta, "rules": rules}
     binding = {
         "metadata": meta,
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT_SERVICE_ACCOUNT},

@@ -66,8 +66,12 @@ def image_env() -> dict[str, dict[str, str]]:
     return {IMAGE: {"PATH": str(python().parent), **cpu_env()}}
 
 
-def serve_args(model_dir: str | Path, host: str, port: int, load_format: str = "seedfork") -> list[str]:
-    """``vllm serve`` for the test model: float32, a short context, eager mode (no compile on 2 cores)."""
+def serve_args(
+    model_dir: str | Path, host: str, port: int, load_format: str = "seedfork", compile: bool = False
+) -> list[str]:
+    """``vllm serve`` for the test model: float32, a short context, eager mode (no compile on 2 cores) unless
+    ``compile``: then vLLM's default torch.compile, whose Inductor C++ kernels the engine cache carries."""
+    eager = [] if compile else ["--enforce-eager"]
     return [
         "serve",
         str(model_dir),
@@ -83,7 +87,7 @@ def serve_args(model_dir: str | Path, host: str, port: int, load_format: str = "
         "256",
         "--max-num-seqs",
         "4",
-        "--enforce-eager",
+        *eager,
         "--load-format",
         load_format,
     ]
@@ -162,13 +166,14 @@ class Server:
         log: Path,
         load_format: str = "seedfork",
         contract: Mapping[str, str] | None = None,
+        compile: bool = False,
         extra: Sequence[str] = (),
     ) -> None:
         self.url = f"http://{ip}:{port}"
         self.log = log
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         env |= cpu_env() | dict(contract or {})
-        argv = [str(python().parent / "vllm"), *serve_args(model, ip, port, load_format), *extra]
+        argv = [str(python().parent / "vllm"), *serve_args(model, ip, port, load_format, compile), *extra]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -179,6 +179,23 @@ def _model_mounts(engine: dict[str, Any], uri: str | None) -> list[dict[str, Any
     return out
 
 
+def _engine_cache(pod_spec: dict[str, Any], engine: dict[str, Any], agent: dict[str, Any]) -> None:
+    """One directory for the engine's compile caches (vLLM's torch.compile, Inductor, Triton), a volume of
+    the pod mounted in engine and agent: the agent fills it from the seed before the engine compiles, and
+    serves it to later pods once the engine is up (engine_cache in the agent)."""
+    volumes = pod_spec.get("volumes") or []
+    if not any(v.get("name") == c.ENGINE_CACHE_VOLUME for v in volumes):  # a template may bring its own
+        pod_spec["volumes"] = [*volumes, {"name": c.ENGINE_CACHE_VOLUME, "emptyDir": {}}]
+    mount = {"name": c.ENGINE_CACHE_VOLUME, "mountPath": c.ENGINE_CACHE_PATH}
+    cache_env = [{"name": c.ENV_ENGINE_CACHE_DIR, "value": c.ENGINE_CACHE_PATH}]
+    engine_env = [{"name": k, "value": v} for k, v in c.engine_cache_env(c.ENGINE_CACHE_PATH).items()]
+    _with_env(engine, [*cache_env, *engine_env])
+    _with_env(agent, cache_env)
+    for ct in (engine, agent):
+        mounts = [m for m in ct.get("volumeMounts") or [] if m.get("mountPath") != c.ENGINE_CACHE_PATH]
+        ct["volumeMounts"] = [*mounts, dict(mount)]
+
+
 def runs_agent(container: dict[str, Any]) -> bool:
     if container.get("name") == AGENT_CONTAINER:
         return True
@@ -203,6 +220,7 @@ def contract_env(spec: ModelReplicaSetSpec, set_name: str, fingerprint: str, tok
         c.ENV_TIMEOUT_SECONDS: str(t.timeout_seconds),
         c.ENV_BANDWIDTH_LIMIT_MBPS: str(t.bandwidth_limit_mbps) if t.bandwidth_limit_mbps else None,
         c.ENV_MAX_CLIENTS_PER_SEED: str(t.max_clients_per_seed),
+        c.ENV_ENGINE_VERSION: spec.engine.version,
     }
     fields = {c.ENV_POD_NAME: "metadata.name", c.ENV_POD_NAMESPACE: "metadata.namespace", c.ENV_POD_IP: "status.podIP"}
     env = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": f}}} for n, f in fields.items()]
@@ -271,6 +289,7 @@ def render_pod(
             engine = containers[0] = vllm_engine(containers[0], spec.engine.port)
             agent = agent_container(spec, agent_image, env)
             agent["volumeMounts"] = [_shared_memory(pod_spec, engine), *_model_mounts(engine, spec.model.uri)]
+            _engine_cache(pod_spec, engine, agent)
             containers.append(agent)
         else:
             containers.append(agent_container(spec, agent_image, env))

@@ -157,3 +157,75 @@ def test_a_restarted_agent_works_on_the_current_assignment_only(
     assert time.monotonic() - written < 8
     assert "superseded by attempt 3" in second.output(), second.output()[-3000:]
     assert second.proc.poll() is None
+
+
+def _stand_in_engine(ip: str, port: int):
+    """Answers GET /health with 200 on the pod's engine address: the engine's API is up (it finished compiling)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((ip, port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _events(core, namespace: str, pod: str) -> dict[str, str]:
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod}").items
+    return {e.reason: e.message for e in items}
+
+
+def test_engine_cache_from_the_seed_fetched_or_skipped_with_an_event(
+    kit, agents, api_client, control_plane, namespace, weights_dir, tmp_path
+):
+    core = client.CoreV1Api(api_client)
+    seed_ip, engine_port = kit.new_ip(), kit.new_port()
+    seed_cache = tmp_path / "seed-cache"
+    (seed_cache / "inductor").mkdir(parents=True)
+    (seed_cache / "inductor" / "k.so").write_bytes(b"\x7fELF" * 500)
+    engine = _stand_in_engine(seed_ip, engine_port)
+    try:
+        _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
+        seed_env = _env(kit, control_plane, namespace, "seed-0", seed_ip, str(weights_dir))
+        seed_env |= {c.ENV_ENGINE_CACHE_DIR: str(seed_cache), c.ENV_ENGINE_PORT: str(engine_port),
+                     c.ENV_ENGINE_VERSION: "1.0"}  # fmt: skip
+        agents("run", "--device", "cpu", ip=seed_ip, env=seed_env)
+        _wait_report(core, namespace, "seed-0", lambda r: r.state == "verified")
+
+        def engine_ready() -> dict | None:
+            raw = core.read_namespaced_pod("seed-0", namespace).metadata.annotations.get(c.ANN_TIMING)
+            timing = json.loads(raw) if raw else {}
+            return timing if timing.get("engineReady") else None
+
+        deadline = time.monotonic() + 30
+        while (timing := engine_ready()) is None:  # published after the report's final state, on its own
+            assert time.monotonic() < deadline, "the seed's timing never recorded its engine's API up"
+            time.sleep(0.3)
+        assert timing["engineReady"] >= timing["verified"]
+
+        seed = c.Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip,
+                            seedAgentPort=kit.AGENT_PORT)  # fmt: skip
+        cases = (("same-0", "1.0", "EngineCacheFetched"), ("other-0", "2.0", "EngineCacheSkipped"))
+        for name, version, reason in cases:
+            ip, cache = kit.new_ip(), tmp_path / f"{name}-cache"
+            _pod(core, namespace, name, seed)
+            env = _env(kit, control_plane, namespace, name, ip) | {c.ENV_ENGINE_CACHE_DIR: str(cache),
+                                                                    c.ENV_ENGINE_VERSION: version}  # fmt: skip
+            agents("run", "--device", "cpu", ip=ip, env=env)
+            report = _wait_report(core, namespace, name, lambda r: r.state in ("verified", "failed"))
+            assert report.state == "verified", report  # a skipped cache never fails the pod
+            events = _events(core, namespace, name)
+            assert reason in events, events
+            if reason == "EngineCacheFetched":
+                assert (cache / "inductor" / "k.so").read_bytes() == (seed_cache / "inductor" / "k.so").read_bytes()
+            else:
+                assert "is not this pod's" in events[reason] and not (cache / "inductor").exists()
+    finally:
+        engine.shutdown()

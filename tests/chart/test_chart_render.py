@@ -114,7 +114,7 @@ def test_namespaced_rbac_grants_nothing_namespaced_cluster_wide(tools, helm_bin)
     # Engine pods of both namespaces get the agent account and its Role.
     agent_roles = [r for r in tools.by_kind(docs, "Role") if r["metadata"]["name"] == "sf-seedfork-agent"]
     assert sorted(r["metadata"]["namespace"] for r in agent_roles) == ["team-a", "team-b"]
-    assert all(_rules(r) == {("", "pods"): {"get", "watch", "patch"}} for r in agent_roles)
+    assert all(_rules(r) == {("", "pods"): {"get", "watch", "patch"}, ("", "events"): {"create"}} for r in agent_roles)
     sas = [
         s["metadata"]["namespace"]
         for s in tools.by_kind(docs, "ServiceAccount")

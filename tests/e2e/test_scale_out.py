@@ -72,6 +72,14 @@ def assert_scaled_out(s, result: ScaleOut, nbytes: int, backend: str) -> None:
     assert scale["spec"]["replicas"] == 4
     wait_until(lambda: s.rset.status().get("readyReplicas") == 4, 30, "status.readyReplicas == 4")
 
+    # Each pod's timing also records when its engine's API came up, after its weights were verified.
+    def engines_up() -> list | None:
+        rows = s.rset.rows()
+        return rows if all(r.timing.get("engineReady") for r in rows) else None
+
+    for row in wait_until(engines_up, 30, "every pod's timing to record engineReady", interval=0.5):
+        assert row.timing["engineReady"] >= row.timing["verified"], row.timing
+
 
 def test_transfer_engine_scale_out_1_to_4_then_down_to_2_keeps_a_seed(scenario, tiny_model):
     s = scenario

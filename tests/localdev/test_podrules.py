@@ -187,3 +187,18 @@ def test_an_image_stand_in_puts_its_environment_first():
         "PYTHONPATH": "/src/agent",
     }
     assert image_env("seedfork/agent:dev", images, "/usr/bin") == {}  # other images run as before
+
+
+def test_empty_dir_paths_in_env_point_to_a_directory_of_the_pod(tmp_path):
+    from seedfork_localdev.podrules import empty_dir_env
+
+    pod = {"spec": {"volumes": [{"name": "cache", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}},
+                                {"name": "models", "hostPath": {"path": "/models"}}]}}  # fmt: skip
+    container = {"volumeMounts": [{"name": "cache", "mountPath": "/var/cache/x/"},
+                                  {"name": "shm", "mountPath": "/dev/shm"},
+                                  {"name": "models", "mountPath": "/models"}]}  # fmt: skip
+    env = {"A": "/var/cache/x", "B": "/var/cache/x/vllm", "C": "/var/cache/xy", "D": "/dev/shm/s", "E": "/models/m"}
+    got = empty_dir_env(pod, container, env, tmp_path / "pod-1")
+    assert got == {"A": str(tmp_path / "pod-1" / "cache"), "B": str(tmp_path / "pod-1" / "cache" / "vllm")}
+    assert (tmp_path / "pod-1" / "cache").is_dir()
+    assert empty_dir_env(pod, {"volumeMounts": []}, env, tmp_path / "pod-2") == {}  # mounted elsewhere only

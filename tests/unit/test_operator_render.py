@@ -231,7 +231,29 @@ def test_vllm_keeps_a_shared_memory_mount_and_probe_the_template_has():
     engine, agent = pod["spec"]["containers"]
     assert engine["readinessProbe"] == mine["readinessProbe"]
     assert agent["volumeMounts"][0] == {"name": "dshm", "mountPath": "/dev/shm"}
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["dshm"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["dshm", c.ENGINE_CACHE_VOLUME]
+
+
+def test_vllm_engine_and_agent_share_one_compile_cache_directory():
+    """vLLM, Inductor and Triton write under the directory the agent fills from the seed and serves from."""
+    pod = rendered({"spec": {"containers": [VLLM], "volumes": [{"name": "models", "emptyDir": {}}]}}, "vllm")
+    engine, agent = pod["spec"]["containers"]
+    mount = {"name": c.ENGINE_CACHE_VOLUME, "mountPath": c.ENGINE_CACHE_PATH}
+    assert mount in engine["volumeMounts"] and mount in agent["volumeMounts"]
+    assert {"name": c.ENGINE_CACHE_VOLUME, "emptyDir": {}} in pod["spec"]["volumes"]
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env[c.ENV_ENGINE_CACHE_DIR] == c.ENGINE_CACHE_PATH
+    assert env["VLLM_CACHE_ROOT"].startswith(c.ENGINE_CACHE_PATH + "/")
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(c.ENGINE_CACHE_PATH + "/")
+    assert env["TRITON_CACHE_DIR"].startswith(c.ENGINE_CACHE_PATH + "/")
+    assert {e["name"]: e.get("value") for e in agent["env"]}[c.ENV_ENGINE_CACHE_DIR] == c.ENGINE_CACHE_PATH
+    assert env[c.ENV_ENGINE_VERSION] == spec_with({}, "vllm").engine.version  # part of the cache's key
+
+
+def test_engines_that_do_not_compile_get_no_engine_cache():
+    pod = rendered({"spec": {"containers": [ENGINE]}}, "reference")
+    assert not any(v["name"] == c.ENGINE_CACHE_VOLUME for v in pod["spec"].get("volumes") or [])
+    assert all(e["name"] != c.ENV_ENGINE_CACHE_DIR for ct in pod["spec"]["containers"] for e in ct["env"])
 
 
 def test_vllm_load_format_in_the_command_is_replaced_there():
