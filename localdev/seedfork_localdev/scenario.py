@@ -168,14 +168,9 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
     return condition_true(pod, "Ready")
 
 
-def annotation_json(pod: Mapping[str, Any], key: str) -> dict[str, Any]:
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(key)
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return {}
+def _as_dict(model: c.Assignment | c.AgentReport | c.PodTiming | None) -> dict[str, Any]:
+    """An annotation as its JSON said it (the keys it set), for tables and test messages."""
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True) if model is not None else {}
 
 
 @dataclass
@@ -205,10 +200,11 @@ class PodRow:
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodRow:
         meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
-        assignment = annotation_json(pod, c.ANN_ASSIGNMENT)
-        report = annotation_json(pod, c.ANN_REPORT)
-        attempt = int(assignment.get("attempt") or 0)
-        current = report if int(report.get("attempt") or -1) == attempt else {}
+        assignment, report, timing = c.read_annotations(meta.get("annotations"))
+        # The state as the operator reads it (a verified report of a superseded attempt is verified), so the
+        # harness never calls a pod pending that the operator rightly made Ready.
+        weights = c.weights_report(assignment, report)
+        queued = assignment is not None and assignment.source == "queued"
         return cls(
             name=meta.get("name", ""),
             node=spec.get("nodeName") or "",
@@ -216,19 +212,19 @@ class PodRow:
             phase=status.get("phase") or "Pending",
             ready=pod_ready(pod),
             gate=condition_true(pod, c.READINESS_GATE),
-            attempt=attempt,
-            source=assignment.get("source") or "",
-            seed_pod=assignment.get("seedPod") or "",
-            backend=assignment.get("backend") or report.get("backend") or "",
-            state="queued" if assignment.get("source") == "queued" else current.get("state") or "pending",
-            bytes_done=int(current.get("bytesDone") or 0),
-            bytes_total=int(current.get("bytesTotal") or 0),
-            error=current.get("error") or report.get("error") or "",
-            serving=bool(report.get("serving")),
+            attempt=assignment.attempt if assignment else 0,
+            source=(assignment.source if assignment else "") or "",
+            seed_pod=(assignment.seed_pod if assignment else "") or "",
+            backend=(assignment.backend if assignment else None) or (report.backend if report else None) or "",
+            state="queued" if queued else (weights.state if weights else "pending"),
+            bytes_done=weights.bytes_done if weights else 0,
+            bytes_total=weights.bytes_total if weights else 0,
+            error=(weights.error if weights else None) or (report.error if report else None) or "",
+            serving=bool(report and report.serving),
             deleting=bool(meta.get("deletionTimestamp")),
-            assignment=assignment,
-            report=report,
-            timing=annotation_json(pod, c.ANN_TIMING),
+            assignment=_as_dict(assignment),
+            report=_as_dict(report),
+            timing=_as_dict(timing),
         )
 
     @property
