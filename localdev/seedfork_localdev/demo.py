@@ -21,24 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scenario import (
-    PROMPT,
-    LocalCluster,
-    PodRow,
-    PodTracker,
-    ReferenceSet,
-    ScaleOut,
-    ScenarioError,
-    api_client_for,
-    format_table,
-    install_agent_rbac,
-    install_crd,
-    make_model,
-    model_bytes,
-    new_namespace,
-    reference_set_body,
-    scale_out,
-)
+from .cluster import LocalCluster, api_client_for, install_agent_rbac, install_crd, new_namespace
+from .manifests import reference_set_body
+from .pods import PodRow, PodTracker
+from .referenceset import ReferenceSet
+from .scenario import PROMPT, ScaleOut, format_table, make_model, model_bytes, scale_out
+from .waiting import ScenarioError
 
 SET_NAME = "llama"
 

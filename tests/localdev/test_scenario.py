@@ -12,7 +12,8 @@ import time
 from kubernetes import client
 
 from seedfork_api import contract as c
-from seedfork_localdev.scenario import PodRow, PodTracker, wait_until
+from seedfork_localdev.pods import PodRow, PodTracker
+from seedfork_localdev.waiting import wait_until
 from seedfork_operator.podview import PodView
 
 SET = "tracked"
