@@ -17,6 +17,7 @@ import pytest
 from seedfork_agent.puller import PullError, PullRequest, pull
 from seedfork_agent.server import PENDING_GROUP_S
 from seedfork_agent.te import engine
+from seedfork_localdev.waiting import wait_until
 
 TIMEOUT = "60"
 
@@ -60,16 +61,6 @@ def _pull_ok(kit, seed_ip: str, backend: str, weight_tensors, **kw) -> None:
         store.close()
 
 
-def _wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(kit, agents, seed, weight_tensors):
     """Three of a cohort's four clients (world 5) have asked the seed and sit in the group's rendezvous; one
     is killed (SIGKILL, as a node loss). The seed sees its init request close and ends the group: the other
@@ -88,7 +79,7 @@ def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(k
         except httpx.HTTPError:
             return False
 
-    _wait(lambda: all(asked(c) for c in clients), 60, "all three clients to allocate and ask the seed")
+    wait_until(lambda: all(asked(c) for c in clients), 60, "all three clients to allocate and ask the seed")
     time.sleep(1.0)  # the init requests are in, and the members sit in the group's rendezvous
     assert all(c.proc.poll() is None for c in clients)
     clients[2].kill(signal.SIGKILL)
@@ -99,7 +90,7 @@ def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(k
         assert waited < PENDING_GROUP_S / 2, f"a member waited {waited:.0f}s for a dead peer"
         (failed,) = [e for e in c.events() if e["state"] == "failed"]
         assert "went away" in failed["error"], failed
-    _wait(lambda: _metric(seed, "seedfork_agent_pending_groups") == 0, 5, "the seed to drop the group")
+    wait_until(lambda: _metric(seed, "seedfork_agent_pending_groups") == 0, 5, "the seed to drop the group")
     assert _metric(seed, 'seedfork_agent_groups_refused_total{reason="member_gone"}') == 1
     started = time.monotonic()
     _pull_ok(kit, seed.ip, "gloo", weight_tensors, group_ports=[port])  # the same port: nothing held it
@@ -128,7 +119,7 @@ def test_never_joining_group_inits_are_capped_and_expire(kit, seed, weight_tenso
     for t in threads:
         t.start()
         time.sleep(0.05)
-    _wait(lambda: sum(1 for _, r in answers.values() if getattr(r, "status_code", 0) == 429) == 4, 10,
+    wait_until(lambda: sum(1 for _, r in answers.values() if getattr(r, "status_code", 0) == 429) == 4, 10,
           "four 429 answers")  # fmt: skip
     assert _metric(seed, "seedfork_agent_pending_groups") == 4
 
