@@ -31,15 +31,6 @@ from .waiting import ScenarioError
 SET_NAME = "llama"
 
 
-def default_device() -> str:
-    try:
-        import torch
-
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -127,6 +118,9 @@ kubectl is not installed by seedfork: use your own (any version that speaks to K
 
 
 def run(args: argparse.Namespace) -> int:
+    # The agent's own default device (imported here: it loads torch), so agent and engine pick the same one.
+    from seedfork_agent.server import default_device
+
     from .controlplane import ControlPlane
 
     device = args.device if args.device != "auto" else default_device()
