@@ -10,7 +10,6 @@ is ever made Ready on bad weights.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,21 +22,6 @@ from seedfork_localdev.referenceset import ReferenceSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
 READY_S = 600  # vLLM starts in 18-40 s on an idle core; three at once on two busy cores take minutes
-
-
-@pytest.fixture(scope="module")
-def vllm_images():
-    try:
-        return vllm.image_env()
-    except vllm.VllmUnavailable as e:
-        pytest.fail(str(e))
-
-
-@pytest.fixture(scope="module")
-def vllm_model(tmp_path_factory) -> Path:
-    from seedfork_agent.engines.testmodel import make_model
-
-    return make_model(tmp_path_factory.mktemp("vllm-e2e") / "model", "vllm-tiny")
 
 
 def corrupt_store(agent_url: str, token: str) -> None:
