@@ -32,21 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from seedfork_localdev.cluster import LocalCluster, api_client_for, install_agent_rbac, install_crd, new_namespace
 from seedfork_localdev.controlplane import ControlPlane
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    PodTracker,
-    ReferenceSet,
-    api_client_for,
-    format_table,
-    install_agent_rbac,
-    install_crd,
-    make_model,
-    model_bytes,
-    new_namespace,
-    reference_set_body,
-    scale_out,
-)
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
+from seedfork_localdev.scenario import format_table, make_model, model_bytes, scale_out
 from seedfork_localdev.timetoready import FIGURES, Breakdown, percentile, summary
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -40,22 +40,13 @@ from typing import Any
 import httpx
 
 from seedfork_api import contract as c
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    PodRow,
-    PodTracker,
-    ReferenceSet,
-    api_client_for,
-    format_table,
-    install_agent_rbac,
-    install_crd,
-    make_model,
-    make_model_like,
-    new_namespace,
-    reference_set_body,
-    wait_until,
-)
+from seedfork_localdev.cluster import LocalCluster, api_client_for, install_agent_rbac, install_crd, new_namespace
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.pods import PodRow, PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
+from seedfork_localdev.scenario import format_table, make_model, make_model_like
 from seedfork_localdev.timetoready import percentile
+from seedfork_localdev.waiting import wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STALL_SLACK_S = 5.0

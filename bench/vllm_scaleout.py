@@ -40,19 +40,13 @@ from pathlib import Path
 import httpx
 
 from seedfork_agent.engines.testmodel import make_model
-from seedfork_localdev import vllm
-from seedfork_localdev.controlplane import ControlPlane
 from seedfork_api.spec import GROUP, PLURAL, VERSION
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    PodTracker,
-    ReferenceSet,
-    api_client_for,
-    format_table,
-    install_agent_rbac,
-    install_crd,
-    new_namespace,
-)
+from seedfork_localdev import vllm
+from seedfork_localdev.cluster import LocalCluster, api_client_for, install_agent_rbac, install_crd, new_namespace
+from seedfork_localdev.controlplane import ControlPlane
+from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
+from seedfork_localdev.scenario import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("start", "vllm_init", "weights", "verify", "engine_load", "kv_and_api", "first_token")

@@ -69,6 +69,40 @@ def namespace(api_client) -> Iterator[str]:
     # tests use fresh names and the whole control plane goes at session end.
 
 
+# ---- vLLM (the `vllm` tier): its own environment, built by scripts/setup_vllm.sh and cached ----
+# A test that asks for vLLM fails without it, never skips: a missing environment is a broken setup.
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The interpreter of vLLM's environment."""
+    from seedfork_localdev import vllm
+
+    try:
+        return vllm.python()
+    except vllm.VllmUnavailable as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def vllm_images() -> dict[str, dict[str, str]]:
+    """vLLM's environment as the pod runner's stand-in for seedfork's vLLM image."""
+    from seedfork_localdev import vllm
+
+    try:
+        return vllm.image_env()
+    except vllm.VllmUnavailable as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory) -> Path:
+    """The deterministic test model in the shape vLLM's CPU build runs (``vllm-tiny``)."""
+    from seedfork_agent.engines.testmodel import make_model
+
+    return make_model(tmp_path_factory.mktemp("vllm-tiny") / "model", "vllm-tiny")
+
+
 def pytest_terminal_summary(terminalreporter):
     for line in _STARTED:
         terminalreporter.write_line(line)

@@ -23,8 +23,8 @@ from seedfork_api.contract import group_ports, transfer_engine_ports
 from seedfork_api.spec import PortRange
 
 from .checksum import warm_up
-from .engines.engine_store import engine_manifest, rank_digest, ranks_of
 from .engine_cache import CacheKey, CacheSource, EngineCacheError, fetch
+from .engines.engine_store import engine_manifest, rank_digest, ranks_of
 from .engines.gate import CHECKPOINT, ENGINE, STANDBY, EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
 from .server import AgentServer

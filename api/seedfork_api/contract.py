@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .spec import GROUP, PortRange
-
-_PORTS = PortRange()  # the CRD default, for a pod rendered without the range
+from .spec import GROUP, EngineSpec, Parallelism, TransferSpec
 
 # ---- labels -------------------------------------------------------------
 LABEL_SET = f"{GROUP}/set"  # owning ModelReplicaSet name
@@ -247,62 +245,149 @@ class PodTiming(_Model):
     bytes: int = 0
 
 
-class PodEnv(_Model):
+# ---- reading a pod's annotations: the one reading the operator, the agent and the dev harness share -----
+def read_annotations(
+    annotations: Mapping[str, str] | None,
+) -> tuple[Assignment | None, AgentReport | None, PodTiming | None]:
+    """The contract annotations of a pod. Unparseable ones read as absent (the operator then re-assigns the
+    pod), so a hand-edited annotation cannot crash a reader."""
+    annotations = annotations or {}
+    try:
+        assignment = Assignment.from_annotations(annotations)
+    except ValidationError:
+        assignment = None
+    try:
+        report = AgentReport.from_annotations(annotations)
+    except ValidationError:
+        report = None
+    try:
+        raw = annotations.get(ANN_TIMING)
+        timing = PodTiming.model_validate_json(raw) if raw else None
+    except ValidationError:
+        timing = None
+    return assignment, report, timing
+
+
+def current_report(assignment: Assignment | None, report: AgentReport | None) -> AgentReport | None:
+    """The agent's report for the current attempt; an older report says nothing about it."""
+    if assignment is None or report is None or report.attempt != assignment.attempt:
+        return None
+    return report
+
+
+def superseded_but_verified(assignment: Assignment | None, report: AgentReport | None) -> bool:
+    """The agent verified an earlier attempt just as the operator moved on (seed judged gone, closer seed).
+
+    Verified weights are verified whatever attempt brought them, and an agent that already serves
+    takes no new attempt, so waiting for the newer one would hang the pod until it timed out.
+    """
+    r, a = report, assignment
+    return r is not None and a is not None and r.state == "verified" and 1 <= r.attempt < a.attempt
+
+
+def weights_report(assignment: Assignment | None, report: AgentReport | None) -> AgentReport | None:
+    """The report that says how far the pod's weights are: the current attempt's, or a superseded one that
+    verified; None when the agent has not answered the current attempt."""
+    if superseded_but_verified(assignment, report):
+        return report
+    return current_report(assignment, report)
+
+
+# The spec's defaults, for a pod rendered without a value (never restated as literals here).
+_TRANSFER = TransferSpec()
+_PARALLELISM = Parallelism()
+_ENGINE_PORT: int = EngineSpec.model_fields["port"].default
+
+
+class EngineEnv(_Model):
+    """What an engine or engine hook started by the agent reads from the pod contract: where the engine
+    listens, how long any wait may take, and the token."""
+
+    pod_ip: str
+    engine_port: int
+    timeout_seconds: float = float(_TRANSFER.timeout_seconds)
+    token: str | None = None
+
+    # The variable each field is read from.
+    ENV: ClassVar[dict[str, str]] = {
+        "pod_name": ENV_POD_NAME,
+        "namespace": ENV_POD_NAMESPACE,
+        "pod_ip": ENV_POD_IP,
+        "set_name": ENV_SET,
+        "fingerprint": ENV_FINGERPRINT,
+        "agent_port": ENV_AGENT_PORT,
+        "engine_port": ENV_ENGINE_PORT,
+        "engine": ENV_ENGINE,
+        "backend": ENV_BACKEND,
+        "protocol": ENV_PROTOCOL,
+        "port_range": ENV_PORT_RANGE,
+        "model_uri": ENV_MODEL_URI,
+        "tp": ENV_TP,
+        "pp": ENV_PP,
+        "timeout_seconds": ENV_TIMEOUT_SECONDS,
+        "bandwidth_limit_mbps": ENV_BANDWIDTH_LIMIT_MBPS,
+        "max_clients_per_seed": ENV_MAX_CLIENTS_PER_SEED,
+        "token": ENV_TOKEN,
+        "token_previous": ENV_TOKEN_PREVIOUS,
+        "engine_version": ENV_ENGINE_VERSION,
+        "engine_cache_dir": ENV_ENGINE_CACHE_DIR,
+    }
+    # Read as unset when empty: optional values (a secretKeyRef that may be absent renders as "").
+    EMPTY_IS_UNSET: ClassVar[frozenset[str]] = frozenset(
+        {"model_uri", "bandwidth_limit_mbps", "token", "token_previous", "engine_cache_dir"}
+    )
+    REQUIRED: ClassVar[tuple[str, ...]] = ("pod_ip", "engine_port")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Parse the contract from the environment; a missing or malformed variable is an error naming it."""
+        env = os.environ if environ is None else environ
+        missing = [cls.ENV[f] for f in cls.REQUIRED if not env.get(cls.ENV[f])]
+        if missing:
+            raise ValueError(f"pod contract incomplete: missing environment variables {', '.join(missing)}")
+        values: dict[str, Any] = {}
+        for field in cls.model_fields:
+            raw = env.get(cls.ENV[field])
+            if raw is None or (raw == "" and field in cls.EMPTY_IS_UNSET):
+                continue
+            values[field] = _port_range(raw) if field == "port_range" else raw
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            bad = ", ".join(f"{cls.ENV[str(err['loc'][0])]}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"pod contract malformed: {bad}") from None
+
+
+def _port_range(raw: str) -> tuple[str, str] | str:
+    start, sep, end = raw.partition("-")
+    return (start, end) if sep else raw  # no "-": let validation name the variable
+
+
+class PodEnv(EngineEnv):
     """The static part of the contract, as the agent reads it from its environment."""
 
     pod_name: str
     namespace: str
-    pod_ip: str
+    pod_ip: str = "127.0.0.1"  # outside a pod (no downward API): loopback
     set_name: str
-    fingerprint: str
-    agent_port: int
-    engine_port: int
-    engine: str
-    backend: str
-    protocol: str = "auto"
-    port_range: tuple[int, int]
+    fingerprint: str = ""
+    agent_port: int = _TRANSFER.agent_port
+    engine_port: int = _ENGINE_PORT
+    engine: str = "reference"  # the spec requires a kind; a bare agent runs the reference engine
+    backend: str = _TRANSFER.backend
+    protocol: str = _TRANSFER.protocol
+    port_range: tuple[int, int] = (_TRANSFER.ports.start, _TRANSFER.ports.end)
     model_uri: str | None = None
-    tp: int = 1
-    pp: int = 1
-    timeout_seconds: float = 300.0
-    bandwidth_limit_mbps: int | None = None
-    max_clients_per_seed: int = 4
+    tp: int = _PARALLELISM.tp
+    pp: int = _PARALLELISM.pp
+    bandwidth_limit_mbps: int | None = _TRANSFER.bandwidth_limit_mbps
+    max_clients_per_seed: int = _TRANSFER.max_clients_per_seed
     token: str
     token_previous: str | None = None
     engine_version: str = ""
     engine_cache_dir: str | None = None
 
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> PodEnv:
-        env = os.environ if environ is None else environ
-        missing = [name for name in (ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SET, ENV_TOKEN) if not env.get(name)]
-        if missing:
-            raise ValueError(f"pod contract incomplete: missing environment variables {', '.join(missing)}")
-        start, _, end = env.get(ENV_PORT_RANGE, f"{_PORTS.start}-{_PORTS.end}").partition("-")
-        limit = env.get(ENV_BANDWIDTH_LIMIT_MBPS)
-        return cls(
-            pod_name=env[ENV_POD_NAME],
-            namespace=env[ENV_POD_NAMESPACE],
-            pod_ip=env.get(ENV_POD_IP, "127.0.0.1"),
-            set_name=env[ENV_SET],
-            fingerprint=env.get(ENV_FINGERPRINT, ""),
-            agent_port=int(env.get(ENV_AGENT_PORT, "18080")),
-            engine_port=int(env.get(ENV_ENGINE_PORT, "30000")),
-            engine=env.get(ENV_ENGINE, "reference"),
-            backend=env.get(ENV_BACKEND, "auto"),
-            protocol=env.get(ENV_PROTOCOL, "auto"),
-            port_range=(int(start), int(end)),
-            model_uri=env.get(ENV_MODEL_URI) or None,
-            tp=int(env.get(ENV_TP, "1")),
-            pp=int(env.get(ENV_PP, "1")),
-            timeout_seconds=float(env.get(ENV_TIMEOUT_SECONDS, "300")),
-            bandwidth_limit_mbps=int(limit) if limit else None,
-            max_clients_per_seed=int(env.get(ENV_MAX_CLIENTS_PER_SEED, "4")),
-            token=env[ENV_TOKEN],
-            token_previous=env.get(ENV_TOKEN_PREVIOUS) or None,
-            engine_version=env.get(ENV_ENGINE_VERSION, ""),
-            engine_cache_dir=env.get(ENV_ENGINE_CACHE_DIR) or None,
-        )
+    REQUIRED: ClassVar[tuple[str, ...]] = ("pod_name", "namespace", "set_name", "token")
 
 
 SGLANG_OWN_PORTS = 2

@@ -342,7 +342,7 @@ class ModelReplicaSetSpec(ApiModel):
 
 
 def identity_fingerprint(model: ModelIdentity, engine: EngineSpec) -> str:
-    """Two pods may exchange weights only if this is equal (DESIGN §2.1).
+    """Two pods may exchange weights only if this is equal.
 
     A short stable hash of everything that changes the bytes in GPU memory:
     model, revision, dtype, quantization, engine kind and version, tp, pp.

@@ -13,15 +13,11 @@ whole process groups) and removes the work directory, also when a test fails.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import signal
 import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +25,23 @@ from pathlib import Path
 import yaml
 
 from . import binaries
+from .processes import stop_group
+from .waiting import wait_until
 
 ADMIN_USER = "seedfork-admin"
+
+
+def kubeconfig_for(server: str, ca_file: str, user: str, token: str) -> dict:
+    """A kubeconfig for ``server`` (trusting ``ca_file``) as ``user`` with a bearer ``token``: the admin's,
+    or a pod's ServiceAccount token (the pod runner's)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": ca_file}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+        "current-context": "local",
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -191,16 +202,7 @@ class ControlPlane:
         self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_dict()))
 
     def kubeconfig_dict(self, user: str = ADMIN_USER, token: str | None = None) -> dict:
-        return {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {"name": "local", "cluster": {"server": self.url, "certificate-authority": str(self.ca_path)}}
-            ],
-            "users": [{"name": user, "user": {"token": token or self.token}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-            "current-context": "local",
-        }
+        return kubeconfig_for(self.url, str(self.ca_path), user, token or self.token)
 
     def version(self) -> str:
         import json
@@ -234,29 +236,19 @@ class ControlPlane:
         self._procs.append(proc)
 
     def _wait(self, check, what: str) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            for proc in self._procs:
+        def ready() -> bool:
+            for proc in self._procs:  # a process that exited ends the wait: it will never be ready
                 if proc.poll() is not None:
                     tail = (self._dir / "logs" / f"{proc.name}.log").read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{proc.name} exited with {proc.returncode} while waiting for {what}:\n{tail}")
-            if check():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"timed out after {self.start_timeout:.0f}s waiting for {what}")
+            return check()
+
+        wait_until(ready, self.start_timeout, what, interval=0.2)
 
     def stop(self) -> None:
         # apiserver first, then etcd; each in its own session so the group goes with it.
         for proc in reversed(self._procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
+            stop_group(proc, 15)
         self._procs.clear()
         if self._tmp is not None:
             self._tmp.cleanup()

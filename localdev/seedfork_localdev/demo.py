@@ -24,35 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scenario import (
-    PROMPT,
-    LocalCluster,
-    PodRow,
-    PodTracker,
-    ReferenceSet,
-    ScaleOut,
-    ScenarioError,
-    api_client_for,
-    format_table,
-    install_agent_rbac,
-    install_crd,
-    make_model,
-    model_bytes,
-    new_namespace,
-    reference_set_body,
-    scale_out,
-)
+from .cluster import LocalCluster, api_client_for, install_agent_rbac, install_crd, new_namespace
+from .manifests import reference_set_body
+from .pods import PodRow, PodTracker
+from .referenceset import ReferenceSet
+from .scenario import PROMPT, ScaleOut, format_table, make_model, model_bytes, scale_out
+from .waiting import ScenarioError
 
 SET_NAME = "llama"
-
-
-def default_device() -> str:
-    try:
-        import torch
-
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
 
 
 def human_bytes(n: int) -> str:
@@ -199,6 +178,9 @@ def compare_standby(api, kubeconfig: Path, workdir: Path, model_dir: Path, devic
 
 
 def run(args: argparse.Namespace) -> int:
+    # The agent's own default device (imported here: it loads torch), so agent and engine pick the same one.
+    from seedfork_agent.server import default_device
+
     from .controlplane import ControlPlane
 
     device = args.device if args.device != "auto" else default_device()

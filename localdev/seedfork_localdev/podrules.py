@@ -65,6 +65,38 @@ class NodeSpec:
         return {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux", **self.labels}
 
 
+def node_status(node: NodeSpec, *, cpus: str, host_ip: str, now: str, runtime: str) -> dict[str, Any]:
+    """The status a kubelet reports for its node: capacity, addresses, Ready, and what runs it."""
+    resources = {"cpu": cpus, "memory": "16Gi", "pods": "110", **node.capacity}
+    return {
+        "capacity": resources,
+        "allocatable": resources,
+        "addresses": [{"type": "InternalIP", "address": host_ip}, {"type": "Hostname", "address": node.name}],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "seedfork local pod runner (development only)",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        ],
+        "nodeInfo": {
+            "machineID": node.name,
+            "systemUUID": node.name,
+            "bootID": node.name,
+            "kernelVersion": os.uname().release,
+            "osImage": "seedfork local pod runner",
+            "containerRuntimeVersion": f"{runtime}://0",
+            "kubeletVersion": "v0.0.0-seedfork-podrunner",
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": os.uname().machine,
+        },
+    }
+
+
 # ---- scheduling --------------------------------------------------------------------------
 
 
@@ -255,6 +287,15 @@ def pod_phase(states: Sequence[tuple[str, int | None, bool]]) -> str:
     return "Succeeded" if all(code == 0 for _, code, _ in states) else "Failed"
 
 
+def termination_grace(pod: Mapping[str, Any], max_grace: float | None) -> float:
+    """Seconds between SIGTERM and SIGKILL: the deletion's grace, else the pod's, else 30; capped by ``max_grace``."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    grace = meta.get("deletionGracePeriodSeconds")
+    if grace is None:
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+    return min(float(grace), max_grace) if max_grace is not None else float(grace)
+
+
 # ---- readiness -----------------------------------------------------------------------------
 
 
@@ -344,3 +385,15 @@ def readiness_conditions(
         cond("ContainersReady", all_ready, "ContainersNotReady", containers_msg),
         ready,
     ]
+
+
+def status_signature(status: Mapping[str, Any]) -> tuple:
+    """What must match between the written and the observed pod status (times and defaults ignored)."""
+    conds = tuple(
+        sorted((c["type"], c["status"]) for c in status.get("conditions") or [] if c.get("type") in OWN_CONDITIONS)
+    )
+    containers = tuple(
+        (c["name"], c.get("ready"), c.get("restartCount"), tuple(c.get("state") or {}))
+        for c in status.get("containerStatuses") or []
+    )
+    return status.get("phase"), status.get("podIP"), conds, containers

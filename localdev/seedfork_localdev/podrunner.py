@@ -85,7 +85,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,8 +94,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from .controlplane import kubeconfig_for
 from .podrules import (
-    OWN_CONDITIONS,
     ContainerConfigError,
     NodeSpec,
     ProbeState,
@@ -104,12 +104,17 @@ from .podrules import (
     container_env,
     empty_dir_env,
     image_env,
+    node_status,
     pod_phase,
     readiness_conditions,
     restart_delay,
     should_restart,
+    status_signature,
+    termination_grace,
 )
 from .probes import run_probe
+from .processes import MARK_ENV, kill_group, kill_marked
+from .watching import ListWatch
 
 log = logging.getLogger("seedfork.podrunner")
 
@@ -120,45 +125,10 @@ IP_LOCK_DIR = Path(tempfile.gettempdir()) / "seedfork-podrunner-ips"
 CONTAINER_ID_SCHEME = "seedfork-podrunner"
 # Environment passed through from the runner to every container (containers get nothing else of it).
 PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TERM")
-# Set in every container: "<runner id>/<pod uid>/<container>/", to find processes that left the group.
-MARK_ENV = "SEEDFORK_PODRUNNER_MARK"
 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _kill_marked(prefix: str, sig: int, skip_groups: Collection[int] = ()) -> int:
-    """Signal every process whose environment carries MARK_ENV starting with ``prefix``; returns how many.
-
-    A container's processes can leave its process group (``setsid``, a new session
-    for an engine); they still inherit the mark, so they end with the container.
-    Linux only (reads /proc); elsewhere process groups are all there is. Processes in
-    ``skip_groups`` are left alone (their group is signalled already: one signal each).
-    """
-    wanted = f"{MARK_ENV}={prefix}".encode()
-    hits = 0
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as f:
-                    environ = f.read()
-            except OSError:
-                continue
-            if any(item.startswith(wanted) for item in environ.split(b"\0")):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    pid = int(entry.name)
-                    if os.getpgid(pid) not in skip_groups:
-                        os.kill(pid, sig)
-                        hits += 1
-    return hits
 
 
 @dataclass
@@ -273,7 +243,7 @@ class PodRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._enders: list[threading.Thread] = []
-        self._watch_responses: dict[str, Any] = {}
+        self._watches: list[ListWatch] = []
         self._probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="podrunner-probe")
         self._state_dir: tempfile.TemporaryDirectory | None = None
         self._api = None
@@ -310,7 +280,9 @@ class PodRunner:
                 self.network.start()
             self._register_nodes()
             for ns in self.namespaces:
-                self._spawn_thread(self._watch, f"podrunner-watch-{ns}", ns)
+                watch = self._watch(ns)
+                self._watches.append(watch)
+                self._spawn_thread(watch.run, f"podrunner-watch-{ns}")
             self._spawn_thread(self._loop, "podrunner-loop")
         except BaseException:
             self.stop()
@@ -323,9 +295,8 @@ class PodRunner:
         self._started = False
         atexit.unregister(self.stop)
         self._stop.set()
-        for resp in list(self._watch_responses.values()):
-            with contextlib.suppress(Exception):
-                resp.shutdown()
+        for watch in self._watches:
+            watch.close()
         for thread in self._threads:
             thread.join(timeout=5)
         with self._lock:
@@ -336,10 +307,10 @@ class PodRunner:
             thread.join(timeout=grace + 10)
         for proc in self._procs:  # safety net: nothing this runner started outlives it
             if proc.poll() is None:
-                _kill_group(proc.pid, signal.SIGKILL)
+                kill_group(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
-        _kill_marked(f"{self._id}/", signal.SIGKILL)
+        kill_marked(f"{self._id}/", signal.SIGKILL)
         with self._lock:
             for pod in self._pods.values():
                 self._release(pod)
@@ -402,90 +373,19 @@ class PodRunner:
                 if exc.status != 409:
                     raise
                 self._core.patch_node(node.name, {"metadata": {"labels": node.all_labels()}}, _content_type=SMP)
-            resources = {"cpu": cpus, "memory": "16Gi", "pods": "110", **node.capacity}
-            now = _now()
-            status = {
-                "capacity": resources,
-                "allocatable": resources,
-                "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": node.name}],
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True",
-                        "reason": "KubeletReady",
-                        "message": "seedfork local pod runner (development only)",
-                        "lastHeartbeatTime": now,
-                        "lastTransitionTime": now,
-                    }
-                ],
-                "nodeInfo": {
-                    "machineID": node.name,
-                    "systemUUID": node.name,
-                    "bootID": node.name,
-                    "kernelVersion": os.uname().release,
-                    "osImage": "seedfork local pod runner",
-                    "containerRuntimeVersion": f"{CONTAINER_ID_SCHEME}://0",
-                    "kubeletVersion": "v0.0.0-seedfork-podrunner",
-                    "kubeProxyVersion": "",
-                    "operatingSystem": "linux",
-                    "architecture": os.uname().machine,
-                },
-            }
+            status = node_status(node, cpus=cpus, host_ip=HOST_IP, now=_now(), runtime=CONTAINER_ID_SCHEME)
             self._core.patch_node_status(node.name, {"status": status}, _content_type=SMP, _preload_content=False)
 
     # ---- watching ----------------------------------------------------------------------------
 
-    def _watch(self, namespace: str) -> None:
-        """List, then watch from the list's resourceVersion; relist when the watch expires or breaks."""
-        rv = None
-        while not self._stop.is_set():
-            try:
-                if rv is None:
-                    listed = json.loads(self._core.list_namespaced_pod(namespace, _preload_content=False).data)
-                    rv = listed["metadata"]["resourceVersion"]
-                    self._events.put(("RELIST", namespace, listed["items"]))
-                resp = self._core.list_namespaced_pod(
-                    namespace,
-                    watch=True,
-                    resource_version=rv,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=30,
-                    _preload_content=False,
-                    _request_timeout=(5, 45),
-                )
-                self._watch_responses[namespace] = resp
-                try:
-                    rv = self._read_watch(resp, namespace, rv)
-                finally:
-                    self._watch_responses.pop(namespace, None)
-                    resp.release_conn()
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("watch of namespace %s broke (%s); relisting", namespace, exc)
-                rv = None
-                self._stop.wait(0.5)
-
-    def _read_watch(self, resp, namespace: str, rv: str | None) -> str | None:
-        buffer = b""
-        for chunk in resp.stream(None, decode_content=False):
-            if self._stop.is_set():
-                return rv
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event["type"] == "ERROR":
-                    if obj.get("code") == 410:  # expired: start over from a fresh list
-                        return None
-                    raise RuntimeError(f"watch error: {obj.get('message')}")
-                rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                if event["type"] != "BOOKMARK":
-                    self._events.put((event["type"], namespace, obj))
-        return rv
+    def _watch(self, namespace: str) -> ListWatch:
+        """The namespace's pods, as events for the loop: a relist replaces what the loop knows of them."""
+        return ListWatch(
+            self._core.list_namespaced_pod,
+            namespace,
+            on_list=lambda items: self._events.put(("RELIST", namespace, items)),
+            on_event=lambda kind, obj: self._events.put((kind, namespace, obj)),
+        )
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -702,23 +602,13 @@ class PodRunner:
                 raise ContainerConfigError(f"token for serviceaccount {sa!r}: {exc.status} {exc.reason}") from exc
             token = json.loads(resp.data)["status"]["token"]
             path = Path(self._state_dir.name) / f"{pod.namespace}_{pod.name}_{pod.uid[:8]}.kubeconfig"
-            path.write_text(yaml.safe_dump(self._kubeconfig_for(sa, token)))
+            path.write_text(yaml.safe_dump(kubeconfig_for(self._server, self._ca, sa, token)))
             path.chmod(0o600)
             env["KUBECONFIG"] = str(path)
         elif self.pod_credentials == "admin":
             env["KUBECONFIG"] = str(self.kubeconfig)
         pod.extra_env = env
         return env
-
-    def _kubeconfig_for(self, user: str, token: str) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {"server": self._server, "certificate-authority": self._ca}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-            "current-context": "local",
-        }
 
     def _lookup(self, kind: str, namespace: str, name: str, key: str) -> str | None:
         import base64
@@ -824,8 +714,8 @@ class PodRunner:
 
     def _on_exit(self, pod: _Pod, c: _Container, code: int, *, reason: str, message: str = "") -> None:
         if c.proc is not None:
-            _kill_group(c.proc.pid, signal.SIGKILL)  # the container ends with its main process
-            _kill_marked(self._mark(pod, c), signal.SIGKILL)
+            kill_group(c.proc.pid, signal.SIGKILL)  # the container ends with its main process
+            kill_marked(self._mark(pod, c), signal.SIGKILL)
         if c.logfile is not None:
             c.logfile.close()
         finished = _now()
@@ -923,24 +813,12 @@ class PodRunner:
             "containerStatuses": statuses,
         }
 
-    @staticmethod
-    def _signature(status: Mapping[str, Any]) -> tuple:
-        """What must match between the written and the observed status (times and defaults ignored)."""
-        conds = tuple(
-            sorted((c["type"], c["status"]) for c in status.get("conditions") or [] if c.get("type") in OWN_CONDITIONS)
-        )
-        containers = tuple(
-            (c["name"], c.get("ready"), c.get("restartCount"), tuple(c.get("state") or {}))
-            for c in status.get("containerStatuses") or []
-        )
-        return status.get("phase"), status.get("podIP"), conds, containers
-
     def _write_status(self, pod: _Pod, obj: dict[str, Any]) -> None:
         desired = self._desired_status(pod, obj)
         # Transition times change on every call until our write is observed: leave them out of the key.
         untimed = {**desired, "conditions": [{**c, "lastTransitionTime": None} for c in desired["conditions"]]}
         key = json.dumps(untimed, sort_keys=True)
-        observed_drift = self._signature(desired) != self._signature(obj.get("status") or {})
+        observed_drift = status_signature(desired) != status_signature(obj.get("status") or {})
         if key == pod.last_key and not (observed_drift and time.monotonic() - pod.last_write > 1.0):
             return
         self._patch_status(pod.namespace, pod.name, pod.uid, desired)
@@ -963,14 +841,9 @@ class PodRunner:
     def _begin_termination(self, pod: _Pod, obj: dict[str, Any], *, delete: bool) -> None:
         pod.terminating = True
         log.info("stopping %s/%s (%s)", pod.namespace, pod.name, "deleting" if delete else "already deleted")
-        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-        grace = meta.get("deletionGracePeriodSeconds")
-        if grace is None:
-            grace = spec.get("terminationGracePeriodSeconds", 30)
-        if self.max_grace is not None:
-            grace = min(float(grace), self.max_grace)
+        grace = termination_grace(obj, self.max_grace)
         thread = threading.Thread(
-            target=self._terminate, args=(pod, float(grace), delete), name=f"podrunner-stop-{pod.name}", daemon=True
+            target=self._terminate, args=(pod, grace, delete), name=f"podrunner-stop-{pod.name}", daemon=True
         )
         self._enders.append(thread)
         thread.start()
@@ -993,19 +866,19 @@ class PodRunner:
         procs = [(c.proc.pid, c.proc) for pod in pods for c in pod.containers if c.proc is not None]
         marks = [self._mark(pod) for pod in pods]
         for pgid, _ in procs:
-            _kill_group(pgid, signal.SIGTERM)
+            kill_group(pgid, signal.SIGTERM)
         for mark in marks:
-            _kill_marked(mark, signal.SIGTERM, skip_groups={pgid for pgid, _ in procs})
+            kill_marked(mark, signal.SIGTERM, skip_groups={pgid for pgid, _ in procs})
         deadline = time.monotonic() + grace
         for _, proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         for pgid, proc in procs:
-            _kill_group(pgid, signal.SIGKILL)
+            kill_group(pgid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         for mark in marks:
-            _kill_marked(mark, signal.SIGKILL)
+            kill_marked(mark, signal.SIGKILL)
         for pod in pods:
             for c in pod.containers:
                 if c.logfile is not None:

@@ -29,18 +29,12 @@ from typing import Any
 import httpx
 from kubernetes import client
 
-from .scenario import (
-    PROMPT,
-    LocalCluster,
-    PodRow,
-    PodTracker,
-    ReferenceSet,
-    engine_info,
-    install_agent_rbac,
-    new_namespace,
-    reference_set_body,
-    wait_until,
-)
+from .cluster import LocalCluster, install_agent_rbac, new_namespace
+from .manifests import reference_set_body
+from .pods import PodRow, PodTracker
+from .referenceset import ReferenceSet
+from .scenario import PROMPT, engine_info
+from .waiting import wait_until
 
 SET_NAME = "llama"
 PHASES = (

@@ -2,7 +2,7 @@
 
 Inputs, all on one wall clock (one machine):
 - ``seen``: when a watcher first saw the pod created, scheduled (``spec.nodeName``), Running, its
-  readiness-gate condition True and its Ready condition True (``scenario.PodTracker``);
+  readiness-gate condition True and its Ready condition True (``pods.PodTracker``);
 - ``timing``: the agent's ``seedfork.io/timing`` annotation (``contract.PodTiming``): agent start,
   assignment time, transfer start/end, verified;
 - ``engine``: the engine's own attach and re-check durations (reference engine ``/v1/engine`` timings).

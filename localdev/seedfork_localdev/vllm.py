@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from .processes import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "seedfork/vllm"  # the repository of the image `docker build --target vllm` makes
@@ -206,13 +207,7 @@ class Server:
         return self.proc.returncode
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, 30)
 
 
 PROMPT = "w10 w20 w30 w40 w50 w60"

@@ -5,7 +5,7 @@ Everything the planner needs to remember lives in the pods' annotations
 (the Assignment with its attempt number and excluded seeds, the agent's
 report), so a restarted operator plans exactly as the old one would have.
 
-Rules (DESIGN §2.2, §3; SGLang limits from the R-Fork protocol):
+Rules (README, "How the operator fans out"; SGLang's limits are in docs/sglang.md):
 - A seed is Ready, has the same fingerprint, says it is serving, is not
   terminating and has a pod IP. Active clients of a seed are the pods whose
   current assignment names it and whose report for that attempt is neither

@@ -1,7 +1,7 @@
 """A read-only view of one owned pod: the facts the planner needs, parsed once from the pod body.
 
-Pure: no I/O. Unparseable contract annotations read as absent (the planner then
-re-assigns the pod), so a hand-edited annotation cannot crash the operator.
+Pure: no I/O. The annotations are read by ``seedfork_api.contract`` (``read_annotations``,
+``weights_report``), as the agent and the dev harness read them.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any
 
-from pydantic import ValidationError
-
+from seedfork_api import contract
 from seedfork_api.contract import (
-    ANN_TIMING,
     ANN_TOKEN_DIGEST,
     LABEL_FINGERPRINT,
     READINESS_GATE,
@@ -59,19 +57,7 @@ class PodView:
         spec = pod.get("spec") or {}
         status = pod.get("status") or {}
         annotations = meta.get("annotations") or {}
-        try:
-            assignment = Assignment.from_annotations(annotations)
-        except ValidationError:
-            assignment = None
-        try:
-            report = AgentReport.from_annotations(annotations)
-        except ValidationError:
-            report = None
-        try:
-            raw = annotations.get(ANN_TIMING)
-            timing = PodTiming.model_validate_json(raw) if raw else None
-        except ValidationError:
-            timing = None
+        assignment, report, timing = contract.read_annotations(annotations)
         return cls(
             name=meta.get("name", ""),
             uid=meta.get("uid", ""),
@@ -91,27 +77,16 @@ class PodView:
 
     @cached_property
     def current_report(self) -> AgentReport | None:
-        """The agent's report for the current attempt; an older report says nothing about it."""
-        if self.assignment is None or self.report is None or self.report.attempt != self.assignment.attempt:
-            return None
-        return self.report
+        return contract.current_report(self.assignment, self.report)
 
     @cached_property
     def state(self) -> str | None:
-        report = self.current_report
-        if report is None and self.superseded_but_verified:
-            return "verified"
+        report = contract.weights_report(self.assignment, self.report)
         return report.state if report else None
 
     @cached_property
     def superseded_but_verified(self) -> bool:
-        """The agent verified an earlier attempt just as the operator moved on (seed judged gone, closer seed).
-
-        Verified weights are verified whatever attempt brought them, and an agent that already serves
-        takes no new attempt, so waiting for the newer one would hang the pod until it timed out.
-        """
-        r, a = self.report, self.assignment
-        return r is not None and a is not None and r.state == "verified" and 1 <= r.attempt < a.attempt
+        return contract.superseded_but_verified(self.assignment, self.report)
 
     @cached_property
     def standby(self) -> bool:

@@ -161,6 +161,34 @@ def pull_args(ip: str, seeds: list[str], backend: str, *extra: str) -> list[str]
     return out + list(extra)
 
 
+def pull_request(seed_ip: str, backend: str, **kw):
+    """A pull from the agent at ``seed_ip`` with this kit's token, fingerprint and a 20 s timeout (any of them
+    overridden by ``kw``)."""
+    from seedfork_agent.puller import PullRequest
+
+    defaults = {"token": TOKEN, "fingerprint": "fp-test", "client_id": "test-client", "timeout_s": 20}
+    return PullRequest(seed_ip=seed_ip, seed_port=AGENT_PORT, backend=backend, **{**defaults, **kw})
+
+
+def metric(agent: AgentProc, name: str) -> float:
+    """The sum of an agent's Prometheus samples whose line starts with ``name`` (a name, or a name and labels)."""
+    text = httpx.get(f"{agent.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.fixture(scope="module")
+def seed(kit, weights_dir, tmp_path_factory, request):
+    """One storage-loaded seed shared by a module's tests, with the module's ``SEED_ARGS`` (if any) added."""
+    ip = new_ip()
+    args = seed_args(weights_dir, ip, *getattr(request.module, "SEED_ARGS", ()))
+    proc = AgentProc(args, ip, tmp_path_factory.mktemp("seed"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
 def assert_same_weights(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for name, t in want.items():
@@ -182,6 +210,8 @@ def kit():
         new_port=new_port,
         seed_args=seed_args,
         pull_args=pull_args,
+        pull_request=pull_request,
+        metric=metric,
         assert_same_weights=assert_same_weights,
         AgentProc=AgentProc,
     )

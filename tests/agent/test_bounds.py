@@ -17,37 +17,16 @@ import pytest
 from seedfork_agent.puller import PullError, PullRequest, pull
 from seedfork_agent.server import PENDING_GROUP_S
 from seedfork_agent.te import engine
+from seedfork_localdev.waiting import wait_until
 
 TIMEOUT = "60"
-
-
-def _metric(agent, name: str) -> float:
-    text = httpx.get(f"{agent.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-@pytest.fixture(scope="module")
-def seed(kit, weights_dir, tmp_path_factory):
-    ip = kit.new_ip()
-    proc = kit.AgentProc(kit.seed_args(weights_dir, ip, "--timeout", TIMEOUT), ip, tmp_path_factory.mktemp("seed"))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.kill(signal.SIGTERM)
+SEED_ARGS = ("--timeout", TIMEOUT)  # for the shared `seed` fixture (conftest)
 
 
 def _request(kit, seed_ip: str, backend: str, **kw) -> PullRequest:
-    return PullRequest(
-        seed_ip=seed_ip,
-        seed_port=kit.AGENT_PORT,
-        token=kit.TOKEN,
-        backend=backend,
-        fingerprint="fp-test",
-        client_id=kw.pop("client_id", f"bounds-{time.monotonic_ns()}"),
-        timeout_s=float(TIMEOUT),
-        **kw,
-    )
+    """A pull of its own (a client id no other pull has) under this module's timeout."""
+    kw.setdefault("client_id", f"bounds-{time.monotonic_ns()}")
+    return kit.pull_request(seed_ip, backend, timeout_s=float(TIMEOUT), **kw)
 
 
 def _pull_ok(kit, seed_ip: str, backend: str, weight_tensors, **kw) -> None:
@@ -58,16 +37,6 @@ def _pull_ok(kit, seed_ip: str, backend: str, weight_tensors, **kw) -> None:
     finally:
         te.unregister(store.buffer.data_ptr())
         store.close()
-
-
-def _wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(kit, agents, seed, weight_tensors):
@@ -88,7 +57,7 @@ def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(k
         except httpx.HTTPError:
             return False
 
-    _wait(lambda: all(asked(c) for c in clients), 60, "all three clients to allocate and ask the seed")
+    wait_until(lambda: all(asked(c) for c in clients), 60, "all three clients to allocate and ask the seed")
     time.sleep(1.0)  # the init requests are in, and the members sit in the group's rendezvous
     assert all(c.proc.poll() is None for c in clients)
     clients[2].kill(signal.SIGKILL)
@@ -99,8 +68,8 @@ def test_a_cohort_member_killed_before_the_group_forms_ends_the_cohort_for_all(k
         assert waited < PENDING_GROUP_S / 2, f"a member waited {waited:.0f}s for a dead peer"
         (failed,) = [e for e in c.events() if e["state"] == "failed"]
         assert "went away" in failed["error"], failed
-    _wait(lambda: _metric(seed, "seedfork_agent_pending_groups") == 0, 5, "the seed to drop the group")
-    assert _metric(seed, 'seedfork_agent_groups_refused_total{reason="member_gone"}') == 1
+    wait_until(lambda: kit.metric(seed, "seedfork_agent_pending_groups") == 0, 5, "the seed to drop the group")
+    assert kit.metric(seed, 'seedfork_agent_groups_refused_total{reason="member_gone"}') == 1
     started = time.monotonic()
     _pull_ok(kit, seed.ip, "gloo", weight_tensors, group_ports=[port])  # the same port: nothing held it
     assert time.monotonic() - started < 15
@@ -128,9 +97,9 @@ def test_never_joining_group_inits_are_capped_and_expire(kit, seed, weight_tenso
     for t in threads:
         t.start()
         time.sleep(0.05)
-    _wait(lambda: sum(1 for _, r in answers.values() if getattr(r, "status_code", 0) == 429) == 4, 10,
+    wait_until(lambda: sum(1 for _, r in answers.values() if getattr(r, "status_code", 0) == 429) == 4, 10,
           "four 429 answers")  # fmt: skip
-    assert _metric(seed, "seedfork_agent_pending_groups") == 4
+    assert kit.metric(seed, "seedfork_agent_pending_groups") == 4
 
     started = time.monotonic()
     with pytest.raises(PullError, match="429"):
@@ -148,7 +117,7 @@ def test_never_joining_group_inits_are_capped_and_expire(kit, seed, weight_tenso
         assert isinstance(r, httpx.Response) and r.status_code == 400, r
         assert "did not form" in r.json()["message"], r.text
         assert s < PENDING_GROUP_S + 10, s
-    assert _metric(seed, "seedfork_agent_pending_groups") == 0
+    assert kit.metric(seed, "seedfork_agent_pending_groups") == 0
     started = time.monotonic()
     _pull_ok(kit, seed.ip, "gloo", weight_tensors, group_ports=[kit.new_port()])
     assert time.monotonic() - started < 15

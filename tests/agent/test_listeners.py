@@ -8,15 +8,13 @@ and only on the pod IP.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
-from seedfork_agent.puller import PullRequest, pull
+from seedfork_agent.puller import pull
 from seedfork_localdev.sockets import ephemeral_ports, listeners
 
 
@@ -35,16 +33,6 @@ def _misplaced(agent, kit, allow_ephemeral: bool = False) -> list[str]:
         if sock.address != agent.ip or not (in_range or kernel_picked):
             bad.append(str(sock))
     return bad
-
-
-@pytest.fixture(scope="module")
-def seed(kit, weights_dir, tmp_path_factory):
-    proc = kit.AgentProc(kit.seed_args(weights_dir, ip := kit.new_ip()), ip, tmp_path_factory.mktemp("seed"))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.kill(signal.SIGTERM)
 
 
 def test_a_serving_seed_listens_only_on_its_ip_inside_its_ports(kit, seed):
@@ -79,10 +67,7 @@ def test_a_rendezvous_listens_on_the_seed_ip_and_closes_when_its_group_ends(kit,
     try:
         # The client's init request opens the group (its one member is the client): the seed's store must
         # listen, on the seed's IP, while the client joins.
-        req = PullRequest(
-            seed_ip=seed.ip, seed_port=kit.AGENT_PORT, token=kit.TOKEN, backend="nccl", fingerprint="fp-test",
-            group_ports=[port], client_id="probe", timeout_s=20, local_ip=kit.new_ip(),
-        )  # fmt: skip
+        req = kit.pull_request(seed.ip, "nccl", group_ports=[port], client_id="probe", local_ip=kit.new_ip())
         pull(req).close()
         assert f"{seed.ip}:{port}" in seen, seen
         deadline = time.monotonic() + 10

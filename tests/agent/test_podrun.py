@@ -101,13 +101,6 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
     report = _wait_report(core, namespace, "queued-0", lambda r: r.attempt == 2 and r.state in ("verified", "failed"))
     assert report.state == "verified" and report.seed_pod == "seed-0", report
 
-def _metric(agent, name: str) -> float:
-    import httpx
-
-    text = httpx.get(f"{agent.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_a_restarted_agent_works_on_the_current_assignment_only(
     kit, agents, api_client, control_plane, namespace, weights_dir
 ):
@@ -142,7 +135,7 @@ def test_a_restarted_agent_works_on_the_current_assignment_only(
     report = _wait_report(core, namespace, "new-0", lambda r: r.attempt == 1 and r.state == "failed", timeout=60)
     assert "restarted" in report.error, report
     time.sleep(2.0)  # had it joined the old cohort again, the seed would hold a group for it now
-    assert _metric(seed, "seedfork_agent_pending_groups") == 0
+    assert kit.metric(seed, "seedfork_agent_pending_groups") == 0
     assert "attempt 1: source" not in second.output()  # it never ran attempt 1
 
     core.patch_namespaced_pod("new-0", namespace, c.annotation_patch(assignment=cohort(2)))

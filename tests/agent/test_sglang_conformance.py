@@ -1,7 +1,8 @@
-"""Conformance with stock SGLang's R-Fork protocol (protocols.md §1.4-1.5), both directions.
+"""Conformance with SGLang's R-Fork wire protocol (docs/sglang.md, "R-Fork NCCL requests" and
+"TransferEngine seeds"), both directions.
 
-SGLang cannot run here, so ``sglang_double.py`` stands in for it: a client and a
-seed written only from protocols.md's description of SGLang (see that file).
+SGLang cannot run here, so ``sglang_double.py`` stands in for it: a client and a seed written from
+SGLang 0.5.23's code as that page describes it (the file names which modules it stands for).
 """
 
 from __future__ import annotations

@@ -15,38 +15,9 @@ import httpx
 import pytest
 import torch
 
-from seedfork_agent.puller import PullError, PullRequest, pull
+from seedfork_agent.puller import PullError, pull
 from seedfork_agent.te import TransferEngineError, engine
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
-
-
-def _metric(agent, name: str) -> float:
-    text = httpx.get(f"{agent.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-@pytest.fixture(scope="module")
-def seed(kit, weights_dir, tmp_path_factory):
-    """One storage-loaded seed shared by this module's tests."""
-    proc = kit.AgentProc(kit.seed_args(weights_dir, ip := kit.new_ip()), ip, tmp_path_factory.mktemp("seed"))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.kill(signal.SIGTERM)
-
-
-def _request(kit, seed_ip: str, backend: str, **kw) -> PullRequest:
-    return PullRequest(
-        seed_ip=seed_ip,
-        seed_port=kit.AGENT_PORT,
-        token=kw.pop("token", kit.TOKEN),
-        backend=backend,
-        fingerprint=kw.pop("fingerprint", "fp-test"),
-        client_id=kw.pop("client_id", "test-client"),
-        timeout_s=kw.pop("timeout_s", 20),
-        **kw,
-    )
 
 
 def _te_factory():
@@ -61,20 +32,20 @@ def test_gloo_then_transfer_engine_chain(kit, agents, seed, weight_tensors):
     kit.assert_same_weights(a.tensors(), weight_tensors)
     p = a.progress()
     assert p["state"] == "verified" and p["serving"] and p["bytesDone"] == p["bytesTotal"] > 0
-    served_before = _metric(seed, "seedfork_agent_bytes_served_total")
+    served_before = kit.metric(seed, "seedfork_agent_bytes_served_total")
     assert served_before >= p["bytesTotal"]
     b = agents(*kit.pull_args(b_ip, [a.ip], "transfer_engine"), ip=b_ip)
     b.wait_ready()
     kit.assert_same_weights(b.tensors(), weight_tensors)
     assert b.events()[-1]["te"].startswith(b_ip + ":")
-    assert _metric(a, 'seedfork_agent_transfers_total{backend="transfer_engine",result="ok",role="seed"}') == 1
-    assert _metric(a, 'seedfork_agent_bytes_served_total{backend="transfer_engine"}') == p["bytesTotal"]
+    assert kit.metric(a, 'seedfork_agent_transfers_total{backend="transfer_engine",result="ok",role="seed"}') == 1
+    assert kit.metric(a, 'seedfork_agent_bytes_served_total{backend="transfer_engine"}') == p["bytesTotal"]
 
 
 def test_gloo_cohort_of_three(kit, agents, seed, weight_tensors):
     port = kit.new_port()
-    before = _metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
-    broadcasts = _metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}')
+    before = kit.metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
+    broadcasts = kit.metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}')
     clients = []
     for rank in (1, 2, 3):
         cip = kit.new_ip()
@@ -84,9 +55,9 @@ def test_gloo_cohort_of_three(kit, agents, seed, weight_tensors):
         c.wait_ready()
         kit.assert_same_weights(c.tensors(), weight_tensors)
     # One broadcast group of 1 seed + 3 clients served them all.
-    after = _metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
+    after = kit.metric(seed, 'seedfork_agent_transfers_total{backend="gloo",result="ok",role="seed"}')
     assert after - before == 3
-    assert _metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}') - broadcasts == 1
+    assert kit.metric(seed, 'seedfork_agent_transfer_seconds_count{backend="gloo",role="seed"}') - broadcasts == 1
 
 
 def test_weight_endpoints_need_the_token(kit, seed):
@@ -127,18 +98,18 @@ def test_weight_endpoints_need_the_token(kit, seed):
     assert r.json() == {"error": {"message": "Failed to get transfer engine info for rank 1"}}
     assert httpx.get(seed.url + "/healthz", timeout=5).status_code == 200  # still alive after bad requests
     with pytest.raises(PullError, match="401"):
-        pull(_request(kit, seed.ip, "transfer_engine", token="wrong"), _te_factory)
+        pull(kit.pull_request(seed.ip, "transfer_engine", token="wrong"), _te_factory)
 
 
 def test_wrong_fingerprint_refused_before_any_byte_moves(kit, seed):
-    served = _metric(seed, "seedfork_agent_bytes_served_total")
-    transfers = _metric(seed, "seedfork_agent_transfers_total")
+    served = kit.metric(seed, "seedfork_agent_bytes_served_total")
+    transfers = kit.metric(seed, "seedfork_agent_transfers_total")
     log_before = len(seed.output())
     for backend, ports in (("transfer_engine", []), ("gloo", [kit.new_port()])):
         with pytest.raises(PullError, match="fingerprint mismatch"):
-            pull(_request(kit, seed.ip, backend, fingerprint="fp-other", group_ports=ports), _te_factory)
-    assert _metric(seed, "seedfork_agent_bytes_served_total") == served
-    assert _metric(seed, "seedfork_agent_transfers_total") == transfers
+            pull(kit.pull_request(seed.ip, backend, fingerprint="fp-other", group_ports=ports), _te_factory)
+    assert kit.metric(seed, "seedfork_agent_bytes_served_total") == served
+    assert kit.metric(seed, "seedfork_agent_transfers_total") == transfers
     new_log = seed.output()[log_before:]
     assert "transfer_engine_info" not in new_log and "send_group" not in new_log
 
@@ -179,7 +150,7 @@ def test_a_group_the_seed_refuses_ends_the_join_at_once(kit, seed):
         squatter.bind((seed.ip, port))  # bound, not listening: the seed's store cannot bind, clients are refused
         started = time.monotonic()
         with pytest.raises(PullError, match="failed to build group"):
-            pull(_request(kit, seed.ip, "gloo", group_ports=[port], timeout_s=120))
+            pull(kit.pull_request(seed.ip, "gloo", group_ports=[port], timeout_s=120))
         assert time.monotonic() - started < 60  # half the rendezvous timeout: the refusal ended it, not the clock
 
 
@@ -195,7 +166,7 @@ def test_corrupted_bytes_never_verified_and_the_seed_takes_itself_out(kit, agent
     tensors[name].view(-1).view(torch.uint8)[7] ^= 0x40
     ports = [kit.new_port()] if backend == "gloo" else []
     with pytest.raises(PullError, match=f"checksum mismatch in 1 of .* first {name}"):
-        pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+        pull(kit.pull_request(bad_seed.ip, backend, group_ports=ports), _te_factory)
 
     deadline = time.monotonic() + 20
     while (progress := bad_seed.progress())["state"] != "failed" and time.monotonic() < deadline:
@@ -204,7 +175,7 @@ def test_corrupted_bytes_never_verified_and_the_seed_takes_itself_out(kit, agent
     assert progress["error"].startswith(f"{ERR_SELF_CHECK_FAILED}: 1 of ") and name in progress["error"]
     assert httpx.get(f"{bad_seed.url}/readyz", timeout=5).status_code == 503
     with pytest.raises(PullError, match="answered 503"):
-        pull(_request(kit, bad_seed.ip, backend, group_ports=ports), _te_factory)
+        pull(kit.pull_request(bad_seed.ip, backend, group_ports=ports), _te_factory)
 
 
 def test_a_sound_seed_passes_its_self_check_and_keeps_serving(kit, seed):
@@ -212,7 +183,7 @@ def test_a_sound_seed_passes_its_self_check_and_keeps_serving(kit, seed):
     assert httpx.post(f"{seed.url}/v1/selfcheck", timeout=5).status_code == 401
     assert httpx.post(f"{seed.url}/v1/selfcheck", headers=auth, timeout=5).status_code == 202
     deadline = time.monotonic() + 20
-    while _metric(seed, "seedfork_agent_checksum_seconds_count") < 1 and time.monotonic() < deadline:
+    while kit.metric(seed, "seedfork_agent_checksum_seconds_count") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     progress = seed.progress()
     assert progress["state"] == "verified" and progress["serving"], progress
@@ -233,13 +204,13 @@ def test_a_failed_read_ends_the_pull_and_the_next_pull_works(kit, seed, weight_t
         return session, remote
 
     failed = 'seedfork_agent_transfers_total{backend="transfer_engine",result="failed",role="seed"}'
-    before = _metric(seed, failed)
+    before = kit.metric(seed, failed)
     monkeypatch.setattr(puller, "_te_info_and_announce", stale_pointer)
     with pytest.raises(PullError, match="TransferEngineError"):
-        pull(_request(kit, seed.ip, "transfer_engine"), _te_factory)
-    assert _metric(seed, failed) == before + 1
+        pull(kit.pull_request(seed.ip, "transfer_engine"), _te_factory)
+    assert kit.metric(seed, failed) == before + 1
     monkeypatch.setattr(puller, "_te_info_and_announce", real)
-    store = pull(_request(kit, seed.ip, "transfer_engine"), _te_factory)
+    store = pull(kit.pull_request(seed.ip, "transfer_engine"), _te_factory)
     try:
         kit.assert_same_weights({t.name: store.tensor(t.name) for t in store.manifest.tensors}, weight_tensors)
     finally:

@@ -20,25 +20,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 STARTUP_S = 420  # vLLM's start on a busy 2-core machine (18-40 s idle)
 
 
-@pytest.fixture(scope="module")
-def vllm_python():
-    from seedfork_localdev import vllm
-
-    try:
-        return vllm.python()
-    except vllm.VllmUnavailable as e:
-        pytest.fail(str(e))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from seedfork_agent.engines.testmodel import make_model
-
-    return make_model(tmp_path_factory.mktemp("vllm-tiny") / "model", "vllm-tiny")
-
-
 @pytest.fixture
-def engines(tmp_path, vllm_python, tiny_model, kit):
+def engines(tmp_path, vllm_python, vllm_model, kit):
     from seedfork_localdev.vllm import Server
 
     started: list[Server] = []
@@ -51,7 +34,7 @@ def engines(tmp_path, vllm_python, tiny_model, kit):
             contract = {"SEEDFORK_POD_IP": agent.ip, "SEEDFORK_AGENT_PORT": str(kit.AGENT_PORT),
                         "SEEDFORK_TOKEN": kit.TOKEN, "SEEDFORK_TIMEOUT_SECONDS": str(timeout)}  # fmt: skip
         ip = kit.new_ip()
-        e = Server(model or tiny_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, contract, extra)
+        e = Server(model or vllm_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, contract, extra)
         started.append(e)
         return e
 
@@ -74,12 +57,12 @@ def _pull(kit, ip: str, seed_ip: str, ranks: int = 1) -> list[str]:
             "--backend", "transfer_engine", *_gated(ranks)]  # fmt: skip
 
 
-def test_storage_pod_and_seeded_pod_generate_what_vllm_generates_from_the_checkpoint(agents, engines, kit, tiny_model):
+def test_storage_pod_and_seeded_pod_generate_what_vllm_generates_from_the_checkpoint(agents, engines, kit, vllm_model):
     from seedfork_localdev.vllm import greedy_tokens
 
     reference = engines("auto")  # vLLM reading the checkpoint itself
     seed_ip = kit.new_ip()
-    seed_agent = agents(*_serve(kit, tiny_model, seed_ip), ip=seed_ip)
+    seed_agent = agents(*_serve(kit, vllm_model, seed_ip), ip=seed_ip)
     _wait_offered(kit, seed_agent)
     # Offered to its engine, but not Ready and no seed before the engine proved its load.
     assert httpx.get(f"{seed_agent.url}/readyz", timeout=5).status_code == 503
@@ -113,14 +96,14 @@ def test_storage_pod_and_seeded_pod_generate_what_vllm_generates_from_the_checkp
     assert greedy_tokens(client_engine.url) == want
 
 
-def test_tensor_parallel_ranks_are_paired_with_the_seeds_and_held_once(agents, engines, kit, tiny_model):
+def test_tensor_parallel_ranks_are_paired_with_the_seeds_and_held_once(agents, engines, kit, vllm_model):
     """tp = 2: each rank fills its own part of the pod's one store; a seeded pod's rank r maps what the seed's
     rank r computes with, and both pods generate the same tokens."""
     from seedfork_localdev.vllm import greedy_tokens
 
     tp = ["--tensor-parallel-size", "2"]
     seed_ip = kit.new_ip()
-    seed_agent = agents(*_serve(kit, tiny_model, seed_ip, ranks=2), ip=seed_ip)
+    seed_agent = agents(*_serve(kit, vllm_model, seed_ip, ranks=2), ip=seed_ip)
     seed_engine = engines(agent=seed_agent, timeout=STARTUP_S, extra=tp)
     seed_engine.wait_healthy(STARTUP_S)
     seed_agent.wait_ready(timeout=60)
@@ -141,9 +124,9 @@ def test_tensor_parallel_ranks_are_paired_with_the_seeds_and_held_once(agents, e
     assert greedy_tokens(client_engine.url) == want
 
 
-def test_a_store_corrupted_after_verification_never_serves(agents, engines, kit, tiny_model):
+def test_a_store_corrupted_after_verification_never_serves(agents, engines, kit, vllm_model):
     ip = kit.new_ip()
-    agent = agents(*_serve(kit, tiny_model, ip), ip=ip)
+    agent = agents(*_serve(kit, vllm_model, ip), ip=ip)
     r = _wait_offered(kit, agent)
     path = Path(r.json()["attach"]["path"])
     with open(path, "r+b") as f:  # one flipped byte in the shared memory the engine maps
@@ -158,11 +141,11 @@ def test_a_store_corrupted_after_verification_never_serves(agents, engines, kit,
     assert "differ from the manifest" in agent.output()
 
 
-def test_an_incomplete_weight_set_never_serves(agents, engines, kit, tiny_model, tmp_path):
+def test_an_incomplete_weight_set_never_serves(agents, engines, kit, vllm_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
     partial = tmp_path / "partial"
-    shutil.copytree(tiny_model, partial)
+    shutil.copytree(vllm_model, partial)
     index = partial / "model.safetensors.index.json"
     index.unlink()
     for f in partial.glob("*.safetensors"):

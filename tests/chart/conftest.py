@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from seedfork_localdev.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "seedfork"
@@ -216,13 +217,7 @@ def status_of(call) -> int:
 
 
 def wait_for(check, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
+    return wait_until(check, timeout, what, 0.2)
 
 
 @pytest.fixture(scope="session")

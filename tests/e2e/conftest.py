@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    PodTracker,
-    ReferenceSet,
-    install_agent_rbac,
-    make_model,
-    new_namespace,
-)
+from seedfork_localdev.cluster import LocalCluster, install_agent_rbac, new_namespace
+from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
+from seedfork_localdev.scenario import make_model
 
 
 @pytest.fixture(scope="session")

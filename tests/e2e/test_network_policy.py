@@ -24,14 +24,10 @@ import yaml
 from kubernetes import client
 
 from seedfork_localdev import binaries, netns
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    ReferenceSet,
-    install_agent_rbac,
-    new_namespace,
-    reference_set_body,
-    wait_until,
-)
+from seedfork_localdev.cluster import LocalCluster, install_agent_rbac, new_namespace
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.referenceset import ReferenceSet
+from seedfork_localdev.waiting import wait_until
 
 pytestmark = [
     pytest.mark.e2e,

@@ -12,15 +12,9 @@ from collections import defaultdict
 
 import pytest
 
-from seedfork_localdev.scenario import (
-    ScaleOut,
-    generate_all,
-    make_model_like,
-    model_bytes,
-    reference_set_body,
-    scale_out,
-    wait_until,
-)
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.scenario import ScaleOut, generate_all, make_model_like, model_bytes, scale_out
+from seedfork_localdev.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 

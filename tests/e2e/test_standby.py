@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from seedfork_localdev.scenario import engine_info, generate_all, reference_set_body, wait_until
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.scenario import engine_info, generate_all
+from seedfork_localdev.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 

@@ -13,7 +13,8 @@ import torch
 
 from seedfork_agent.store import Manifest, attach
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
-from seedfork_localdev.scenario import generate_all, model_bytes, reference_set_body
+from seedfork_localdev.manifests import reference_set_body
+from seedfork_localdev.scenario import generate_all, model_bytes
 
 from .test_scale_out import STEP, assert_verified_everywhere
 

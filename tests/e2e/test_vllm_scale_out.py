@@ -10,38 +10,18 @@ is ever made Ready on bad weights.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import httpx
 import pytest
 
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 from seedfork_localdev import vllm
-from seedfork_localdev.scenario import (
-    LocalCluster,
-    PodTracker,
-    ReferenceSet,
-    install_agent_rbac,
-    new_namespace,
-)
+from seedfork_localdev.cluster import LocalCluster, install_agent_rbac, new_namespace
+from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
 READY_S = 600  # vLLM starts in 18-40 s on an idle core; three at once on two busy cores take minutes
-
-
-@pytest.fixture(scope="module")
-def vllm_images():
-    try:
-        return vllm.image_env()
-    except vllm.VllmUnavailable as e:
-        pytest.fail(str(e))
-
-
-@pytest.fixture(scope="module")
-def vllm_model(tmp_path_factory) -> Path:
-    from seedfork_agent.engines.testmodel import make_model
-
-    return make_model(tmp_path_factory.mktemp("vllm-e2e") / "model", "vllm-tiny")
 
 
 def corrupt_store(agent_url: str, token: str) -> None:

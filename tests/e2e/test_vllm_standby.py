@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from seedfork_localdev import vllm
-from seedfork_localdev.scenario import LocalCluster, PodTracker, ReferenceSet, install_agent_rbac, new_namespace
+from seedfork_localdev.cluster import LocalCluster, install_agent_rbac, new_namespace
+from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.referenceset import ReferenceSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
 READY_S = 600  # vLLM starts in 18-40 s on an idle core; two at once on two busy cores take minutes

@@ -1,7 +1,7 @@
-"""The SGLang adapter: rendered commands against protocols.md's flag table, refusals, and supervision.
+"""The SGLang adapter: rendered commands against docs/sglang.md's flag table, refusals, and supervision.
 
 SGLang cannot run here (no GPU), so supervision is tested against ``sglang_double.py``, a double of
-SGLang's HTTP surface and flag handling built strictly from protocols.md §1.3-§1.5 and §5.
+SGLang's HTTP surface and flag handling built from docs/sglang.md.
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ def drop_group_ports(launch: sglang.Launch) -> sglang.Launch:
 
 
 async def test_te_seed_without_mooncake_is_caught(tiny_model, tmp_path, h):
-    """§1.3: validate_transfer_engine fails if mooncake.engine cannot be imported; the seed flag is reset."""
+    """validate_transfer_engine fails if mooncake.engine cannot be imported; the seed flag is reset
+    (docs/sglang.md, "Flags and resolution")."""
     shadow = tmp_path / "shadow" / "mooncake"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('mooncake not installed in this image')\n")

@@ -2,9 +2,10 @@
 assignment, supervises it and reports on its own pod; SGLang moves its own bytes.
 
 SGLang cannot run here (no GPU): the command is ``sglang_double.py``, the double of SGLang's HTTP surface
-and R-Fork flag handling built strictly from protocols.md (§1.3 flags and silent fallbacks, §5.2/§5.3
-``/health``, ``/server_info``, ``/weights_checker``, TransferEngine info). No kubelet runs: each "pod" is a
-real Pod object plus the agent process on its own loopback IP, reading and patching that Pod.
+and R-Fork flag handling built from docs/sglang.md ("Flags and resolution": flags and silent fallbacks;
+"What the supervisor reads": ``/health``, ``/server_info``, ``/weights_checker``; TransferEngine info).
+No kubelet runs: each "pod" is a real Pod object plus the agent process on its own loopback IP, reading and
+patching that Pod.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def test_fallback_to_disk_fails_then_the_next_attempt_relaunches(h, procs, api_c
     seed_ip, port = _start_seed(h, procs, core, control_plane, namespace, tiny_model)
 
     # This pod's image lacks Mooncake: SGLang's validate_transfer_engine() fails and it silently loads
-    # from disk (protocols.md §1.3). The agent must catch that and report failed, not verified.
+    # from disk (docs/sglang.md, "Flags and resolution"). The agent must catch that and report failed, not verified.
     shadow = tmp_path / "shadow" / "mooncake"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('mooncake not installed in this image')\n")

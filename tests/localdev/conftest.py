@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.request
 from collections.abc import Callable
 
 import pytest
+
+from seedfork_localdev.waiting import wait_until
 
 PORT = 18931  # every pod has its own address, so all of them can use the same port
 
@@ -39,14 +40,7 @@ server.serve_forever()
 
 
 def wait_for(check: Callable[[], object], timeout: float = 20.0, what: str = "condition", interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+    return wait_until(check, timeout, what, interval)
 
 
 def server_pod(name: str, *, env: list[dict] | None = None, probe: bool = True, **spec) -> dict:

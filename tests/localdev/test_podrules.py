@@ -16,6 +16,8 @@ from seedfork_localdev.podrules import (
     readiness_conditions,
     restart_delay,
     should_restart,
+    status_signature,
+    termination_grace,
 )
 
 GATE = "seedfork.io/weights-ready"
@@ -202,3 +204,28 @@ def test_empty_dir_paths_in_env_point_to_a_directory_of_the_pod(tmp_path):
     assert got == {"A": str(tmp_path / "pod-1" / "cache"), "B": str(tmp_path / "pod-1" / "cache" / "vllm")}
     assert (tmp_path / "pod-1" / "cache").is_dir()
     assert empty_dir_env(pod, {"volumeMounts": []}, env, tmp_path / "pod-2") == {}  # mounted elsewhere only
+
+
+def test_termination_grace_is_the_deletions_then_the_pods_then_30_capped():
+    deleting = {"metadata": {"deletionGracePeriodSeconds": 7}, "spec": {"terminationGracePeriodSeconds": 60}}
+    assert termination_grace(deleting, None) == 7.0
+    assert termination_grace({"spec": {"terminationGracePeriodSeconds": 60}}, None) == 60.0
+    assert termination_grace({}, None) == 30.0
+    assert termination_grace(deleting, 2.0) == 2.0
+
+
+def test_status_signature_ignores_times_and_others_conditions():
+    status = {
+        "phase": "Running",
+        "podIP": "127.0.0.2",
+        "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "seedfork.io/weights-ready", "status": "True"},
+        ],
+        "containerStatuses": [{"name": "e", "ready": True, "restartCount": 0, "state": {"running": {}}}],
+    }
+    later_ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-02T00:00:00Z"}
+    later = {**status, "conditions": [later_ready]}
+    assert status_signature(status) == status_signature(later)
+    restarted = {**status, "containerStatuses": [{**status["containerStatuses"][0], "restartCount": 1}]}
+    assert status_signature(status) != status_signature(restarted)

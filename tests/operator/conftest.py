@@ -20,6 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from seedfork_api import contract as c
 from seedfork_api import spec as api
+from seedfork_localdev.waiting import wait_until
 from seedfork_operator.config import OperatorConfig
 from seedfork_operator.podview import PodView
 from seedfork_operator.runner import OperatorThread
@@ -235,14 +236,7 @@ class SetClient:
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 20.0, every: float = 0.1):
     """Poll until ``check()`` is truthy; return it. Fails with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+    return wait_until(check, timeout, what, every)
 
 
 @pytest.fixture

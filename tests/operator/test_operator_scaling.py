@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from seedfork_api import contract as c
+from seedfork_localdev.waiting import ScenarioError
 from seedfork_operator.runner import OperatorThread
 
 from .conftest import stay_transferring, verify_at_once
@@ -96,7 +97,7 @@ def test_seeds_are_chosen_by_locality(operator, nodes, sets, wait):
 
     try:
         new = wait("clients on same-zone seeds", placed_locally)
-    except AssertionError:
+    except ScenarioError:
         print(seeds, [(v.name, v.node, v.assignment) for v in sets.views("local")], sets.events())
         raise
     assert sorted(Counter(v.assignment.seed_pod for v in new).values()) == [1, 1]

@@ -14,9 +14,10 @@ import threading
 import time
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import client
 
 from seedfork_api import contract as c
+from seedfork_localdev.watching import ListWatch
 
 from .conftest import free_port
 
@@ -27,37 +28,33 @@ class PodsCreated:
     """Every pod uid the apiserver announced in the namespace, and the most live pods at any moment."""
 
     def __init__(self, api_client, namespace: str):
-        self.core = client.CoreV1Api(api_client)
-        self.namespace = namespace
         self.uids: set[str] = set()
         self.live: dict[str, bool] = {}
         self.most_live = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._watch = ListWatch(
+            client.CoreV1Api(api_client).list_namespaced_pod,
+            namespace,
+            label_selector=f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}",
+            on_list=lambda pods: [self._see("ADDED", pod) for pod in pods],
+            on_event=self._see,
+        )
+        self._thread = threading.Thread(target=self._watch.run, daemon=True)
 
-    def _run(self) -> None:
-        selector = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
-        while not self._stop.is_set():
-            w = watch.Watch()
-            for event in w.stream(self.core.list_namespaced_pod, self.namespace, label_selector=selector,
-                                  timeout_seconds=2):  # fmt: skip
-                pod = event["object"]
-                uid = pod.metadata.uid
-                self.uids.add(uid)
-                if event["type"] == "DELETED" or pod.metadata.deletion_timestamp:
-                    self.live.pop(uid, None)
-                else:
-                    self.live[uid] = True
-                self.most_live = max(self.most_live, len(self.live))
-                if self._stop.is_set():
-                    w.stop()
+    def _see(self, kind: str, pod: dict) -> None:
+        uid = pod["metadata"]["uid"]
+        self.uids.add(uid)
+        if kind == "DELETED" or pod["metadata"].get("deletionTimestamp"):
+            self.live.pop(uid, None)
+        else:
+            self.live[uid] = True
+        self.most_live = max(self.most_live, len(self.live))
 
     def __enter__(self) -> PodsCreated:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
+        self._watch.close()
         self._thread.join(timeout=10)
 
 

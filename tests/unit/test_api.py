@@ -146,3 +146,32 @@ def test_default_transfer_ports_stay_below_the_ephemeral_range():
     ports = api.PortRange()
     assert 1024 <= ports.start <= ports.end < 32768
     assert not ports.start <= api.TransferSpec().agent_port <= ports.end
+
+
+def test_pod_env_defaults_are_the_specs():
+    # A pod rendered without these variables runs with what the spec would have given it.
+    env = {contract.ENV_POD_NAME: "p", contract.ENV_POD_NAMESPACE: "ns", contract.ENV_SET: "s", contract.ENV_TOKEN: "t"}
+    parsed = contract.PodEnv.from_environ(env)
+    transfer, engine = api.TransferSpec(), api.EngineSpec(kind="reference")
+    assert parsed.agent_port == transfer.agent_port and parsed.engine_port == engine.port
+    assert parsed.port_range == (transfer.ports.start, transfer.ports.end)
+    assert (parsed.backend, parsed.protocol) == (transfer.backend, transfer.protocol)
+    assert parsed.timeout_seconds == transfer.timeout_seconds
+    assert parsed.max_clients_per_seed == transfer.max_clients_per_seed
+    assert (parsed.tp, parsed.pp) == (engine.parallelism.tp, engine.parallelism.pp)
+
+
+def test_pod_env_names_a_malformed_variable():
+    env = {contract.ENV_POD_NAME: "p", contract.ENV_POD_NAMESPACE: "ns", contract.ENV_SET: "s", contract.ENV_TOKEN: "t"}
+    with pytest.raises(ValueError, match=contract.ENV_AGENT_PORT):
+        contract.PodEnv.from_environ({**env, contract.ENV_AGENT_PORT: "eighteen"})
+    with pytest.raises(ValueError, match=contract.ENV_PORT_RANGE):
+        contract.PodEnv.from_environ({**env, contract.ENV_PORT_RANGE: "28000"})
+
+
+def test_engine_env_is_what_a_hook_needs():
+    with pytest.raises(ValueError, match=f"{contract.ENV_POD_IP}, {contract.ENV_ENGINE_PORT}"):
+        contract.EngineEnv.from_environ({contract.ENV_TOKEN: "t"})
+    got = contract.EngineEnv.from_environ({contract.ENV_POD_IP: "127.0.0.9", contract.ENV_ENGINE_PORT: "30001"})
+    assert (got.pod_ip, got.engine_port, got.token) == ("127.0.0.9", 30001, None)
+    assert got.timeout_seconds == api.TransferSpec().timeout_seconds

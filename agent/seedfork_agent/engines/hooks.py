@@ -24,19 +24,12 @@ import socket
 import time
 from typing import Any
 
-from seedfork_api.contract import ENV_ENGINE_PORT, ENV_POD_IP, ENV_TIMEOUT_SECONDS, ENV_TOKEN
+from seedfork_api.contract import EngineEnv
 
 from . import ipc
 
 log = logging.getLogger("seedfork.engines.hooks")
 ENV_IPC_BUCKET_MB = "SEEDFORK_IPC_BUCKET_MB"
-
-
-def _engine_address() -> tuple[str, int]:
-    host, port = os.environ.get(ENV_POD_IP), os.environ.get(ENV_ENGINE_PORT)
-    if not host or not port:
-        raise RuntimeError(f"the IPC handoff needs ${ENV_POD_IP} and ${ENV_ENGINE_PORT} to find the engine")
-    return host, int(port)
 
 
 def _wait_listening(host: str, port: int, timeout_s: float) -> None:
@@ -53,8 +46,11 @@ def _wait_listening(host: str, port: int, timeout_s: float) -> None:
 
 
 def _handoff(store: Any, flavor: str) -> None:
-    host, port = _engine_address()
-    timeout_s = float(os.environ.get(ENV_TIMEOUT_SECONDS, "300"))
+    try:
+        env = EngineEnv.from_environ()
+    except ValueError as e:
+        raise RuntimeError(f"the IPC handoff cannot find the engine: {e}") from None
+    host, port, timeout_s = env.pod_ip, env.engine_port, env.timeout_seconds
     _wait_listening(host, port, timeout_s)
     tensors = {t.name: store.tensor(t.name) for t in store.manifest.tensors}
     bucket = int(os.environ.get(ENV_IPC_BUCKET_MB, "512")) << 20
@@ -65,7 +61,7 @@ def _handoff(store: Any, flavor: str) -> None:
         tensors,
         bucket_bytes=bucket,
         device=store.device,
-        token=os.environ.get(ENV_TOKEN) or None,
+        token=env.token,
         timeout_s=timeout_s,
     )
     log.info("handed %d bytes to the %s engine over IPC in %.3f s", sent, flavor, time.perf_counter() - t0)
