@@ -248,6 +248,11 @@ def test_vllm_engine_and_agent_share_one_compile_cache_directory():
     assert env["TRITON_CACHE_DIR"].startswith(c.ENGINE_CACHE_PATH + "/")
     assert {e["name"]: e.get("value") for e in agent["env"]}[c.ENV_ENGINE_CACHE_DIR] == c.ENGINE_CACHE_PATH
     assert env[c.ENV_ENGINE_VERSION] == spec_with({}, "vllm").engine.version  # part of the cache's key
+    assert env[render.VLLM_AOT_COMPILE] == "0"  # the AOT artifact this vLLM cannot load back would waste the cache
+    mine = {**VLLM, "env": [{"name": render.VLLM_AOT_COMPILE, "value": "1"}]}
+    pod = rendered({"spec": {"containers": [mine], "volumes": [{"name": "models", "emptyDir": {}}]}}, "vllm")
+    env = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == render.VLLM_AOT_COMPILE]
+    assert env == [{"name": render.VLLM_AOT_COMPILE, "value": "1"}]  # the template's choice stays
 
 
 def test_engines_that_do_not_compile_get_no_engine_cache():
