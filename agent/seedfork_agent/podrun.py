@@ -12,6 +12,7 @@ import logging
 import time
 
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
+from seedfork_api.spec import STANDBY_ENGINES  # engines that publish their phases: a standby sees its engine warm
 
 from .agent import Agent, AgentConfig, EngineHook
 from .engineprobe import EngineProbe, phases
@@ -20,7 +21,6 @@ from .podloop import PodLoop
 
 log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
-STANDBY_ENGINES = ("reference",)  # engines that publish their phases: a standby can see its engine warm
 STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
 STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
 
