@@ -9,7 +9,6 @@ only then is the pod Ready, generating the seed's tokens, holding the weights on
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,21 +20,6 @@ from seedfork_localdev.referenceset import ReferenceSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
 READY_S = 600  # vLLM starts in 18-40 s on an idle core; two at once on two busy cores take minutes
-
-
-@pytest.fixture(scope="module")
-def vllm_images():
-    try:
-        return vllm.image_env()
-    except vllm.VllmUnavailable as e:
-        pytest.fail(str(e))
-
-
-@pytest.fixture(scope="module")
-def vllm_model(tmp_path_factory) -> Path:
-    from seedfork_agent.engines.testmodel import make_model
-
-    return make_model(tmp_path_factory.mktemp("vllm-standby") / "model", "vllm-tiny")
 
 
 def _restarts(api_client, namespace: str, pod: str) -> dict[str, int]:
