@@ -22,6 +22,7 @@ from seedfork_api.spec import MOONCAKE_REFUSED_PORTS
 from . import bindaddr
 
 PROTOCOLS = ("tcp", "rdma", "nvlink_intra")
+INIT_ATTEMPTS = 3
 
 
 class TransferEngineError(RuntimeError):
@@ -77,12 +78,19 @@ class TransferEngineHandle:
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(5, int(timeout_s)))
         self.protocol = protocol
         self.host = host
-        self._engine = TransferEngine()
         libraries = bindaddr.loaded_objects(_mooncake_dirs())
-        with bindaddr.wildcard_binds_to(host, libraries) as binds:
-            rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
-        if rc != 0:
-            raise TransferEngineError(f"TransferEngine.initialize({host}, {protocol}) returned {rc}")
+        # Mooncake picks its TCP data port at random in the range and may pick one that another pod's engine on
+        # the same node holds (its availability check binds all addresses): a fresh engine picks again.
+        for attempt in range(1, INIT_ATTEMPTS + 1):
+            self._engine = TransferEngine()
+            with bindaddr.wildcard_binds_to(host, libraries) as binds:
+                rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, "")
+            if rc == 0:
+                break
+            if attempt == INIT_ATTEMPTS:
+                raise TransferEngineError(
+                    f"TransferEngine.initialize({host}, {protocol}) returned {rc} ({INIT_ATTEMPTS} tries)"
+                )
         self.listen_ports = sorted({port for ip, port in binds if ip == host})
         stray = [f"{ip}:{port}" for ip, port in binds if ip != host or (ports and not ports[0] <= port <= ports[1])]
         if stray:

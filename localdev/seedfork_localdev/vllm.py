@@ -167,6 +167,7 @@ class Server:
         log: Path,
         load_format: str = "seedfork",
         contract: Mapping[str, str] | None = None,
+        *,
         compile: bool = False,
         extra: Sequence[str] = (),
     ) -> None:

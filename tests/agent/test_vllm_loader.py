@@ -34,7 +34,7 @@ def engines(tmp_path, vllm_python, vllm_model, kit):
             contract = {"SEEDFORK_POD_IP": agent.ip, "SEEDFORK_AGENT_PORT": str(kit.AGENT_PORT),
                         "SEEDFORK_TOKEN": kit.TOKEN, "SEEDFORK_TIMEOUT_SECONDS": str(timeout)}  # fmt: skip
         ip = kit.new_ip()
-        e = Server(model or vllm_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, contract, extra)
+        e = Server(model or vllm_model, ip, 8000, tmp_path / f"vllm-{ip}.log", load_format, contract, extra=extra)
         started.append(e)
         return e
 

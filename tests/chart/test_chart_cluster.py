@@ -367,7 +367,8 @@ def test_real_operator_runs_as_the_chart_service_account(
             30,
             "status.replicas",
         )
-        assert status["selector"] == f"{contract.LABEL_SET}=llama"
+        # The scale subresource's selector: the set's replicas, never its standbys.
+        assert status["selector"] == f"{contract.LABEL_SET}=llama,{contract.LABEL_ROLE}!={contract.ROLE_STANDBY}"
         secret = core.read_namespaced_secret(status["tokenSecret"], work)
         assert secret.data[contract.TOKEN_SECRET_KEY]
 
