@@ -111,12 +111,25 @@ def _hook_for(ip: str, binds: list[tuple[str, int]]):
         else:
             return _real_bind(fd, addr, length)
         buf = (ctypes.c_char * length).from_buffer(sa)
+        _reuse_address(fd)
         rc = _real_bind(fd, ctypes.addressof(buf), length)
         if rc == 0:
             binds.append((where, int.from_bytes(sa[2:4], "big")))
         return rc
 
     return _BIND_T(hook)
+
+
+def _reuse_address(fd: int) -> None:
+    """SO_REUSEADDR on a TCP socket before it binds: the pod IP and ports of an engine that ended moments ago
+    (a restarted agent, a pod IP given out again) may still have connections in TIME_WAIT, and without it
+    Mooncake's binds fail on them for a minute. Two listeners still cannot share a port."""
+    kind, size = ctypes.c_int(0), ctypes.c_uint32(ctypes.sizeof(ctypes.c_int))
+    if _LIBC.getsockopt(fd, socket.SOL_SOCKET, socket.SO_TYPE, ctypes.byref(kind), ctypes.byref(size)) != 0:
+        return
+    if kind.value == socket.SOCK_STREAM:
+        one = ctypes.c_int(1)
+        _LIBC.setsockopt(fd, socket.SOL_SOCKET, socket.SO_REUSEADDR, ctypes.byref(one), ctypes.sizeof(one))
 
 
 def _writable(addr: int) -> bool:

@@ -107,3 +107,34 @@ def test_a_seed_refuses_a_rendezvous_elsewhere(kit, seed):
         r = httpx.post(url, json=body, headers=headers, timeout=10)
         assert r.status_code == 400 and complaint in r.json()["message"], r.text
         assert not any(s.port == port for s in listeners(seed.proc.pid))
+
+
+_TIME_WAIT = r"""
+import socket, sys, time
+from seedfork_agent.te import TransferEngineHandle, TransferEngineError
+ip, lo = sys.argv[1], int(sys.argv[2])
+held = []
+for p in (lo, lo + 1):  # two ports held by live listeners (another engine's)
+    s = socket.socket(); s.bind((ip, p)); s.listen(); held.append(s)
+for p in (lo + 2, lo + 3):  # two whose connections just ended, the listener's side first: TIME_WAIT
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind((ip, p)); srv.listen()
+    c = socket.create_connection((ip, p)); a, _ = srv.accept(); a.close(); time.sleep(0.05); c.close(); srv.close()
+try:
+    print("ok", sorted(TransferEngineHandle(ip, "tcp", 30, (lo, lo + 3)).listen_ports))
+except TransferEngineError as e:
+    print("error", e)
+"""
+
+
+def test_a_transfer_engine_starts_on_ports_whose_last_connections_are_in_time_wait(kit):
+    """A pod IP given out again, or a restarted agent, finds its engine ports with connections in TIME_WAIT for
+    a minute; the engine must start on them anyway (and never on a port a live listener holds)."""
+    import subprocess
+    import sys
+
+    ip, lo = kit.new_ip(), 28940
+    out = subprocess.run(
+        [sys.executable, "-c", _TIME_WAIT, ip, str(lo)], capture_output=True, text=True, timeout=120
+    )  # a process of its own: Mooncake reads its port range once per process
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]
+    assert last == f"ok [{lo + 2}, {lo + 3}]", last
