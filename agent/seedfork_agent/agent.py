@@ -190,7 +190,6 @@ class Agent:
         starts = [r.started_at for r in reports.values() if r.started_at is not None]
         if starts:
             self.timing["engine_load_start"] = min(starts)
-        self.server.offered = store
         return store
 
     async def load_storage(self, uri: str, attempt: int = 1) -> bool:
