@@ -4,12 +4,14 @@ reads it) and ``PodTracker`` (when each pod first reached each milestone, from a
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from kubernetes import client
 
 from seedfork_api import contract as c
@@ -27,6 +29,19 @@ def condition_true(pod: Mapping[str, Any], kind: str) -> bool:
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     return condition_true(pod, "Ready")
+
+
+def corrupt_store(agent_url: str, token: str) -> None:
+    """Flip one byte of a pod's verified store, in the shared memory its agent serves from (and, for an engine
+    whose parameters are views of that store, in the engine's weights): a bad DIMM, a stray write."""
+    r = httpx.get(f"{agent_url}/v1/attach", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    r.raise_for_status()
+    body = r.json()
+    with open(body["attach"]["path"], "r+b") as f:
+        f.seek(body["manifest"]["tensors"][0]["offset"] + 11)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
 
 
 def _as_dict(model: c.Assignment | c.AgentReport | c.PodTiming | None) -> dict[str, Any]:

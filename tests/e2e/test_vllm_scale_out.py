@@ -9,31 +9,16 @@ is ever made Ready on bad weights.
 
 from __future__ import annotations
 
-import os
-
-import httpx
 import pytest
 
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 from seedfork_localdev import vllm
 from seedfork_localdev.cluster import LocalCluster, install_agent_rbac, new_namespace
-from seedfork_localdev.pods import PodTracker
+from seedfork_localdev.pods import PodTracker, corrupt_store
 from seedfork_localdev.referenceset import ReferenceSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1500)]
 READY_S = 600  # vLLM starts in 18-40 s on an idle core; three at once on two busy cores take minutes
-
-
-def corrupt_store(agent_url: str, token: str) -> None:
-    """Flip one byte of a seed's verified store, in the shared memory its agent serves from."""
-    r = httpx.get(f"{agent_url}/v1/attach", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    r.raise_for_status()
-    body = r.json()
-    with open(body["attach"]["path"], "r+b") as f:
-        f.seek(body["manifest"]["tensors"][0]["offset"] + 11)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 def test_vllm_set_scales_from_storage_to_seeds_and_never_serves_bad_weights(
