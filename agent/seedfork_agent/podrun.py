@@ -127,9 +127,12 @@ class PodAgent(PodLoop):
         await self.agent.stop()
 
     async def attempt(self, a: Assignment) -> None:
-        if self._engine_task is not None:  # a standby's engine watch: this attempt is its promotion
+        promotion = self._engine_task is not None  # a standby's engine watch: this attempt is its promotion
+        if promotion:
             self._engine_task.cancel()
             self._engine_task = None
+        # Only a warm standby and its first promotion keep the agent's probe passing without weights.
+        self.agent.server.warm_standby = promotion and self.agent.server.warm_standby
         if a.source == "standby":
             await self._standby(a)
             return
@@ -170,6 +173,7 @@ class PodAgent(PodLoop):
                 log.warning("standby could not start TransferEngine ahead: %s", e)
         self.timing.standby_warm = time.time()
         p.state = "standby"
+        self.agent.server.warm_standby = True
         log.info("standby warm: engine up, waiting for a promotion")
         self._engine_task = asyncio.create_task(self._watch_standby(a, self._engine_phases.get("started")))
 

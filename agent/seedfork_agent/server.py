@@ -44,6 +44,24 @@ PENDING_GROUP_S = 15.0
 _SWEEP_S = 0.5
 
 
+ATTACH_WAIT_MAX_S = 30.0  # the longest an engine's /v1/attach?wait= may hold its request
+ATTACH_WAIT_POLL_S = 0.02  # how often a held /v1/attach looks again (in this process, no I/O)
+
+
+def _wait_seconds(request: web.Request) -> float:
+    """``?wait=S`` of a request, 0 without it; a bad value is the client's error (400)."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text="wait must be a number of seconds") from None
+    if not 0 <= wait <= ATTACH_WAIT_MAX_S:
+        raise web.HTTPBadRequest(text=f"wait must be between 0 and {ATTACH_WAIT_MAX_S:g} seconds")
+    return wait
+
+
 @dataclass
 class Progress:
     """What this agent is doing now; read by /readyz, /v1/progress and the pod report."""
@@ -170,6 +188,7 @@ class AgentServer:
         self._packing = asyncio.Lock()
         self.checking = False  # re-checking the store against its manifest (a client saw a checksum mismatch)
         self.self_checks = 0
+        self.warm_standby = False  # a warm standby's engine, or its promotion under way (/readyz)
 
     # ---- lifecycle --------------------------------------------------------
     def app(self) -> web.Application:
@@ -326,7 +345,11 @@ class AgentServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.serving:
+        """Ready: serving verified weights; or a warm standby, also through its promotion until that fails.
+        A standby's pod is still not Ready (the operator's readiness gate is not True before its weights are
+        verified), but its probe need not pass again after the promotion: the pod turns Ready the moment the
+        gate does, not one probe period later (``periodSeconds`` is at least 1 s on a kubelet)."""
+        if self.serving or (self.warm_standby and self.progress.state != "failed"):
             return web.json_response({"ready": True})
         return web.json_response({"ready": False, "state": self.progress.state}, status=503)
 
@@ -362,7 +385,18 @@ class AgentServer:
         return web.Response(body=self.store.manifest.json_bytes, content_type="application/json")
 
     async def attach_view(self, request: web.Request) -> web.Response:
+        """The store the pod's engine attaches (or what it waits for). ``?wait=S`` (at most ``ATTACH_WAIT_MAX_S``):
+        while there is no store to attach yet, or the pod is a warm standby, answer only once that changes or
+        S seconds passed. The engine then learns of its weights within ``ATTACH_WAIT_POLL_S`` of their
+        verification, without polling over HTTP (on a promotion, what it waits for is the critical path)."""
         self._require_token(request)
+        wait = _wait_seconds(request)
+        first = self._attach_key()
+        deadline = time.monotonic() + wait
+        # A look every ATTACH_WAIT_POLL_S rather than an event: the answer is made of state that threads
+        # change (the store, the offer, the gate's phase, the attempt), and a look costs no I/O.
+        while first[0] != "store" and self._attach_key() == first and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(ATTACH_WAIT_POLL_S)
         if not self.serving and self.gate is not None and self.gate.phase == STANDBY:  # start warm, no weights
             return web.json_response({"layout": STANDBY, "attempt": self.progress.attempt})
         store = self.store if self.serving else self.offered
@@ -372,6 +406,15 @@ class AgentServer:
         if self.gate is not None:  # what the engine does with it (engines.gate): load, fill or map
             body["layout"] = self.gate.phase if not self.serving else ENGINE
         return web.json_response(body)
+
+    def _attach_key(self) -> tuple[Any, ...]:
+        """What ``/v1/attach`` would answer, as a value that changes when the answer does."""
+        if not self.serving and self.gate is not None and self.gate.phase == STANDBY:
+            return ("standby", self.progress.attempt)
+        store = self.store if self.serving else self.offered
+        if store is None:
+            return ("none", self.progress.attempt, self.progress.state)
+        return ("store", id(store), self.gate.phase if self.gate is not None else None)
 
     async def engine_cache_view(self, request: web.Request) -> web.Response:
         """The engine's compile cache as one archive (engine_cache.pack), for a new pod of the set."""

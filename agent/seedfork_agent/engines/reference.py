@@ -42,6 +42,7 @@ from . import ipc
 from .llama import LlamaConfig, LlamaModel, weight_shapes
 
 log = logging.getLogger("seedfork.reference")
+ATTACH_WAIT_S = 5.0  # how long the agent may hold one ask for the weights (its /v1/attach?wait=)
 
 
 def weights_checksums(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -264,20 +265,23 @@ class ReferenceEngine:
 
 
 async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: str, verify: bool, poll_s: float = 0.1):
-    """Poll the agent until it offers verified weights, then attach. A checksum mismatch fails for good."""
+    """Ask the agent until it offers verified weights, then attach. A checksum mismatch fails for good. The
+    agent holds each ask until its answer changes (``wait``), so the weights are attached as soon as they are
+    verified; ``poll_s`` spaces the asks only while the agent is not up."""
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(timeout=ATTACH_WAIT_S + 10) as client:
         while True:
             try:
-                r = await client.get(f"{agent_url}/v1/attach", headers=headers)
+                r = await client.get(f"{agent_url}/v1/attach", params={"wait": ATTACH_WAIT_S}, headers=headers)
                 if r.status_code == 200:
                     break
                 if r.status_code in (401, 403):
                     engine.state, engine.error = "failed", f"agent refused the token ({r.status_code})"
                     return
+                if r.status_code != 503:  # 503: the agent held the ask until its answer changed; ask again now
+                    await asyncio.sleep(poll_s)
             except httpx.HTTPError:
-                pass  # the agent is not up yet
-            await asyncio.sleep(poll_s)
+                await asyncio.sleep(poll_s)  # the agent is not up yet
     try:
         await asyncio.to_thread(engine.attach, r.json(), verify)
         log.info("attached to the agent's weights (%s) in %.1f ms", engine.attach_info, engine.timings["attach_ms"])

@@ -60,6 +60,9 @@ LOAD_FORMAT = "seedfork"
 _registered = False
 
 
+ATTACH_WAIT_S = 2.0  # how long the agent may hold one ask for the weights (its /v1/attach?wait=)
+
+
 class LoadRefused(RuntimeError):
     """The engine must not serve what it has: raised out of vLLM's load, so the engine exits."""
 
@@ -90,10 +93,11 @@ class AgentLink:
         wait has no bound: a standby waits for its promotion, whose own attempt is bounded again."""
         deadline = time.monotonic() + self.timeout_s
         seen, last = attempt, "no answer yet"
-        with httpx.Client(timeout=10.0) as client:
+        with httpx.Client(timeout=ATTACH_WAIT_S + 10.0) as client:
             while True:
                 try:
-                    r = client.get(f"{self.url}/v1/attach", headers=self._headers)
+                    # The agent holds the ask until its answer changes (or ATTACH_WAIT_S): no poll's delay.
+                    r = client.get(f"{self.url}/v1/attach", params={"wait": ATTACH_WAIT_S}, headers=self._headers)
                     if r.status_code in (401, 403):
                         raise LoadRefused(f"the agent refused the engine's token ({r.status_code})")
                     body = r.json() if r.status_code == 200 else {}

@@ -1,0 +1,130 @@
+"""What the agent answers before its weights are verified, where a standby's promotion waits on it.
+
+- ``GET /v1/attach?wait=S``: the pod's engine asks once and the agent answers when its weights are verified
+  (without the hold an engine learns of them one poll interval late);
+- ``/readyz`` of a warm standby passes, and keeps passing through its promotion until that fails (the pod's
+  readiness gate keeps it from Ready; without this the pod turns Ready one probe period after the gate).
+
+The real ``AgentServer`` over real HTTP on its own loopback IP, its event loop in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from seedfork_agent.server import ATTACH_WAIT_MAX_S, AgentServer
+from seedfork_agent.store import WeightStore
+
+
+@pytest.fixture
+def agent(kit):
+    """An AgentServer with nothing verified yet, its event loop in a thread."""
+    server = AgentServer(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, timeout_s=20)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=30) as http:
+        http.headers["Authorization"] = f"Bearer {kit.TOKEN}"
+        yield server, loop, http
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def _serve(server: AgentServer, loop: asyncio.AbstractEventLoop, store: WeightStore) -> None:
+    def verified() -> None:
+        server.serve(store)
+        server.progress.state = "verified"
+
+    loop.call_soon_threadsafe(verified)
+
+
+def test_a_held_ask_is_answered_with_the_store_once_it_is_verified(agent, weights_dir):
+    server, loop, http = agent
+    store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
+    try:
+        answers: list[httpx.Response] = []
+        asked = threading.Thread(target=lambda: answers.append(http.get("/v1/attach", params={"wait": 20})))
+        asked.start()
+        time.sleep(0.5)  # the ask is held: nothing to attach yet
+        assert not answers
+        served_at = time.monotonic()
+        _serve(server, loop, store)
+        asked.join(30)
+        answered_at = time.monotonic()
+        (r,) = answers
+        assert r.status_code == 200, r.text
+        assert r.json()["manifest"]["digest"] == store.manifest.digest
+        assert answered_at - served_at < 10  # with the store, long before the 20 s the ask allowed
+    finally:
+        store.close()
+
+
+def test_a_held_ask_ends_after_its_wait_when_nothing_changes(agent):
+    _, _, http = agent
+    t = time.monotonic()
+    r = http.get("/v1/attach", params={"wait": 0.3})
+    assert r.status_code == 503 and time.monotonic() - t >= 0.3
+
+
+def test_without_wait_the_answer_is_immediate(agent):
+    _, _, http = agent
+    assert http.get("/v1/attach").status_code == 503
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", str(ATTACH_WAIT_MAX_S + 1), "nan"])
+def test_a_bad_wait_is_a_400(agent, wait):
+    _, _, http = agent
+    r = http.get("/v1/attach", params={"wait": wait})
+    assert r.status_code == 400, r.text
+    assert "wait" in r.text
+
+
+def test_a_held_ask_needs_the_token(agent):
+    _, _, http = agent
+    r = http.get("/v1/attach", params={"wait": 5}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code in (401, 403)
+
+
+def _set(loop: asyncio.AbstractEventLoop, fn) -> None:
+    done = threading.Event()
+    loop.call_soon_threadsafe(lambda: (fn(), done.set()))
+    assert done.wait(10)
+
+
+def test_readyz_passes_for_a_warm_standby_and_its_promotion_until_it_fails(agent):
+    server, loop, http = agent
+    assert http.get("/readyz").status_code == 503  # no weights, no standby
+    _set(loop, lambda: (setattr(server, "warm_standby", True), setattr(server.progress, "state", "standby")))
+    assert http.get("/readyz").status_code == 200
+    _set(loop, lambda: setattr(server.progress, "state", "transferring"))  # promoted: pulling
+    assert http.get("/readyz").status_code == 200
+    _set(loop, lambda: setattr(server.progress, "state", "failed"))  # the promotion failed
+    r = http.get("/readyz")
+    assert r.status_code == 503 and r.json()["state"] == "failed"
+
+
+def test_readyz_of_a_pod_that_was_never_a_standby_waits_for_verified_weights(agent, weights_dir):
+    server, loop, http = agent
+    _set(loop, lambda: setattr(server.progress, "state", "transferring"))
+    assert http.get("/readyz").status_code == 503
+    store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
+    try:
+        _set(loop, lambda: (server.serve(store), setattr(server.progress, "state", "verified")))
+        assert http.get("/readyz").status_code == 200
+    finally:
+        store.close()
