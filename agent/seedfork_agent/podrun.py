@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 
+from seedfork_api import engines
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
-from seedfork_api.spec import STANDBY_ENGINES
 
 from .agent import Agent, AgentConfig, EngineHook
 from .engine_cache import CacheKey, device_kind
@@ -22,7 +22,6 @@ from .podloop import PodLoop
 
 log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
-PHASE_ENGINES = ("reference",)  # engines that publish their own phases (GET /v1/engine)
 STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
 STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
 
@@ -56,11 +55,11 @@ class PodAgent(PodLoop):
             ),
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
-            gate=EngineGate(env.tp * env.pp) if env.engine == "vllm" else None,
+            gate=EngineGate(env.tp * env.pp) if engines.of(env.engine).agent == "store_loader" else None,
         )
         self.probe = (
             EngineProbe(env.pod_ip, env.engine_port, env.token)
-            if env.engine in PHASE_ENGINES
+            if engines.of(env.engine).publishes_phases
             else HealthProbe(env.pod_ip, env.engine_port)
         )
         self._engine_phases: dict[str, float] = {}
@@ -141,7 +140,7 @@ class PodAgent(PodLoop):
         try:
             await self._load(a)
         finally:
-            if self.agent.server.serving and self.env.engine in PHASE_ENGINES:
+            if self.agent.server.serving and engines.of(self.env.engine).publishes_phases:
                 self._engine_task = asyncio.create_task(self._record_engine_verified())
 
     async def _standby(self, a: Assignment) -> None:
@@ -153,7 +152,7 @@ class PodAgent(PodLoop):
         p = self.agent.server.progress
         p.attempt, p.source, p.state, p.error, p.started_at = a.attempt, "standby", "pending", None, time.time()
         self.notify()
-        if self.env.engine not in STANDBY_ENGINES:
+        if not engines.of(self.env.engine).standby:
             self._fail_now(a, f"standby is not built for engine {self.env.engine}")
             return
         if self.agent.gate is not None:  # vLLM: its loader starts without weights and waits for the promotion
@@ -209,7 +208,7 @@ class PodAgent(PodLoop):
         if not a.seed_ip:
             self._fail_now(a, "assigned a seed without its IP")
             return
-        backend = a.backend or ("transfer_engine" if self.env.backend == "auto" else self.env.backend)
+        backend = a.backend or engines.resolve_backend(self.env.backend, self.env.engine)
         req = self.agent.request(
             a.seed_ip,
             a.seed_agent_port or self.env.agent_port,

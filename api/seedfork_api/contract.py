@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .engines import ConcreteBackend
 from .spec import GROUP, EngineSpec, Parallelism, TransferSpec
 
 # ---- labels -------------------------------------------------------------
@@ -134,7 +135,6 @@ def group_ports(start: int, end: int, ranks: int = 1) -> tuple[int, int]:
 # ``standby``: no weights yet; the agent brings the engine up warm and waits (without bound) for a promotion, an
 # assignment of a higher attempt that names a seed or storage.
 Source = Literal["seed", "storage", "queued", "standby"]
-ConcreteBackend = Literal["transfer_engine", "nccl"]
 # ``standby``: a standby's engine is up and warm, holding no weights; it is waiting for its promotion.
 TransferState = Literal["pending", "transferring", "verified", "failed", "standby"]
 
@@ -390,12 +390,10 @@ class PodEnv(EngineEnv):
     REQUIRED: ClassVar[tuple[str, ...]] = ("pod_name", "namespace", "set_name", "token")
 
 
-SGLANG_OWN_PORTS = 2
-
-
 def sglang_own_ports(port_range: tuple[int, int]) -> tuple[int, int]:
     """(dist-init, engine-info bootstrap): the ports each SGLang pod binds for itself, the top two of the set's
-    range. The operator hands out group ports only below them (``planner.port_blocks``)."""
+    range (SGLang's ``own_ports`` in ``engines.ENGINES``). The operator hands out group ports only below them
+    (``planner.port_blocks``)."""
     end = port_range[1]
     return end, end - 1
 

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from . import engines
+
 GROUP = "seedfork.io"
 VERSION = "v1alpha1"
 KIND = "ModelReplicaSet"
@@ -23,7 +25,7 @@ SINGULAR = "modelreplicaset"
 SHORT_NAMES = ["mrs"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-EngineKind = Literal["sglang", "vllm", "reference"]
+EngineKind = Literal[tuple(engines.ENGINES)]  # one per row of the engine table
 Backend = Literal["transfer_engine", "nccl", "auto"]
 TransportProtocol = Literal["auto", "tcp", "rdma", "nvlink_intra"]
 Fallback = Literal["storage", "fail"]
@@ -31,9 +33,6 @@ Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn"]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
-# Engines whose pods can wait as warm standbys (engine up, no weights) and take weights when promoted. Lifting
-# the restriction for an engine is adding it here once its agent path is built; the CEL rule follows.
-STANDBY_ENGINES: tuple[str, ...] = ("reference", "vllm")
 MAX_STANDBY = 100
 
 
@@ -165,16 +164,17 @@ class TransferSpec(ApiModel):
 def resolve_transfer(transfer: TransferSpec, defaults: TransferSpec | None, engine_kind: str) -> TransferSpec:
     """The policy a set runs with: what its spec sets, else the cluster's default, else the built-in one.
 
-    SGLang seeds serve one NCCL client at a time, so sglang with nccl gets one client per seed unless the
-    spec itself says otherwise (which ``transfer_problem`` then reports).
+    An engine whose seeds serve fewer NCCL clients at once (``engines.Engine.nccl_max_clients``: SGLang, one)
+    gets its limit unless the spec itself says otherwise (which ``transfer_problem`` then reports).
     """
     chosen = transfer.model_dump(include=transfer.model_fields_set)
     if defaults is not None:
         admin = defaults.model_dump(include=defaults.model_fields_set & set(TransferSpec.CLUSTER_DEFAULTED))
         chosen = {**admin, **chosen}
     merged = TransferSpec.model_validate(chosen)
-    if engine_kind == "sglang" and merged.backend == "nccl" and "max_clients_per_seed" not in transfer.model_fields_set:
-        merged.max_clients_per_seed = 1
+    if "max_clients_per_seed" not in transfer.model_fields_set:
+        backend = engines.resolve_backend(merged.backend, engine_kind)
+        merged.max_clients_per_seed = engines.of(engine_kind).client_limit(backend, merged.max_clients_per_seed)
     return merged
 
 
@@ -183,44 +183,93 @@ MOONCAKE_REFUSED_PORTS = (32768, 60999)
 
 
 def transfer_problem(spec: ModelReplicaSetSpec) -> str | None:
-    """What the resolved policy asks that the engine cannot do (the CRD's CEL rules see only explicit values)."""
+    """What the resolved policy asks that the engine cannot do (the CRD's CEL rules see only explicit values).
+
+    The same rows of ``engines.ENGINES`` as the CEL rules (``spec_rules``), applied to the resolved backend."""
     t, e = spec.transfer, spec.engine
-    if e.kind == "sglang" and t.backend != "nccl" and e.parallelism.pp > 1:
+    engine, backend = engines.of(e.kind), engines.resolve_backend(t.backend, e.kind)
+    pp, clients, own = engine.te_max_pp, engine.nccl_max_clients, engine.own_ports
+    if backend == "transfer_engine" and pp is not None and e.parallelism.pp > pp.most:
         return (
-            f"backend {t.backend} (resolves to transfer_engine) needs engine.parallelism.pp 1 for engine sglang; "
-            "set spec.transfer.backend: nccl or pp: 1"
+            f"backend {t.backend} (resolves to {backend}) needs engine.parallelism.pp {pp.bound} for engine "
+            f"{e.kind}; set spec.transfer.backend: nccl or pp: {pp.most}"
         )
-    if e.kind == "sglang" and t.backend == "nccl" and t.max_clients_per_seed != 1:
-        return "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl"
+    if backend == "nccl" and clients is not None and t.max_clients_per_seed > clients.most:
+        return f"transfer.maxClientsPerSeed must be {clients.bound} for engine {e.kind} with backend nccl"
     lo, hi = MOONCAKE_REFUSED_PORTS
-    if e.kind != "sglang" and t.backend != "nccl" and t.ports.start <= hi and t.ports.end >= lo:
+    if engine.agent_moves_bytes and backend == "transfer_engine" and t.ports.start <= hi and t.ports.end >= lo:
         return (
             f"transfer.ports {t.ports.start}-{t.ports.end} overlaps {lo}-{hi}, where Mooncake's TransferEngine "
-            f"will not listen (backend {t.backend} resolves to transfer_engine); move spec.transfer.ports below {lo}"
+            f"will not listen (backend {t.backend} resolves to {backend}); move spec.transfer.ports below {lo}"
         )
-    if e.kind == "sglang" and t.ports.size < e.parallelism.tp * e.parallelism.pp + 2:
+    if own is not None and t.ports.size < e.parallelism.tp * e.parallelism.pp + own.count:
         return (
-            f"transfer.ports holds {t.ports.size} ports; engine sglang needs one per rank (tp * pp) plus 2 that "
-            "each SGLang pod binds for itself (its dist-init store and engine-info bootstrap server)"
+            f"transfer.ports holds {t.ports.size} ports; engine {e.kind} needs one per rank (tp * pp) plus "
+            f"{own.count} that each of its pods binds for itself ({own.what})"
         )
     return None
 
 
-SPEC_RULES = [
-    cel(
-        "!(self.engine.kind == 'sglang' && has(self.transfer.backend) && self.transfer.backend == 'transfer_engine' "
-        "&& self.engine.parallelism.pp > 1)",
-        "engine.parallelism.pp must be 1 for engine sglang with backend transfer_engine "
-        "(SGLang keys TransferEngine info by TP rank only)",
+def _is(engine: engines.Engine) -> str:
+    return f"self.engine.kind == '{engine.kind}'"
+
+
+def _te_pp_rule(engine: engines.Engine, pp: engines.Limit) -> dict[str, str]:
+    return cel(
+        f"!({_is(engine)} && has(self.transfer.backend) && self.transfer.backend == 'transfer_engine' "
+        f"&& self.engine.parallelism.pp > {pp.most})",
+        f"engine.parallelism.pp must be {pp.bound} for engine {engine.kind} with backend transfer_engine ({pp.why})",
         ".engine.parallelism.pp",
-    ),
-    cel(
-        "!(self.engine.kind == 'sglang' && has(self.transfer.backend) && self.transfer.backend == 'nccl' "
-        "&& has(self.transfer.maxClientsPerSeed) && self.transfer.maxClientsPerSeed != 1)",
-        "transfer.maxClientsPerSeed must be 1 for engine sglang with backend nccl "
-        "(an SGLang seed serves one NCCL client at a time)",
+    )
+
+
+def _nccl_clients_rule(engine: engines.Engine, clients: engines.Limit) -> dict[str, str]:
+    return cel(
+        f"!({_is(engine)} && has(self.transfer.backend) && self.transfer.backend == 'nccl' "
+        f"&& has(self.transfer.maxClientsPerSeed) && self.transfer.maxClientsPerSeed > {clients.most})",
+        f"transfer.maxClientsPerSeed must be {clients.bound} for engine {engine.kind} with backend nccl "
+        f"({clients.why})",
         ".transfer.maxClientsPerSeed",
-    ),
+    )
+
+
+def _uri_rule(engine: engines.Engine) -> dict[str, str]:
+    return cel(
+        f"self.engine.kind != '{engine.kind}' || has(self.model.uri)",
+        f"model.uri is required for engine {engine.kind} (the first replica loads the weights from it)",
+        ".model.uri",
+    )
+
+
+def _ranks_rule(engine: engines.Engine, ranks: engines.Limit) -> dict[str, str]:
+    what = "tp and pp must be 1" if ranks.most == 1 else f"tp * pp must be {ranks.bound}"
+    ranks_used = "self.engine.parallelism.tp * self.engine.parallelism.pp"
+    return cel(
+        f"self.engine.kind != '{engine.kind}' || {ranks_used} <= {ranks.most}",
+        f"engine.parallelism {what} for engine {engine.kind} ({ranks.why})",
+        ".engine.parallelism",
+    )
+
+
+def _standby_rules() -> list[dict[str, str]]:
+    built = engines.standby_kinds()
+    others = sorted(set(engines.ENGINES) - set(built))
+    if not others:
+        return []
+    return [
+        cel(
+            "!has(self.standby) || self.standby == 0 || self.engine.kind in ["
+            + ", ".join(f"'{e}'" for e in built)
+            + "]",
+            f"spec.standby must be 0 for engine {' or '.join(others)}: standby replicas are built for engine "
+            f"{' and '.join(built)} only",
+            ".standby",
+        )
+    ]
+
+
+# Rules that hold for every engine: where the set's ports lie.
+PORT_RULES = [
     cel(  # the layout of the range: seedfork_api.contract.transfer_engine_ports
         "self.transfer.ports.end - self.transfer.ports.start + 1 >= "
         "5 * self.engine.parallelism.tp * self.engine.parallelism.pp",
@@ -243,28 +292,23 @@ SPEC_RULES = [
         "engine.port must lie outside transfer.ports",
         ".engine.port",
     ),
-    cel(
-        "self.engine.kind != 'reference' || has(self.model.uri)",
-        "model.uri is required for engine reference (the first replica loads the weights from it)",
-        ".model.uri",
-    ),
-    cel(
-        "!has(self.standby) || self.standby == 0 || self.engine.kind in ["
-        + ", ".join(f"'{e}'" for e in STANDBY_ENGINES)
-        + "]",
-        "spec.standby must be 0 for engine "
-        + " or ".join(sorted(set(EngineKind.__args__) - set(STANDBY_ENGINES)))
-        + ": standby replicas are built for engine "
-        + " and ".join(STANDBY_ENGINES)
-        + " only",
-        ".standby",
-    ),
-    cel(
-        "self.engine.kind != 'reference' || (self.engine.parallelism.tp == 1 && self.engine.parallelism.pp == 1)",
-        "engine.parallelism tp and pp must be 1 for engine reference (its agent serves one rank)",
-        ".engine.parallelism",
-    ),
 ]
+
+
+def spec_rules() -> list[dict[str, str]]:
+    """The spec's CEL rules: the engine-specific ones generated from ``engines.ENGINES``, one per row and limit."""
+    rows = list(engines.ENGINES.values())
+    return [
+        *(_te_pp_rule(e, e.te_max_pp) for e in rows if e.te_max_pp),
+        *(_nccl_clients_rule(e, e.nccl_max_clients) for e in rows if e.nccl_max_clients),
+        *PORT_RULES,
+        *(_uri_rule(e) for e in rows if e.needs_uri),
+        *_standby_rules(),
+        *(_ranks_rule(e, e.max_ranks) for e in rows if e.max_ranks),
+    ]
+
+
+SPEC_RULES = spec_rules()
 
 # The set's name is the value of the seedfork.io/set label on its pods and Secret, and labels hold 63 characters.
 MAX_SET_NAME = 63
@@ -325,7 +369,7 @@ class ModelReplicaSetSpec(ApiModel):
             "Extra pods kept warm: engine started, no weights, not Ready and not counted in status.replicas. "
             "A scale-up promotes one (it takes the weights from a seed into its running engine) and a new "
             "standby refills. Each holds its accelerators while it waits. Engines: "
-            + ", ".join(STANDBY_ENGINES)
+            + ", ".join(engines.standby_kinds())
             + "."
         ),
     )

@@ -5,7 +5,8 @@ Everything the planner needs to remember lives in the pods' annotations
 (the Assignment with its attempt number and excluded seeds, the agent's
 report), so a restarted operator plans exactly as the old one would have.
 
-Rules (README, "How the operator fans out"; SGLang's limits are in docs/sglang.md):
+Rules (README, "How the operator fans out"; what each engine can do is its row of ``seedfork_api.engines``,
+SGLang's from docs/sglang.md):
 - A seed is Ready, has the same fingerprint, says it is serving, is not
   terminating and has a pod IP. Active clients of a seed are the pods whose
   current assignment names it and whose report for that attempt is neither
@@ -13,10 +14,12 @@ Rules (README, "How the operator fans out"; SGLang's limits are in docs/sglang.m
 - Preference: a seed sharing the first topology key's node label, then the
   next key, then the fewest active clients.
 - NCCL: each concurrent group on a seed gets its own block of ``tp * pp``
-  ports. For engines other than SGLang, pods needing a seed in the same pass
-  are grouped into one cohort (one broadcast to k+1 ranks, the seed is rank 0).
-- SGLang: NCCL serves one client per seed; pods that loaded through
-  TransferEngine cannot seed (SGLang does not republish their weights).
+  ports. Where the agent moves the bytes (not SGLang), pods needing a seed in
+  the same pass are grouped into one cohort (one broadcast to k+1 ranks, the
+  seed is rank 0).
+- An engine's limits: NCCL clients per seed (SGLang: one); whether pods that
+  loaded through TransferEngine can seed (SGLang: no, it does not republish
+  their weights).
 - No free seed slot → decide by expected time (``fanout``, rule "expected"): wait for a seed slot
   (``source: queued``) or load from storage, whichever is expected to verify sooner (storage by more
   than ``fanout.PREFER_SEED_S``), with at most
@@ -45,7 +48,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from seedfork_api.contract import SGLANG_OWN_PORTS, Assignment, ConcreteBackend, group_ports
+from seedfork_api import engines
+from seedfork_api.contract import Assignment, ConcreteBackend, group_ports
 from seedfork_api.spec import ModelReplicaSetSpec
 
 from . import fanout
@@ -100,17 +104,21 @@ class Plan:
 
 
 def resolve_backend(spec: ModelReplicaSetSpec) -> ConcreteBackend:
-    return "nccl" if spec.transfer.backend == "nccl" else "transfer_engine"
+    return engines.resolve_backend(spec.transfer.backend, spec.engine.kind)
 
 
 def client_limit(spec: ModelReplicaSetSpec) -> int:
-    if spec.engine.kind == "sglang" and resolve_backend(spec) == "nccl":
-        return 1  # an SGLang seed serves one NCCL client at a time
-    return spec.transfer.max_clients_per_seed
+    return engines.of(spec.engine.kind).client_limit(resolve_backend(spec), spec.transfer.max_clients_per_seed)
 
 
 def uses_cohorts(spec: ModelReplicaSetSpec) -> bool:
-    return resolve_backend(spec) == "nccl" and spec.engine.kind != "sglang"
+    """One NCCL broadcast to many clients: the agent's own groups do it, an engine moving its own bytes not."""
+    return resolve_backend(spec) == "nccl" and engines.of(spec.engine.kind).agent_moves_bytes
+
+
+def verified_pods_seed(spec: ModelReplicaSetSpec) -> bool:
+    """Whether a pod that loaded from a seed can seed in turn (with the set's backend)."""
+    return engines.of(spec.engine.kind).seeds_after(resolve_backend(spec))
 
 
 def seed_capacity(spec: ModelReplicaSetSpec, rule: Rule = "expected") -> int:
@@ -135,8 +143,10 @@ def is_storage_load(spec: ModelReplicaSetSpec, pod: PodView, now: float) -> bool
 def port_blocks(spec: ModelReplicaSetSpec) -> list[list[int]]:
     """Disjoint blocks of one port per rank inside the rendezvous part of ``spec.transfer.ports``."""
     ranks = spec.engine.parallelism.tp * spec.engine.parallelism.pp
-    if spec.engine.kind == "sglang":  # SGLang moves its bytes itself: the agent runs no TransferEngine there
-        start, end = spec.transfer.ports.start, spec.transfer.ports.end - SGLANG_OWN_PORTS  # contract.sglang_own_ports
+    engine = engines.of(spec.engine.kind)
+    if not engine.agent_moves_bytes:  # the engine moves its bytes itself: the agent runs no TransferEngine there
+        own = engine.own_ports.count if engine.own_ports else 0  # contract.sglang_own_ports
+        start, end = spec.transfer.ports.start, spec.transfer.ports.end - own
     else:
         start, end = group_ports(spec.transfer.ports.start, spec.transfer.ports.end, ranks)
     return [list(range(p, p + ranks)) for p in range(start, end - ranks + 2, ranks)]
@@ -195,8 +205,7 @@ def active_clients(spec: ModelReplicaSetSpec, pods: Iterable[PodView], now: floa
 
 def seed_check(spec: ModelReplicaSetSpec, fingerprint: str) -> Callable[[PodView], bool]:
     """Could a pod serve weights at all (capacity aside)? Built once per pass: it runs for every pod."""
-    # SGLang 0.5.x does not republish weights it received through TransferEngine.
-    storage_only = spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine"
+    storage_only = not verified_pods_seed(spec)  # e.g. SGLang over TransferEngine (engines.Engine.te_clients_seed)
 
     def check(pod: PodView) -> bool:
         if pod.standby or pod.deleting or not pod.ready or not pod.ip or pod.fingerprint != fingerprint:
@@ -406,7 +415,7 @@ def _wait_or_storage(
     first, or load it from storage now. In need order, so the forecast books slots first come, first served."""
     if not needs:
         return
-    grows = not (spec.engine.kind == "sglang" and resolve_backend(spec) == "transfer_engine")
+    grows = verified_pods_seed(spec)
     forecast = fanout.Forecast(now, est, seed_capacity(spec), grows)
     moving = {n.pod for n in needs}
     for seed, group in clients.items():  # seed transfers in flight free their slot and add a seed

@@ -7,18 +7,19 @@ What the operator adds (``seedfork_api.contract`` names every key):
 - the static contract env vars in every container: pod name/namespace/IP through the
   downward API, the token through a secretKeyRef (never a literal);
 - the agent, unless the template already runs it (a container named ``seedfork-agent`` or one whose
-  command/args invoke it, e.g. ``seedfork-agent run -- python3 -m sglang.launch_server ...``):
-  - engine ``sglang``: SGLang moves its own bytes and the agent launches and supervises it, so the agent
-    becomes the entry point of the engine container (the first one): its command turns into
+  command/args invoke it, e.g. ``seedfork-agent run -- python3 -m sglang.launch_server ...``), as the engine's
+  row in ``seedfork_api.engines`` says (``Engine.agent``):
+  - ``entry_point`` (engine ``sglang``): SGLang moves its own bytes and the agent launches and supervises it, so
+    the agent becomes the entry point of the engine container (the first one): its command turns into
     ``seedfork-agent run -- <command> <args>``. The engine image must therefore contain seedfork.
-  - engine ``vllm``: an agent sidecar that moves the bytes into its store, and vLLM loads them from that
-    store inside its own processes (``--load-format seedfork``, seedfork's model loader for vLLM): the
+  - ``store_loader`` (engine ``vllm``): an agent sidecar that moves the bytes into its store, and vLLM loads them
+    from that store inside its own processes (``--load-format seedfork``, seedfork's model loader for vLLM): the
     engine container's ``--load-format`` is set to it, both containers mount one memory-backed
     ``/dev/shm`` (the store on CPU), the sidecar mounts the engine's volumes that hold ``model.uri``
     (read only, for the first replica), and the engine gets a readiness probe on vLLM's ``/health``
     unless it has one; ``--middleware`` adds seedfork's guard (``vllm_guard``), so vLLM's API refuses
     requests until the agent has verified the weights inside the engine.
-  - other engines: an agent sidecar that moves the bytes into its own store.
+  - ``sidecar`` (engine ``reference``): an agent sidecar that moves the bytes into its own store.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 from typing import Any
 
 from seedfork_api import contract as c
+from seedfork_api import engines
 from seedfork_api.sglang_args import data_parallel_problem
 from seedfork_api.spec import API_VERSION, KIND, ModelReplicaSetSpec
 
@@ -69,9 +71,10 @@ def role(assignment: c.Assignment) -> str:
     return c.ROLE_STANDBY if assignment.source == "standby" else c.ROLE_REPLICA
 
 
-def check_template(template: dict[str, Any], engine: str = "") -> None:
+def check_template(template: dict[str, Any], engine: str) -> None:
     """Refuse a template that cannot become an engine pod; the reconciler runs this before planning, so the
-    reason lands in the Degraded condition instead of failing every pod's render."""
+    reason lands in the Degraded condition instead of failing every pod's render. Beyond the pod shape's rule
+    (``Engine.agent``), the checks read the engine's own flags and variables, so they go by kind."""
     containers = (template.get("spec") or {}).get("containers")
     if not isinstance(containers, list) or not containers:
         raise TemplateError("spec.template.spec.containers is empty: the template needs the engine container")
@@ -83,9 +86,10 @@ def check_template(template: dict[str, Any], engine: str = "") -> None:
     engine_container = containers[0]
     if engine == "vllm":
         _check_vllm(engine_container)
-    if engine == "sglang" and not any(runs_agent(ct) for ct in containers) and not engine_container.get("command"):
+    wrapped = engines.of(engine).agent == "entry_point"
+    if wrapped and not any(runs_agent(ct) for ct in containers) and not engine_container.get("command"):
         raise TemplateError(
-            f"engine sglang: container {engine_container['name']!r} needs an explicit command, e.g. "
+            f"engine {engine}: container {engine_container['name']!r} needs an explicit command, e.g. "
             "command: [python3, -m, sglang.launch_server]; the operator runs it as "
             "seedfork-agent run -- <command> <args> and cannot see the image's entrypoint"
         )
@@ -288,10 +292,11 @@ def render_pod(
     env = contract_env(spec, set_name, fingerprint, token_secret)
 
     containers = [_with_env(ct, env) for ct in pod_spec["containers"]]
+    joins = engines.of(spec.engine.kind).agent
     if not any(runs_agent(ct) for ct in containers):
-        if spec.engine.kind == "sglang":
+        if joins == "entry_point":
             containers[0] = wrap_engine(containers[0])
-        elif spec.engine.kind == "vllm":
+        elif joins == "store_loader":  # the shape built for vLLM's loader
             engine = containers[0] = vllm_engine(containers[0], spec.engine.port)
             agent = agent_container(spec, agent_image, env)
             agent["volumeMounts"] = [_shared_memory(pod_spec, engine), *_model_mounts(engine, spec.model.uri)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from seedfork_api.contract import Assignment, sglang_own_ports
+from seedfork_api.engines import ENGINES, resolve_backend
 from seedfork_api.sglang_args import data_parallel_problem
 
 log = logging.getLogger("seedfork.agent.sglang")
@@ -91,13 +92,15 @@ class Layout:
 
 
 def check_layout(layout: Layout, backend: str) -> None:
-    """Refuse what R-Fork cannot serve (docs/sglang.md)."""
+    """Refuse what R-Fork cannot serve (docs/sglang.md); the TransferEngine limit is SGLang's row in
+    ``seedfork_api.engines``, which admission checks too."""
     if layout.dp > 1:
         raise LayoutRefused(f"data parallel size {layout.dp} > 1: R-Fork asserts num_dp_ranks == 1")
-    if layout.pp > 1 and backend == "transfer_engine":
+    te_pp = ENGINES["sglang"].te_max_pp
+    if backend == "transfer_engine" and te_pp is not None and layout.pp > te_pp.most:
         raise LayoutRefused(
-            f"pipeline parallel size {layout.pp} > 1 with transfer_engine: SGLang keys TransferEngine info "
-            "by TP rank only, so pipeline stages overwrite each other"
+            f"pipeline parallel size {layout.pp} > {te_pp.most} with transfer_engine: {te_pp.why}, "
+            "so pipeline stages overwrite each other"
         )
     if layout.pp > 1:
         raise LayoutRefused(f"pipeline parallel size {layout.pp} > 1: R-Fork has no pipeline-parallel handling")
@@ -197,11 +200,13 @@ def render(
                 )
             argv += ["--remote-instance-weight-loader-send-weights-group-ports", json.dumps(ports).replace(" ", "")]
             expected[GROUP_PORTS] = ports
-        # A TE-loaded instance does not publish its own TE info in 0.5.23, so it cannot seed (docs/sglang.md).
-        return Launch(argv, env, "client", backend, expected, can_seed=backend == "nccl", layout=layout)
+        # A TE-loaded instance does not publish its own TE info, so it cannot seed (docs/sglang.md; SGLang's row).
+        can_seed = ENGINES["sglang"].seeds_after(backend)
+        return Launch(argv, env, "client", backend, expected, can_seed=can_seed, layout=layout)
 
-    check_layout(layout, seed_backend if seed_backend != "auto" else "transfer_engine")
-    if seed_backend in ("transfer_engine", "auto"):
+    seed_backend = resolve_backend(seed_backend, "sglang")
+    check_layout(layout, seed_backend)
+    if seed_backend == "transfer_engine":
         if "--enable-memory-saver" in argv:
             raise LayoutRefused("--enable-memory-saver silently turns off the TransferEngine seed flag")
         argv.append("--remote-instance-weight-loader-start-seed-via-transfer-engine")
