@@ -188,7 +188,7 @@ def standby_vs_cold(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="transfer_engine", choices=["transfer_engine", "nccl"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "medium", "small"])
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")

@@ -30,6 +30,17 @@ SIZES: dict[str, LlamaConfig] = {
         num_attention_heads=4,
         num_key_value_heads=4,
     ),
+    # ~100 MB in bfloat16: between the two, where a transfer is no longer lost in the control plane's fixed
+    # costs and still short beside a process start (the standby benchmark's middle size).
+    "medium": LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        torch_dtype="bfloat16",
+    ),
     # ~270 MB in bfloat16: the demo size, big enough that a transfer is visible.
     "small": LlamaConfig(
         hidden_size=1024,
