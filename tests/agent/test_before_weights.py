@@ -128,3 +128,39 @@ def test_readyz_of_a_pod_that_was_never_a_standby_waits_for_verified_weights(age
         assert http.get("/readyz").status_code == 200
     finally:
         store.close()
+
+
+def test_a_warm_vllm_standby_refuses_a_checkpoint_at_once_and_waits_for_a_seed_without_bound(kit, agent, weights_dir):
+    """After every seed failed, a promoted standby's pod loads from storage: the agent offers a checkpoint.
+    The warm engine cannot take one in place (only vLLM's own loader does), so its wait must end at once
+    (the engine then restarts), not after the set's timeout with the agent waiting on it all along."""
+    from seedfork_agent.engines.gate import CHECKPOINT, ENGINE, EngineGate
+    from seedfork_agent.engines.vllm_loader import AgentLink, LoadRefused
+
+    server, loop, _ = agent
+    gate = EngineGate(1)
+    _set(loop, lambda: (setattr(server, "gate", gate), gate.standby()))
+    link = AgentLink(f"http://{server.host}:{server.port}", kit.TOKEN, timeout_s=3.0, poll_s=0.05)
+    outcome: list[BaseException] = []
+
+    def promotion() -> None:
+        try:
+            link.wait_for_weights((ENGINE,), refuse=(CHECKPOINT,))
+        except BaseException as e:
+            outcome.append(e)
+
+    waiting = threading.Thread(target=promotion, daemon=True)
+    waiting.start()
+    waiting.join(4.0)  # beyond the set's timeout: a standby still waits
+    assert waiting.is_alive() and not outcome
+    store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
+    try:
+        _set(loop, lambda: (gate.open(store.manifest.digest, None, CHECKPOINT), setattr(server, "offered", store)))
+        offered_at = time.monotonic()
+        waiting.join(10)
+        assert not waiting.is_alive()
+        (e,) = outcome
+        assert isinstance(e, LoadRefused) and "checkpoint" in str(e)
+        assert time.monotonic() - offered_at < 2.5  # before the set's 3 s timeout could have ended it
+    finally:
+        store.close()

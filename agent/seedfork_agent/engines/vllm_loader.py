@@ -86,11 +86,14 @@ class AgentLink:
             float(env.get(ENV_TIMEOUT_SECONDS, "300")),
         )
 
-    def wait_for_weights(self, accept: tuple[str, ...], attempt: int | None = None) -> dict[str, Any]:
-        """The agent's ``/v1/attach`` answer once it offers a store of a kind in ``accept``. With ``attempt``
-        (the second step of a load), the store must belong to that attempt: if the agent left it, so does
-        the engine. While the agent holds the pod as a warm standby (and standby is not accepted), the
-        wait has no bound: a standby waits for its promotion, whose own attempt is bounded again."""
+    def wait_for_weights(
+        self, accept: tuple[str, ...], attempt: int | None = None, refuse: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The agent's ``/v1/attach`` answer once it offers a store of a kind in ``accept``; a store of a kind
+        in ``refuse`` ends the wait at once (``LoadRefused``: the agent waits for this engine, which cannot take
+        it). With ``attempt`` (the second step of a load), the store must belong to that attempt: if the agent
+        left it, so does the engine. While the agent holds the pod as a warm standby (and standby is not
+        accepted), the wait has no bound: a standby waits for its promotion, whose own attempt is bounded."""
         deadline = time.monotonic() + self.timeout_s
         seen, last = attempt, "no answer yet"
         with httpx.Client(timeout=ATTACH_WAIT_S + 10.0) as client:
@@ -103,6 +106,8 @@ class AgentLink:
                     body = r.json() if r.status_code == 200 else {}
                     if body.get("layout") in accept and (attempt is None or body.get("attempt") == attempt):
                         return body
+                    if body.get("layout") in refuse:
+                        raise LoadRefused(f"the agent offers a {body['layout']} store, which this engine cannot take")
                     if body.get("layout") == STANDBY:
                         deadline = time.monotonic() + self.timeout_s
                     progress = client.get(f"{self.url}/v1/progress").json()
@@ -260,9 +265,11 @@ def await_promotion(model: torch.nn.Module, link: AgentLink, rank: int, world_si
     """A warm standby's rank, in a thread of the running engine: once the agent offers the promoted pod's
     store, make the parameters views of it and prove them. vLLM's guard (``vllm_guard``) has refused every
     request meanwhile. Any failure ends the engine's process: vLLM shuts down and its container restarts,
-    so no engine stays up with weights it could not prove."""
+    so no engine stays up with weights it could not prove. A store from storage (a checkpoint, after every
+    seed failed) is such a failure: only vLLM's own loader takes a checkpoint, so the engine restarts (at
+    once, not after the set's timeout) and the next attempt's new vLLM loads it."""
     try:
-        body = link.wait_for_weights((ENGINE,))
+        body = link.wait_for_weights((ENGINE,), refuse=(CHECKPOINT, FILL))
         prove(model, _map(model, body, rank, time.time()), link, rank, world_size)
     except Exception as e:
         log.error("rank %d could not take its promotion's weights: %s", rank, e)
