@@ -19,8 +19,9 @@ from seedfork_api.spec import GROUP, KIND, PLURAL, VERSION
 
 from . import metrics
 from .config import OperatorConfig
+from .kubeapi import Kube
 from .podview import PodView
-from .reconciler import Kube, SetReconciler
+from .reconciler import SetReconciler
 
 KOPF_PREFIX = "operator.seedfork.io"
 OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -65,7 +66,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 async def close(memo: kopf.Memo, **_: Any) -> None:
     kube = getattr(memo, "kube", None)
     if kube is not None:
-        await asyncio.to_thread(kube.api.close)
+        await kube.close()
 
 
 @kopf.index("pods", labels=OWNED)
