@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from seedfork_api import contract as c
@@ -31,7 +30,7 @@ from .applier import Counts, PlanApplier
 from .backoff import Backoff
 from .config import OperatorConfig
 from .expectations import Expectations
-from .kubeapi import Kube, api_message
+from .kubeapi import ApiException, Kube, api_message
 from .podview import PodView
 from .problem import Problem
 from .reporting import Reporter

@@ -7,7 +7,7 @@ import socket
 import threading
 
 import pytest
-from kubernetes import client
+from kubernetes_asyncio import client
 
 from seedfork_operator.kubeapi import Kube
 
@@ -41,7 +41,12 @@ def silent_server():
 
 @pytest.mark.timeout(30)
 def test_an_api_call_to_a_silent_apiserver_ends_with_an_error(silent_server):
-    config = client.Configuration(host=silent_server)
-    kube = Kube(client.ApiClient(config), timeout=0.5)
+    async def read() -> None:
+        kube = Kube(client.ApiClient(client.Configuration(host=silent_server)), timeout=0.5)
+        try:
+            await kube.call(kube.core.read_namespaced_pod, "p", "ns")
+        finally:
+            await kube.close()
+
     with pytest.raises(Exception, match=r"(?i)timed? ?out"):
-        asyncio.run(kube.call(kube.core.read_namespaced_pod, "p", "ns"))
+        asyncio.run(read())
