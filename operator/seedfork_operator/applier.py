@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from seedfork_api import contract as c
 
 from .expectations import Expectations
-from .kubeapi import ApiException, Kube, api_message
+from .kubeapi import Kube, api_message
 from .planner import Plan
 from .podview import PodView
 from .problem import Problem

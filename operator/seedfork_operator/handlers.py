@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -18,7 +19,7 @@ from seedfork_api.spec import GROUP, KIND, PLURAL, VERSION
 
 from . import metrics
 from .config import OperatorConfig
-from .kubeapi import Kube
+from .kubeapi import POOL_SIZE, Kube
 from .podview import PodView
 from .reconciler import SetReconciler
 
@@ -54,7 +55,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.networking.request_timeout = memo.config.api_timeout
     memo.wakeups = {}
     memo.set_uids = {}  # (namespace, set name) -> uid, for Secrets labelled with a set's name
-    memo.kube = await Kube.from_environment(memo.config.api_timeout)  # on kopf's loop, which runs every call
+    # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="seedfork-api"))
+    memo.kube = await asyncio.to_thread(Kube.from_environment, memo.config.api_timeout)
     metrics.serve(memo.config.metrics_port, memo.config.metrics_addr)
     logger.info("seedfork operator configured: %s", memo.config)
 

@@ -1,15 +1,23 @@
 """The operator's Kubernetes API client: every call it makes besides kopf's own watches, in one place.
 
-Asynchronous (``kubernetes_asyncio``, on kopf's own event loop: no worker threads), each call bounded by
-``timeout`` seconds (a frozen apiserver or a half-open connection ends in an error, not a hung pass).
-Answers that only mean "already so" are absorbed here (a pod to delete that is gone: 404); every other
-``ApiException`` reaches the caller, which knows what it means for its step. Every patch names its
-content type: object patches of built-in kinds merge strategically (a pod's conditions merge by type), the
-set's status is a JSON merge patch (custom resources have no strategic merge).
+Blocking kubernetes-client calls, run in worker threads, each bounded by ``timeout`` seconds (a frozen
+apiserver or a half-open connection ends in an error, not a hung pass). Answers that only mean "already
+so" are absorbed here (a pod to delete that is gone: 404); every other ``ApiException`` reaches the caller,
+which knows what it means for its step.
+
+Why threads and not an asyncio client: ``kubernetes_asyncio`` (the same generated API on aiohttp) was
+tried here and made the 1→100 scale-out slower on a loaded two-core machine (``bench/operator_bench.py``:
+every pod assigned after 4.0-9.3 s, median 6.4 s, in six runs, against 3.6-6.0 s, median 4.4 s, in
+eight runs of this client, at the same load, partly interleaved). The likely cause: on kopf's loop,
+decoding each response into models holds the one thread that also sends the next request and handles
+kopf's watches; in threads they interleave. The workaround the threads need is one line
+(``handlers.configure`` gives the loop an executor of ``POOL_SIZE`` threads); revisit when a measurement
+says otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,19 +25,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from seedfork_api.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("seedfork.operator")
 
 NODE_TTL = 30.0  # seconds a node's labels are reused: topology changes rarely, scale-outs ask often
-POOL_SIZE = 32  # connections: a 100-pod scale-out is ~100 calls at once
-STRATEGIC = "application/strategic-merge-patch+json"
-MERGE = "application/merge-patch+json"
-
-__all__ = ["ApiException", "Kube", "api_message"]  # callers catch this client's ApiException, imported from here
+POOL_SIZE = 32  # connections (and threads, see handlers.configure): a 100-pod scale-out is ~100 calls at once
 
 
 class Kube:
@@ -41,28 +45,24 @@ class Kube:
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
 
     @classmethod
-    async def from_environment(cls, call_timeout: float = 30.0) -> Kube:
-        """In-cluster service account, else $KUBECONFIG / ~/.kube/config. Call it on the loop that uses it."""
-        from kubernetes_asyncio import config
+    def from_environment(cls, timeout: float = 30.0) -> Kube:
+        from kubernetes import config
 
-        configuration = client.Configuration()
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config()
+            api = client.ApiClient()
         except config.ConfigException:
-            kubeconfig = os.environ.get("KUBECONFIG") or None
-            await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        configuration.connection_pool_maxsize = POOL_SIZE
-        return cls(client.ApiClient(configuration), call_timeout)
+            api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None)
+        api.configuration.connection_pool_maxsize = POOL_SIZE
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = POOL_SIZE
+        return cls(api, timeout)
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", self.timeout)
-        try:
-            return await fn(*args, **kwargs)
-        except TimeoutError as err:  # the HTTP client's own says nothing: name the call
-            raise TimeoutError(f"{fn.__name__} timed out after {kwargs['_request_timeout']}s") from err
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def close(self) -> None:
-        await self.api.close()
+        await asyncio.to_thread(self.api.close)
 
     # ------------------------------------------------------------ nodes
     async def node_labels(self, name: str) -> dict[str, str]:
@@ -91,13 +91,14 @@ class Kube:
                 raise
 
     async def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        await self.call(self.core.patch_namespaced_pod, name, namespace, patch, _content_type=STRATEGIC)
+        await self.call(self.core.patch_namespaced_pod, name, namespace, patch)
 
     async def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> bool:
         """Write one condition of the pod's status; False when the pod is gone."""
         try:
-            patch = {"status": {"conditions": [condition]}}
-            await self.call(self.core.patch_namespaced_pod_status, name, namespace, patch, _content_type=STRATEGIC)
+            await self.call(
+                self.core.patch_namespaced_pod_status, name, namespace, {"status": {"conditions": [condition]}}
+            )
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -118,7 +119,7 @@ class Kube:
         await self.call(self.core.create_namespaced_secret, namespace, secret)
 
     async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        await self.call(self.core.patch_namespaced_secret, name, namespace, patch, _content_type=STRATEGIC)
+        await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
 
     # ------------------------------------------------------------ the set
     async def patch_set_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
@@ -130,7 +131,6 @@ class Kube:
             PLURAL,
             name,
             {"status": status},
-            _content_type=MERGE,
         )
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from kubernetes_asyncio import client
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from seedfork_api import contract as c
@@ -30,7 +31,7 @@ from .applier import Counts, PlanApplier
 from .backoff import Backoff
 from .config import OperatorConfig
 from .expectations import Expectations
-from .kubeapi import ApiException, Kube, api_message
+from .kubeapi import Kube, api_message
 from .podview import PodView
 from .problem import Problem
 from .reporting import Reporter

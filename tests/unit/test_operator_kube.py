@@ -7,7 +7,7 @@ import socket
 import threading
 
 import pytest
-from kubernetes_asyncio import client
+from kubernetes import client
 
 from seedfork_operator.kubeapi import Kube
 
@@ -41,12 +41,7 @@ def silent_server():
 
 @pytest.mark.timeout(30)
 def test_an_api_call_to_a_silent_apiserver_ends_with_an_error(silent_server):
-    async def read() -> None:
-        kube = Kube(client.ApiClient(client.Configuration(host=silent_server)), timeout=0.5)
-        try:
-            await kube.call(kube.core.read_namespaced_pod, "p", "ns")
-        finally:
-            await kube.close()
-
+    config = client.Configuration(host=silent_server)
+    kube = Kube(client.ApiClient(config), timeout=0.5)
     with pytest.raises(Exception, match=r"(?i)timed? ?out"):
-        asyncio.run(read())
+        asyncio.run(kube.call(kube.core.read_namespaced_pod, "p", "ns"))
