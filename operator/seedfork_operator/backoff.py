@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .problem import Problem
+
 
 @dataclass
 class Backoff:
@@ -42,11 +44,11 @@ class Backoff:
     def holding(self, now: float) -> bool:
         return now < self.retry_at
 
-    def problem(self) -> tuple[str, str] | None:
+    def problem(self) -> Problem | None:
         """The Degraded condition; its message changes only with a new failure (no status write per pass)."""
         if not self.failures:
             return None
-        return (
+        return Problem(
             "StorageLoadFailing",
             f"{self.failures} storage load(s) failed in a row; the next pod loads from storage "
             f"{self.delay():.0f}s after the last failure; last error: {self.last_error}",

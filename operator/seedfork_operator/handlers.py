@@ -19,8 +19,9 @@ from seedfork_api.spec import GROUP, KIND, PLURAL, VERSION
 
 from . import metrics
 from .config import OperatorConfig
+from .kubeapi import POOL_SIZE, Kube
 from .podview import PodView
-from .reconciler import Kube, SetReconciler
+from .reconciler import SetReconciler
 
 KOPF_PREFIX = "operator.seedfork.io"
 OWNED = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -55,7 +56,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.wakeups = {}
     memo.set_uids = {}  # (namespace, set name) -> uid, for Secrets labelled with a set's name
     # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="seedfork-api"))
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="seedfork-api"))
     memo.kube = await asyncio.to_thread(Kube.from_environment, memo.config.api_timeout)
     metrics.serve(memo.config.metrics_port, memo.config.metrics_addr)
     logger.info("seedfork operator configured: %s", memo.config)
@@ -65,7 +66,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 async def close(memo: kopf.Memo, **_: Any) -> None:
     kube = getattr(memo, "kube", None)
     if kube is not None:
-        await asyncio.to_thread(kube.api.close)
+        await kube.close()
 
 
 @kopf.index("pods", labels=OWNED)

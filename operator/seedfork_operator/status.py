@@ -15,6 +15,7 @@ from seedfork_api.spec import ModelReplicaSetSpec
 
 from .planner import resolve_backend, seed_check
 from .podview import PodView
+from .problem import Problem
 from .standby import is_warm
 
 
@@ -49,7 +50,7 @@ def compute_status(
     token_secret: str,
     counts: Mapping[str, int],
     weights_digest: str = "",
-    degraded: tuple[str, str] | None,
+    degraded: Problem | None,
     now: float,
 ) -> dict[str, Any]:
     """``counts``: increments of completed / failed / fellBack from this pass."""
@@ -102,8 +103,8 @@ def compute_status(
         cond(
             "Degraded",
             degraded is not None,
-            degraded[0] if degraded else "AsExpected",
-            degraded[1] if degraded else "",
+            degraded.reason if degraded else "AsExpected",
+            degraded.message if degraded else "",
         ),
     ]
     return {

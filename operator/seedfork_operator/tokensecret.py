@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from seedfork_api.contract import TOKEN_PREVIOUS_KEY, TOKEN_SECRET_KEY
 
+from .problem import Problem
+
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -49,7 +51,7 @@ class Step:
     create: dict[str, str] | None = None
     patch: dict[str, str | None] | None = None  # keys to set (None deletes the key)
     event: tuple[str, str] | None = None  # (reason, message) of a Warning/Normal event worth posting
-    problem: tuple[str, str] | None = None  # Degraded
+    problem: Problem | None = None  # Degraded
 
 
 def decide(
@@ -65,7 +67,7 @@ def decide(
     if found is None:
         if named:
             return Step(
-                problem=(
+                problem=Problem(
                     "TokenSecretMissing",
                     f"Secret {secret} named by spec.transfer.tokenSecretName does not exist in namespace {namespace}",
                 )
@@ -81,14 +83,14 @@ def decide(
         return Step(token=token, create={TOKEN_SECRET_KEY: token}, event=event if worth_saying else None)
     token = found.get(TOKEN_SECRET_KEY)
     if not token:
-        return Step(problem=("TokenSecretInvalid", f"Secret {secret} has no key '{TOKEN_SECRET_KEY}'"))
+        return Step(problem=Problem("TokenSecretInvalid", f"Secret {secret} has no key '{TOKEN_SECRET_KEY}'"))
     previous = found.get(TOKEN_PREVIOUS_KEY)
     held = {d for d in pod_digests if d}
     known = {token_digest(t) for t in (token, previous, last_token) if t}
     if held - known:
         return Step(
             token=token,
-            problem=(
+            problem=Problem(
                 "TokenUnknownToPods",
                 f"{len(held - known)} token(s) held by running pods are no longer in Secret {secret} (rotated while "
                 f"the operator was away?): those pods answer 401 to newer ones; put the old token under "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from seedfork_api.contract import ERR_CHECKSUM_MISMATCH, ERR_SELF_CHECK_FAILED
 
 from .podview import PodView
+from .problem import Problem
 
 
 def weights_digest(recorded: str, pods: Iterable[PodView]) -> str:
@@ -43,7 +44,7 @@ class Suspect:
 class Verdict:
     replace: dict[str, str] = field(default_factory=dict)  # pod -> why it is replaced
     avoid: set[str] = field(default_factory=set)  # pods not to choose as seeds this pass
-    problem: tuple[str, str] | None = None  # (reason, message) for the Degraded condition
+    problem: Problem | None = None  # for the Degraded condition
 
 
 def judge(
@@ -63,7 +64,7 @@ def judge(
         if digest and pod.verified and report is not None and report.digest and report.digest != digest:
             why = f"pod {pod.name} verified weights with digest {report.digest}, but this set serves {digest}"
             out.replace[pod.name] = why
-            out.problem = out.problem or ("WeightsDigestMismatch", f"{why} (status.weightsDigest); replacing it")
+            out.problem = out.problem or Problem("WeightsDigestMismatch", f"{why} (status.weightsDigest); replacing it")
         elif pod.gate and report is not None and (report.error or "").startswith(ERR_SELF_CHECK_FAILED):
             out.replace[pod.name] = f"seed {pod.name} stopped serving: {report.error}"
         a, current = pod.assignment, pod.current_report

@@ -9,7 +9,7 @@ import threading
 import pytest
 from kubernetes import client
 
-from seedfork_operator.reconciler import Kube
+from seedfork_operator.kubeapi import Kube
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from seedfork_api.spec import ModelReplicaSetSpec
 from seedfork_operator import render
 from seedfork_operator.__main__ import config_from, parse_args
 from seedfork_operator.podview import PodView
+from seedfork_operator.problem import Problem
 from seedfork_operator.status import compute_status
 
 
@@ -175,7 +176,8 @@ def test_status_counts_and_condition_transitions():
     conds = {x["type"]: x for x in st["conditions"]}
     assert conds["Available"]["status"] == "False" and conds["Progressing"]["status"] == "True"
     assert conds["Degraded"]["status"] == "False" and conds["Degraded"]["reason"] == "AsExpected"
-    again = compute_status(old=st, counts={"failed": 2}, degraded=("TokenSecretMissing", "gone"), now=200.0, **args)
+    gone = Problem("TokenSecretMissing", "gone")
+    again = compute_status(old=st, counts={"failed": 2}, degraded=gone, now=200.0, **args)
     assert again["transfers"]["completed"] == 1 and again["transfers"]["failed"] == 2  # cumulative
     conds2 = {x["type"]: x for x in again["conditions"]}
     assert (
