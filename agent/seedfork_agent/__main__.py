@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _then_exit(work) -> int:
     code = await work
-    # Cleanup ran inside ``work``. Worker threads may still sit in a blocking pod watch or on a dead
-    # peer's socket, and asyncio.run would wait for them: leave without joining them.
+    # Cleanup ran inside ``work``. A worker thread may still sit in a transfer on a dead peer's socket (a
+    # gloo/NCCL broadcast or receive: nothing cancels it, only its timeout, minutes away, ends it), and
+    # asyncio.run would wait for it: leave without joining the worker threads.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

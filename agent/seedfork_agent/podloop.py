@@ -9,8 +9,12 @@ what the report says: ``podrun.PodAgent`` (the agent moves the bytes) and ``engi
 Only the pod's current assignment is worked on. A report already on the pod when the process starts was
 written by an earlier process of this container, so the attempt it names died with that process: it is
 reported failed (where the subclass can, ``abandon``), never run again (a cohort it belonged to is gone).
-While an attempt runs the pod is re-read every second; a newer assignment sets ``superseded``, which the
-attempt's blocking steps ask, so it ends at once instead of holding the pod until its timeout.
+While an attempt runs the pod is watched too; a newer assignment sets ``superseded`` as soon as the watch
+sees it, and the attempt's blocking steps ask, so it ends at once instead of holding the pod until its timeout.
+
+Every Kubernetes call is a coroutine on the loop (``kube.PodClient``): a shutdown or a finished attempt
+cancels an open watch at once. Worker threads that must reach the API (an Event, a status read) go through
+``from_thread``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import ParamSpec, TypeVar
 
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
@@ -27,7 +34,12 @@ log = logging.getLogger("seedfork.agent.pod")
 
 _PUBLISH_INTERVAL_S = 1.0
 _WATCH_S = 20
-_NEWER_POLL_S = 1.0
+_WATCH_RETRY_S = 1.0  # after a failed read or watch (expired resourceVersion, apiserver restart)
+# A worker thread's wait for its call on the loop: past every call's own request timeout.
+_FROM_THREAD_S = 60.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class PodLoop:
@@ -78,26 +90,33 @@ class PodLoop:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
+    def from_thread(self, call: Callable[P, Awaitable[T]]) -> Callable[P, T]:
+        """``call`` for a worker thread: it runs on the loop and the thread waits for its result.
+        Never for the loop's own thread (it would wait on itself)."""
+        loop = self._loop
+        assert loop is not None, "from_thread is for after run() started"
+
+        def blocking(*args: P.args, **kwargs: P.kwargs) -> T:
+            return asyncio.run_coroutine_threadsafe(call(*args, **kwargs), loop).result(_FROM_THREAD_S)
+
+        return blocking
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await self.kube.open()
         await self.start()
         publisher = asyncio.create_task(self._publish_loop())
         try:
             await self._after_restart()
             while True:
-                annotations, version = await asyncio.to_thread(self.kube.annotations)
-                assignment = Assignment.from_annotations(annotations)
-                if self._wants(assignment):
-                    await self._attempt(assignment)
-                    continue
-                await asyncio.to_thread(self._wait_for_change, version)
+                await self._attempt(await self._next_assignment(self._wants))
         finally:
             publisher.cancel()
             await self.stop()
-            self.kube.close()
+            await self.kube.close()
 
     async def _after_restart(self) -> None:
-        annotations, _ = await asyncio.to_thread(self.kube.annotations)
+        annotations, _ = await self.kube.annotations()
         old = AgentReport.from_annotations(annotations)
         if old is None or old.attempt < 1:
             return
@@ -114,14 +133,28 @@ class PodLoop:
         # queued: the operator expects a slot soon; nothing to run until the assignment that names it
         return a is not None and a.source != "queued" and a.attempt > self._handled and not self.done()
 
-    def _wait_for_change(self, version: str) -> None:
-        try:
-            for annotations in self.kube.watch(version, _WATCH_S):
-                if self._wants(Assignment.from_annotations(annotations)):
-                    return
-        except Exception as e:  # expired resourceVersion, apiserver restart: re-read and watch again
-            log.info("pod watch ended: %s", e)
-            time.sleep(1)
+    async def _next_assignment(self, wanted: Callable[[Assignment], bool]) -> Assignment:
+        """The first assignment on the pod that ``wanted`` takes: the current one, else the first change."""
+        async with aclosing(self._annotations()) as changes:
+            async for annotations in changes:
+                a = Assignment.from_annotations(annotations)
+                if a is not None and wanted(a):
+                    return a
+        raise AssertionError("unreachable: _annotations never ends by itself")
+
+    async def _annotations(self) -> AsyncIterator[dict[str, str]]:
+        """The pod's annotations now, then after each change; read and watched again when a watch times out
+        or fails. Ends only when its reader closes it (or is cancelled): that closes the watch too."""
+        while True:
+            try:
+                annotations, version = await self.kube.annotations()
+                yield annotations
+                async with aclosing(self.kube.watch(version, _WATCH_S)) as changes:
+                    async for annotations in changes:
+                        yield annotations
+            except Exception as e:
+                log.info("pod watch ended: %s", e)
+                await asyncio.sleep(_WATCH_RETRY_S)
 
     async def _attempt(self, a: Assignment) -> None:
         self._handled = a.attempt
@@ -137,17 +170,9 @@ class PodLoop:
         await self._publish(force=True)
 
     async def _watch_newer(self, attempt: int) -> None:
-        while self.superseded is None:
-            await asyncio.sleep(_NEWER_POLL_S)
-            try:
-                annotations, _ = await asyncio.to_thread(self.kube.annotations)
-                newer = Assignment.from_annotations(annotations)
-            except Exception as e:  # the apiserver is away: the attempt's own timeout still bounds it
-                log.info("could not re-read the pod: %s", e)
-                continue
-            if newer is not None and newer.attempt > attempt:
-                self.superseded = f"attempt {attempt} was superseded by attempt {newer.attempt}"
-                log.warning("%s", self.superseded)
+        newer = await self._next_assignment(lambda a: a.attempt > attempt)
+        self.superseded = f"attempt {attempt} was superseded by attempt {newer.attempt}"
+        log.warning("%s", self.superseded)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -168,5 +193,5 @@ class PodLoop:
             key = (report.model_dump(exclude={"updated_at"}), timing.model_dump() if timing else None)
             if key == self._last and not force:
                 return
-            await asyncio.to_thread(self.kube.report, report, timing)
+            await self.kube.report(report, timing)
             self._last = key

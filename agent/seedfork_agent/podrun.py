@@ -119,7 +119,7 @@ class PodAgent(PodLoop):
     async def start(self) -> None:
         self.agent.on_progress = self.notify
         self.agent.server.on_change = self.notify
-        self.agent.on_event = self.kube.event
+        self.agent.on_event = self.from_thread(self.kube.event)  # posted from the agent's worker threads
         await self.agent.start()
 
     async def stop(self) -> None:
@@ -230,10 +230,11 @@ class PodAgent(PodLoop):
         """For an attempt whose engine loads from the store: an engine container that exits while the agent
         waits for its proof ends the attempt at once (it restarts and waits for the next attempt)."""
         watch = EngineWatch()
+        containers = self.from_thread(self.kube.containers)  # asked from the worker thread that waits
 
         def gone() -> str | None:
             try:
-                return watch.exited(self.kube.containers(AGENT_CONTAINER))
+                return watch.exited(containers(AGENT_CONTAINER))
             except Exception as e:  # an unreadable status is no proof of an exit; the timeout still bounds it
                 log.debug("cannot read the engine containers' status: %s", e)
                 return None

@@ -9,8 +9,8 @@ For the namespaces it is given, the runner:
   unscheduled pods to the least-loaded node matching their ``nodeSelector``
   through the ``pods/binding`` subresource, as the scheduler does;
 - for each pod bound to one of its nodes: gives it its own loopback address
-  127.0.0.x (x from 2 up; an advisory file lock under the system temp dir keeps
-  the address unique among runners on this machine), starts each container's
+  127.0.0.x (``podaddresses.py``: x from 2 up, unique among runners on this
+  machine), starts each container's
   ``command`` + ``args`` as a process in its own process group (the image is
   ignored; PATH is the runner's plus the runner's Python environment ``bin``),
   with the env the pod asks for: literal values, ``$(VAR)`` references, the
@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -79,7 +78,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -95,6 +93,7 @@ from typing import Any, TextIO
 import yaml
 
 from .controlplane import kubeconfig_for
+from .podaddresses import AddressLease, lease_address
 from .podrules import (
     ContainerConfigError,
     NodeSpec,
@@ -121,7 +120,6 @@ log = logging.getLogger("seedfork.podrunner")
 SMP = "application/strategic-merge-patch+json"
 HOST_IP = "127.0.0.1"
 DEFAULT_NODE = "local-node"
-IP_LOCK_DIR = Path(tempfile.gettempdir()) / "seedfork-podrunner-ips"
 CONTAINER_ID_SCHEME = "seedfork-podrunner"
 # Environment passed through from the runner to every container (containers get nothing else of it).
 PASSTHROUGH_ENV = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TERM")
@@ -177,7 +175,7 @@ class _Pod:
     uid: str
     node: str
     ip: str
-    ip_lock: int  # fd holding the address lock
+    address: AddressLease | None  # the loopback address held for the pod; None in a network namespace
     restart_policy: str
     start_time: str
     containers: list[_Container]
@@ -263,7 +261,6 @@ class PodRunner:
         from kubernetes import client, config
 
         self.logdir.mkdir(parents=True, exist_ok=True)
-        IP_LOCK_DIR.mkdir(parents=True, exist_ok=True)
         self._state_dir = tempfile.TemporaryDirectory(prefix="seedfork-podrunner-")
         self._api = config.new_client_from_config(config_file=str(self.kubeconfig))
         self._core = client.CoreV1Api(self._api)
@@ -516,9 +513,10 @@ class PodRunner:
     def _admit(self, key: tuple[str, str], obj: dict[str, Any], node: str) -> _Pod | None:
         spec = obj["spec"]
         if self.network is not None:
-            ip, lock = self.network.add_pod(key, obj["metadata"].get("labels") or {}), -1
+            ip, address = self.network.add_pod(key, obj["metadata"].get("labels") or {}), None
         else:
-            ip, lock = self._allocate_ip()
+            address = lease_address(*self.ip_range)
+            ip = address.ip
         containers = [_Container(spec=c) for c in spec.get("containers") or []]
         pod = _Pod(
             namespace=key[0],
@@ -526,7 +524,7 @@ class PodRunner:
             uid=obj["metadata"]["uid"],
             node=node,
             ip=ip,
-            ip_lock=lock,
+            address=address,
             restart_policy=spec.get("restartPolicy") or "Always",
             start_time=_now(),
             containers=containers,
@@ -540,40 +538,12 @@ class PodRunner:
         log.info("admitted %s/%s on %s with IP %s", key[0], key[1], node, ip)
         return pod
 
-    def _allocate_ip(self) -> tuple[str, int]:
-        """The lowest free 127.0.0.x, held by an advisory lock while the pod lives."""
-        with self._lock:
-            in_use = {p.ip for p in self._pods.values()}
-        for x in range(self.ip_range[0], self.ip_range[1] + 1):
-            ip = f"127.0.0.{x}"
-            if ip in in_use:
-                continue
-            fd = os.open(IP_LOCK_DIR / f"{ip}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                with socket.socket() as sock:  # the address must be usable on this machine
-                    sock.bind((ip, 0))
-            except OSError as exc:
-                os.close(fd)
-                raise RuntimeError(
-                    f"loopback address {ip} is not usable here ({exc}); on Linux all of 127/8 is local, "
-                    "elsewhere add loopback aliases"
-                ) from exc
-            return ip, fd
-        raise RuntimeError(f"no free pod address in 127.0.0.{self.ip_range[0]}-{self.ip_range[1]}")
-
     def _release(self, pod: _Pod) -> None:
         shutil.rmtree(self._volume_dir(pod), ignore_errors=True)  # the pod's emptyDir volumes end with it
         if self.network is not None:
             self.network.remove_pod((pod.namespace, pod.name), pod.ip)
-        if pod.ip_lock >= 0:
-            with contextlib.suppress(OSError):
-                os.close(pod.ip_lock)  # closing drops the flock
-            pod.ip_lock = -1
+        if pod.address is not None:
+            pod.address.release()
 
     def _api_env(self, pod: _Pod, obj: dict[str, Any]) -> dict[str, str]:
         """API server address and credentials for the pod's processes (made once per pod)."""

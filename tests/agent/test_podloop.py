@@ -1,0 +1,95 @@
+"""The pod loop's own Kubernetes I/O against a real kube-apiserver: its watches end at once, on a shutdown
+and on a newer assignment, instead of at their timeout or at the next poll."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from kubernetes import client
+
+from seedfork_agent.podloop import PodLoop
+from seedfork_api import contract as c
+
+pytestmark = pytest.mark.cluster
+
+
+class _Loop(PodLoop):
+    """Attempt 1 writes attempt 2 onto its own pod and runs until it sees that; attempt 2 ends at once."""
+
+    def __init__(self, env: c.PodEnv, core: client.CoreV1Api) -> None:
+        super().__init__(env)
+        self.core = core
+        self.attempts: list[int] = []
+        self.superseded_after: float | None = None  # seconds from the newer assignment's write to superseded
+        self.reasons: list[str | None] = []
+        self.second_done = asyncio.Event()
+
+    def report(self) -> c.AgentReport:
+        return c.AgentReport(attempt=max(self.attempts, default=0), state="pending")
+
+    def current_timing(self) -> c.PodTiming | None:
+        return None
+
+    def done(self) -> bool:
+        return False
+
+    async def attempt(self, a: c.Assignment) -> None:
+        self.attempts.append(a.attempt)
+        if a.attempt == 1:
+            newer = c.annotation_patch(assignment=c.Assignment(attempt=2, source="storage"))
+            await asyncio.to_thread(self.core.patch_namespaced_pod, self.env.pod_name, self.env.namespace, newer)
+            written = time.monotonic()
+            for _ in range(1000):  # 10 s at most
+                if self.superseded is not None:
+                    break
+                await asyncio.sleep(0.01)
+            self.superseded_after = time.monotonic() - written
+        self.reasons.append(self.superseded)
+        if a.attempt == 2:
+            self.second_done.set()
+
+
+def _pod(core: client.CoreV1Api, namespace: str, name: str, assignment: c.Assignment | None) -> c.PodEnv:
+    annotations = {c.ANN_ASSIGNMENT: assignment.to_json()} if assignment else {}
+    body = {
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{"name": "engine", "image": "seedfork/agent:test"}]},
+    }
+    core.create_namespaced_pod(namespace, body)
+    return c.PodEnv(pod_name=name, namespace=namespace, set_name="demo", token="t")
+
+
+async def _run_until(loop: PodLoop, until) -> float:
+    """Run ``loop`` until the coroutine ``until`` returns, then shut it down as SIGTERM does; returns when
+    the shutdown began."""
+    task = asyncio.create_task(loop.run())
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(until, 30)
+    task.cancel()
+    cancelled = time.monotonic()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return cancelled
+
+
+def test_shutdown_while_the_pod_is_watched_ends_the_process_at_once(api_client, namespace):
+    core = client.CoreV1Api(api_client)
+    loop = _Loop(_pod(core, namespace, "idle-0", None), core)
+    # No assignment: the loop sits in its pod watch (20 s long) by the time a second has passed.
+    cancelled = asyncio.run(_run_until(loop, asyncio.sleep(1.0)))
+    # asyncio.run returns only once its worker threads are done: none may still sit in a watch.
+    assert time.monotonic() - cancelled < 1.0
+    assert loop.attempts == []
+
+
+def test_a_newer_assignment_supersedes_the_running_attempt_at_once(api_client, namespace):
+    core = client.CoreV1Api(api_client)
+    loop = _Loop(_pod(core, namespace, "busy-0", c.Assignment(attempt=1, source="storage")), core)
+    asyncio.run(_run_until(loop, loop.second_done.wait()))
+    assert loop.attempts == [1, 2]
+    assert loop.reasons == ["attempt 1 was superseded by attempt 2", None]
+    # The watch sees the write; a re-read of the pod each second would see it a second after the attempt began.
+    assert loop.superseded_after is not None and loop.superseded_after < 0.5, loop.superseded_after
