@@ -137,7 +137,11 @@ class PodLoop:
         """The first assignment on the pod that ``wanted`` takes: the current one, else the first change."""
         async with aclosing(self._annotations()) as changes:
             async for annotations in changes:
-                a = Assignment.from_annotations(annotations)
+                try:
+                    a = Assignment.from_annotations(annotations)
+                except ValueError as e:  # not the operator's writing: wait for one that is, never crash on it
+                    log.warning("ignoring a malformed assignment on the pod: %s", e)
+                    continue
                 if a is not None and wanted(a):
                     return a
         raise AssertionError("unreachable: _annotations never ends by itself")

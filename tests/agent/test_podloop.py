@@ -1,5 +1,6 @@
 """The pod loop's own Kubernetes I/O against a real kube-apiserver: its watches end at once, on a shutdown
-and on a newer assignment, instead of at their timeout or at the next poll."""
+and on a newer assignment, instead of at their timeout or at the next poll; a malformed assignment is
+skipped, never the end of the loop."""
 
 from __future__ import annotations
 
@@ -93,3 +94,19 @@ def test_a_newer_assignment_supersedes_the_running_attempt_at_once(api_client, n
     assert loop.reasons == ["attempt 1 was superseded by attempt 2", None]
     # The watch sees the write; a re-read of the pod each second would see it a second after the attempt began.
     assert loop.superseded_after is not None and loop.superseded_after < 0.5, loop.superseded_after
+
+
+def test_a_malformed_assignment_is_skipped_and_the_next_good_one_runs(api_client, namespace):
+    core = client.CoreV1Api(api_client)
+    env = _pod(core, namespace, "odd-0", None)
+    core.patch_namespaced_pod("odd-0", namespace, {"metadata": {"annotations": {c.ANN_ASSIGNMENT: '{"attempt": "x"'}}})
+    loop = _Loop(env, core)
+
+    async def then_a_good_one() -> None:
+        await asyncio.sleep(1.0)  # the loop has read the malformed one by now
+        good = c.annotation_patch(assignment=c.Assignment(attempt=2, source="storage"))
+        await asyncio.to_thread(core.patch_namespaced_pod, "odd-0", namespace, good)
+        await loop.second_done.wait()
+
+    asyncio.run(_run_until(loop, then_a_good_one()))
+    assert loop.attempts == [2]
