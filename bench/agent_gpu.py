@@ -110,7 +110,7 @@ def seed_main(models: list[str], to_client, from_client) -> None:
             checksum_s = time.perf_counter() - t0
             store.manifest = manifest.with_checksums(sums)
             t0 = time.perf_counter()
-            assert await agent.adopt(store), agent.server.progress.error
+            assert await agent.adopt(store), agent.attempt.report.error
             adopt_s = time.perf_counter() - t0
             info = {"register_s": adopt_s, "checksum_s": checksum_s, "attach": store.attach_info()}
             to_client.put(("ready", model, info))

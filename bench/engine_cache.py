@@ -119,7 +119,7 @@ def run_pod(
 
         def ready() -> bool:
             r = _get(f"http://{ip}:{AGENT_PORT}/v1/progress")
-            return r is not None and "engine_ready" in r.json().get("timing", {})
+            return r is not None and "engineReady" in r.json().get("timing", {})
 
         _wait(f"{kind} agent sees its engine up", ready, 60, agent.proc, agent.log)
         t = _get(f"http://{ip}:{AGENT_PORT}/v1/progress").json()["timing"]
@@ -127,8 +127,8 @@ def run_pod(
         return {
             "pod": kind,
             "engine_api_up_s": round(up - started, 2),
-            "cache_fetch_s": round(t["cache_fetch_end"] - t["cache_fetch_start"], 3) if kind == "cache" else None,
-            "compile_warmup_s": round(t["engine_ready"] - t["engine_attached"], 2),
+            "cache_fetch_s": round(t["cacheFetchEnd"] - t["cacheFetchStart"], 3) if kind == "cache" else None,
+            "compile_warmup_s": round(t["engineReady"] - t["engineAttached"], 2),
             "vllm_init_engine_s": float(init[-1]) if init else None,
             # C++ kernels this pod's engine generated itself (a cache pod: beyond those it fetched)
             "kernels_compiled": len(_kernels(cache) - (fetched if kind == "cache" else set())),

@@ -97,11 +97,11 @@ async def _worker(rank: int, cfg: dict, cmds, out) -> None:
         for t in manifest.tensors:
             store.tensor(t.name).uniform_(-1, 1, generator=gen)
         store.manifest = manifest.with_checksums(store.compute_checksums())
-        assert await agent.adopt(store), agent.server.progress.error
+        assert await agent.adopt(store), agent.attempt.report.error
         info.update(
             setup_s=time.perf_counter() - t0, digest=store.manifest.digest, fingerprint=store.manifest.fingerprint,
             payload_bytes=store.manifest.payload_bytes, total_bytes=store.nbytes, tensors=len(manifest.tensors),
-            attach=store.attach_info(), te=agent.server.te is not None,
+            attach=store.attach_info(), te=agent.te is not None,
         )  # fmt: skip
     out.put(("ready", 0, rank, info))
     attempt = 0
@@ -117,11 +117,11 @@ async def _worker(rank: int, cfg: dict, cmds, out) -> None:
             t0 = time.time()
             ok = await agent.pull_seed(req, attempt)
             t1 = time.time()
-            body = {"ok": ok, "t0": t0, "t1": t1, "src": src, "error": None if ok else agent.server.progress.error}
+            body = {"ok": ok, "t0": t0, "t1": t1, "src": src, "error": None if ok else agent.attempt.report.error}
         elif kind == "check":
             (seed_attach,) = args
-            store = agent.server.store
-            body = {"serving": agent.server.serving, "te": agent.server.te is not None}
+            store = agent.store
+            body = {"serving": agent.serving, "te": agent.te is not None}
             if store is not None:
                 body.update(fingerprint=store.manifest.fingerprint, digest=store.manifest.digest)
                 if seed_attach is not None:

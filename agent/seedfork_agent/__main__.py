@@ -150,7 +150,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     await agent.start()
     try:
         if not await agent.load_storage(args.weights):
-            print(json.dumps({"state": "failed", "error": agent.server.progress.error}), flush=True)
+            print(json.dumps({"state": "failed", "error": agent.attempt.report.error}), flush=True)
             return 1
         _announce(agent)
         await _serve_forever(agent)
@@ -178,8 +178,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             )
             if await agent.pull_seed(req, attempt):
                 break
-            p = agent.server.progress
-            print(json.dumps({"state": "failed", "attempt": attempt, "seed": seed, "error": p.error}), flush=True)
+            error = agent.attempt.report.error
+            print(json.dumps({"state": "failed", "attempt": attempt, "seed": seed, "error": error}), flush=True)
         else:
             return 1
         _announce(agent)
@@ -195,19 +195,19 @@ def _read_manifest(path: str) -> Manifest:
 
 
 def _announce(agent: Agent) -> None:
-    p = agent.server.progress
-    store = agent.server.store
+    """One JSON line once verified: the attempt as the pod report has it, and how this agent serves it."""
+    r, t = agent.attempt.report, agent.attempt.timing
     print(
         json.dumps(
             {
-                "state": p.state,
-                "attempt": p.attempt,
-                "source": p.source,
-                "seed": p.seed,
-                "bytes": p.bytes_total,
-                "seconds": round((p.finished_at or 0) - (p.started_at or 0), 4),
-                "digest": store.manifest.digest,
-                "te": agent.server.te.session_id if agent.server.te else None,
+                "state": r.state,
+                "attempt": r.attempt,
+                "source": r.source,
+                "seed": agent.attempt.seed,
+                "bytes": r.bytes_total,
+                "seconds": round((t.verified or 0) - (t.transfer_start or 0), 4),
+                "digest": r.digest,
+                "te": agent.te.session_id if agent.te else None,
             }
         ),
         flush=True,

@@ -1,10 +1,11 @@
-"""One agent: its HTTP server, its store, and the steps that fill the store.
+"""One agent: its store, its TransferEngine, its attempt state, the steps that fill the store, and the HTTP
+server that reads them.
 
 ``load_storage`` and ``pull_seed`` each run one attempt and end in ``verified``
 (serving) or ``failed`` (everything freed, reason kept); a failed attempt can be
 followed by another in the same process. An engine hook, when given, is called
 with the verified store before the agent reports it (the engine adapters plug in
-here).
+here). The agent alone changes what it holds; the server only reads it (``server.Holder``).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from typing import Any
 import httpx
 import torch
 
-from seedfork_api.contract import group_ports, transfer_engine_ports
+from seedfork_api.contract import Source, group_ports, transfer_engine_ports
 from seedfork_api.spec import PortRange
 
+from .attempt import AttemptState
 from .checksum import warm_up
 from .engine_cache import CacheKey, CacheSource, EngineCacheError, fetch
 from .engines.engine_store import engine_manifest, rank_digest, ranks_of
 from .engines.gate import CHECKPOINT, ENGINE, STANDBY, EngineGate, EngineGateError, seed_engine_digests
 from .puller import PullError, PullRequest, pull
-from .server import AgentServer
+from .server import AgentServer, Metrics
 from .store import Manifest, WeightStore, remove_stale_shm
-from .te import TransferEngineHandle, engine, resolve_protocol
+from .te import TransferEngineError, TransferEngineHandle, engine, resolve_protocol
 
 log = logging.getLogger("seedfork.agent")
 
@@ -74,7 +76,14 @@ def load_hook(spec: str | None) -> EngineHook | None:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, hook: EngineHook | None = None, gate: EngineGate | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        hook: EngineHook | None = None,
+        gate: EngineGate | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_change``: called (no arguments, from any thread) whenever the attempt's state changes."""
         removed = remove_stale_shm()
         if removed:
             log.info("removed %d store files of dead agent processes", len(removed))
@@ -82,32 +91,43 @@ class Agent:
         self.device = torch.device(config.device)
         self.protocol = resolve_protocol(config.protocol, self.device)
         self.hook = hook
+        self.attempt = AttemptState(config.fingerprint, on_change)
+        self.metrics = Metrics()
+        self.store: WeightStore | None = None  # verified and served
+        # Engines that load from the store themselves (vLLM): the verified store is offered to the pod's own
+        # engine before this agent serves it to anyone, and the gate collects the engine's proof of its load.
+        self.offered: WeightStore | None = None
+        self.gate = gate
+        self.te: TransferEngineHandle | None = None  # set while a store is served over TransferEngine
+        # The engine's compile cache, offered to new pods once the engine finished compiling (engine_cache).
+        self.engine_cache: CacheSource | None = None
+        if config.engine_cache_dir and config.engine_cache_key:
+            self.engine_cache = CacheSource(config.engine_cache_dir, config.engine_cache_key)
         self.server = AgentServer(
             config.host,
             config.port,
             config.token,
+            self,
             token_previous=config.token_previous,
             timeout_s=config.timeout_s,
             bandwidth_limit_mbps=config.bandwidth_limit_mbps,
-            te_factory=self.te if config.serve_te else None,
             group_ports=group_ports(*config.port_range),
             max_pending_groups=config.max_pending_groups,
         )
-        self.server.gate = self.gate = gate
-        if config.engine_cache_dir and config.engine_cache_key:
-            self.server.engine_cache = CacheSource(config.engine_cache_dir, config.engine_cache_key)
         # Called with (type, reason, message) for what the pod should show as an Event (a skipped cache).
         self.on_event: Callable[[str, str, str], None] | None = None
         self.engine_cache_result: str | None = None
         self._engine_watch: asyncio.Task | None = None
         # Set by the pod loop: says why the engine can no longer prove its load (its container exited).
         self.engine_gone: Callable[[], str | None] | None = None
-        self.timing: dict[str, float] = {}
-        self.server.timing = self.timing
         self._warm: asyncio.Task | None = None
-        self.on_progress: Callable[[], None] | None = None
 
-    def te(self) -> TransferEngineHandle:
+    @property
+    def serving(self) -> bool:
+        return self.store is not None and self.attempt.serving
+
+    def transfer_engine(self) -> TransferEngineHandle:
+        """The process's TransferEngine, started on first use inside the set's ports."""
         ports = transfer_engine_ports(*self.config.port_range)
         return engine(self.config.host, self.protocol, self.config.timeout_s, ports)
 
@@ -120,55 +140,54 @@ class Agent:
         if self._engine_watch is not None:
             self._engine_watch.cancel()
         await self.server.stop()
-        if self.server.store is not None:
-            self.server.store.close()
+        if self.store is not None:
+            self.store.close()
 
     # ---- attempts ---------------------------------------------------------
-    def _begin(self, attempt: int, source: str, backend: str | None, seed: str | None) -> None:
-        p = self.server.progress
-        p.state, p.attempt, p.source, p.backend, p.seed = "transferring", attempt, source, backend, seed
-        p.bytes_done, p.bytes_total, p.error = 0, 0, None
-        p.started_at, p.finished_at = time.time(), None
-        self.timing["transfer_start"] = p.started_at
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.on_progress:
-            self.on_progress()
-
     def _fail(self, reason: str) -> None:
-        p = self.server.progress
-        p.state, p.error, p.finished_at = "failed", reason, time.time()
-        log.warning("attempt %d failed: %s", p.attempt, reason)
-        self._changed()
+        log.warning("attempt %d failed: %s", self.attempt.report.attempt, reason)
+        self.attempt.fail(reason)
 
     def _verified(self, store: WeightStore, transfer_end: float | None = None) -> None:
         now = time.time()
         # A pull reports when its last byte landed, so Time-to-Ready splits transfer from verification;
         # a storage load checksums as it loads: one phase.
-        self.timing["transfer_end"] = transfer_end or now
-        self.timing["verified"] = now
+        self.attempt.mark(transfer_end=transfer_end or now, verified=now)
         if self.hook:
             self.hook(store, {"attach": store.attach_info(), "manifest": store.manifest.to_dict()})
-            self.timing["engine_attached"] = time.time()
+            self.attempt.mark(engine_attached=time.time())
         if self.gate is not None:  # the engine loads from the store itself: it must prove it holds the weights
             store = self._engine_load(store)
-        self.server.serve(store)
-        p = self.server.progress
-        p.state, p.finished_at = "verified", now
-        p.bytes_done = p.bytes_total = store.manifest.payload_bytes
-        log.info("attempt %d verified: %d bytes, %d tensors", p.attempt, p.bytes_total, len(store.manifest.tensors))
-        self._changed()
+        self._serve(store)
+        self.attempt.verified(store.manifest.payload_bytes, store.manifest.digest)
+        r = self.attempt.report
+        log.info("attempt %d verified: %d bytes, %d tensors", r.attempt, r.bytes_total, len(store.manifest.tensors))
+
+    def _serve(self, store: WeightStore) -> None:
+        """Start serving a verified store. Its memory is exposed to TransferEngine only while a client that
+        showed the token may read it (the server's ``_te_open``): a store a pull left registered is
+        unregistered here."""
+        if store.device.type == "cuda":
+            torch.cuda.set_device(store.device)  # this may run in a worker thread: make its CUDA context current
+        if self.config.serve_te:
+            try:
+                self.te = self.transfer_engine()
+                self.te.unregister(store.buffer.data_ptr())
+            except TransferEngineError as e:  # NCCL/gloo still work without it
+                log.warning("not serving over TransferEngine: %s", e)
+                self.te = None
+        self.store = store
+        self.metrics.serving.set(1)
 
     def _engine_load(self, store: WeightStore) -> WeightStore:
         """Offer ``store`` to the engine and wait for its proof (``engines.gate``); returns the store to serve,
         which is the engine's own parameters: a checkpoint store is freed once the engine has loaded it."""
-        self.server.offered = store
+        self.offered = store
         if self.gate.phase == CHECKPOINT:
             layouts = self.gate.wait_layouts(self.config.timeout_s, self.engine_gone)
             filled = WeightStore.empty(engine_manifest(layouts, self.config.fingerprint), self.config.device)
             try:
-                self.server.offered = filled
+                self.offered = filled
                 self.gate.fill(filled.manifest.digest)
                 store.close()  # every rank has its shard in its own parameters now: the checkpoint copy goes
                 reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
@@ -180,22 +199,33 @@ class Agent:
                         )
                 self.gate.settle(filled.manifest.digest)
             except BaseException:
-                self.server.offered = None
+                self.offered = None
                 filled.close()
                 raise
             store = filled
         else:
             reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
-        self.timing["engine_attached"] = time.time()
+        self.attempt.mark(engine_attached=time.time())
         starts = [r.started_at for r in reports.values() if r.started_at is not None]
         if starts:
-            self.timing["engine_load_start"] = min(starts)
+            self.attempt.mark(engine_load_start=min(starts))
         return store
 
+    def _begin(
+        self,
+        attempt: int,
+        source: Source,
+        backend: str | None = None,
+        seed: str | None = None,
+        seed_pod: str | None = None,
+    ) -> None:
+        self.attempt.mark(transfer_start=time.time())
+        self.attempt.begin(attempt, source, backend, seed, seed_pod)
+
     async def load_storage(self, uri: str, attempt: int = 1) -> bool:
-        if self.server.serving:
+        if self.serving:
             return True
-        self._begin(attempt, "storage", None, None)
+        self._begin(attempt, "storage")
         try:
             store = await asyncio.to_thread(
                 WeightStore.from_safetensors, uri, self.config.fingerprint, self.config.device
@@ -209,29 +239,30 @@ class Agent:
         return await self._finish(store)
 
     async def pull_seed(
-        self, req: PullRequest, attempt: int = 1, abort: Callable[[], str | None] | None = None
+        self,
+        req: PullRequest,
+        attempt: int = 1,
+        abort: Callable[[], str | None] | None = None,
+        seed_pod: str | None = None,
     ) -> bool:
-        if self.server.serving:
+        """One attempt from the seed ``req`` names; ``seed_pod``: its pod's name, for the report."""
+        if self.serving:
             return True
         # A promoted standby's engine compiled while it warmed up: its cache is in use, nothing to fetch.
         warm = self.gate is not None and self.gate.phase == STANDBY
-        self._begin(attempt, "seed", req.backend, req.seed)
-        p = self.server.progress
-
-        def on_bytes(done: int, total: int) -> None:
-            p.bytes_done, p.bytes_total = done, total
-
+        self._begin(attempt, "seed", req.backend, req.seed, seed_pod)
         stats: dict[str, float] = {}
         try:
-            store = await asyncio.to_thread(pull, req, self.te, on_bytes, stats, abort)
+            store = await asyncio.to_thread(pull, req, self.transfer_engine, self.attempt.moved, stats, abort)
         except PullError as e:
             self._fail(str(e))
-            self.server.metrics.transfers.labels("client", req.backend, "failed").inc()
+            self.metrics.transfers.labels("client", req.backend, "failed").inc()
             return False
         phases = ", ".join(f"{k[:-2]} {v * 1000:.0f} ms" for k, v in stats.items() if k.endswith("_s"))
         log.info("pulled %d bytes from %s over %s: %s", store.manifest.payload_bytes, req.seed, req.backend, phases)
-        self.server.metrics.transfers.labels("client", req.backend, "ok").inc()
-        self.server.metrics.duration.labels("client", req.backend).observe(time.time() - p.started_at)
+        self.metrics.transfers.labels("client", req.backend, "ok").inc()
+        started = self.attempt.timing.transfer_start
+        self.metrics.duration.labels("client", req.backend).observe(time.time() - started)
         if self.gate is not None:
             try:  # the seed's engine, rank by rank: this pod's engine must come to hold the same parameters
                 expected = await asyncio.to_thread(seed_engine_digests, req.base_url, req.token, req.timeout_s)
@@ -245,14 +276,14 @@ class Agent:
                 store.close()
                 self._fail(f"seed {req.seed}: {e}")
                 return False
-        if self.server.engine_cache is not None and not warm:  # before the weights: the engine compiles after
+        if self.engine_cache is not None and not warm:  # before the weights: the engine compiles after
             await asyncio.to_thread(self._fetch_engine_cache, req)
         return await self._finish(store, stats.get("data_end"))
 
     def _fetch_engine_cache(self, req: PullRequest) -> None:
         """The seed's compile cache into this pod's (still unused) cache directory; any failure is skipped."""
-        source = self.server.engine_cache
-        self.timing["cache_fetch_start"] = time.time()
+        source = self.engine_cache
+        self.attempt.mark(cache_fetch_start=time.time())
         try:
             got = fetch(req.base_url, req.token, source.root, source.key, self.config.timeout_s, source.max_bytes)
         except EngineCacheError as e:
@@ -264,7 +295,7 @@ class Agent:
             log.info("engine cache from %s: %s", req.seed, self.engine_cache_result)
             message = f"engine cache from seed {req.seed}: {self.engine_cache_result}"
             self._event("Normal", "EngineCacheFetched", message)
-        self.timing["cache_fetch_end"] = time.time()
+        self.attempt.mark(cache_fetch_end=time.time())
 
     def _event(self, kind: str, reason: str, message: str) -> None:
         if self.on_event is None:
@@ -278,9 +309,9 @@ class Agent:
         try:
             await asyncio.to_thread(self._verified, store, transfer_end)
         except Exception as e:
-            if self.server.te is not None:
-                self.server.te.unregister(store.buffer.data_ptr())
-            self.server.store = self.server.offered = None
+            if self.te is not None:
+                self.te.unregister(store.buffer.data_ptr())
+            self.store = self.offered = None
             if self.gate is not None:
                 self.gate.close()
             store.close()
@@ -306,27 +337,26 @@ class Agent:
             else:
                 log.warning("the engine's API at %s did not come up within %.0f s", url, self.config.timeout_s)
                 return
-        self.timing["engine_ready"] = time.time()
-        if self.server.engine_cache is not None:
-            self.server.engine_cache.ready = True
+        if self.engine_cache is not None:
+            self.engine_cache.ready = True
         log.info("the engine's API is up at %s", url)
-        self._changed()
+        self.attempt.mark(engine_ready=time.time(), publish=True)
 
     async def adopt(self, store: WeightStore) -> bool:
         """Serve a store the caller built and checksummed itself (an engine's own weights, a benchmark)."""
-        self._begin(self.server.progress.attempt + 1, "storage", None, None)
+        self._begin(self.attempt.report.attempt + 1, "storage")
         return await self._finish(store)
 
     def release(self) -> None:
         """Stop serving and free the store (its TransferEngine registration too)."""
-        store, self.server.store, self.server.offered = self.server.store, None, None
+        store, self.store, self.offered = self.store, None, None
         if self.gate is not None:
             self.gate.close()
-        self.server.progress.state = "pending"
-        self.server.metrics.serving.set(0)
+        self.attempt.released()
+        self.metrics.serving.set(0)
         if store is not None:
-            if self.server.te is not None:
-                self.server.te.unregister(store.buffer.data_ptr())
+            if self.te is not None:
+                self.te.unregister(store.buffer.data_ptr())
             store.close()
 
     def request(self, seed_ip: str, seed_port: int, backend: str, **kw: Any) -> PullRequest:

@@ -56,6 +56,7 @@ class PodAgent(PodLoop):
             hook,
             # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
             gate=EngineGate(env.tp * env.pp) if engines.of(env.engine).agent == "store_loader" else None,
+            on_change=self.notify,
         )
         self.probe = (
             EngineProbe(env.pod_ip, env.engine_port, env.token)
@@ -66,59 +67,27 @@ class PodAgent(PodLoop):
         self._engine_task: asyncio.Task | None = None
 
     def report(self) -> AgentReport:
-        p = self.agent.server.progress
-        return AgentReport(
-            attempt=p.attempt,
-            state=p.state,
-            source=p.source,
-            seedPod=self.seed_pod if p.source == "seed" else None,
-            backend=p.backend,
-            bytesDone=p.bytes_done,
-            bytesTotal=p.bytes_total,
-            error=p.error,
-            # A seed re-checking its store after a client's checksum mismatch is not offered as a seed meanwhile.
-            serving=self.agent.server.serving and not self.agent.server.checking,
-            activeClients=self.agent.server.active_clients,
-            fingerprint=self.env.fingerprint,
-            digest=store.manifest.digest if (store := self.agent.server.store) is not None else None,
-            selfChecks=self.agent.server.self_checks,
-        )
+        return self.agent.attempt.published()
 
     def current_timing(self) -> PodTiming | None:
-        """Written with a final state (and a warm standby's); the phases come from the agent's clock and the
-        engine's own (``engineprobe``)."""
-        p = self.agent.server.progress
+        """Written with a final state (and a warm standby's); the phases come from the agent's clock (its
+        attempt's, only once verified) and the engine's own (``engineprobe``)."""
+        attempt = self.agent.attempt
         engine = self._engine_timing()
-        if p.state in ("failed", "standby"):
+        if attempt.state in ("failed", "standby"):
             return self.timing.model_copy(update=engine)
-        if p.state != "verified":
+        if attempt.state != "verified":
             return None
-        t = self.agent.timing
-        return self.timing.model_copy(
-            update={
-                **engine,
-                "transfer_start": t.get("transfer_start"),
-                "transfer_end": t.get("transfer_end"),
-                "verified": t.get("verified"),
-                "engine_attached": t.get("engine_attached"),
-                "engine_load_start": t.get("engine_load_start"),
-                "cache_fetch_start": t.get("cache_fetch_start"),
-                "cache_fetch_end": t.get("cache_fetch_end"),
-                "engine_ready": t.get("engine_ready"),
-                "bytes": p.bytes_total,
-            }
-        )
+        return self.timing.model_copy(update={**engine, **attempt.phases(), "bytes": attempt.report.bytes_total})
 
     def _engine_timing(self) -> dict[str, float | None]:
         e = self._engine_phases
         return {"engine_start": e.get("started"), "engine_up": e.get("up"), "engine_verified": e.get("verified")}
 
     def done(self) -> bool:
-        return self.agent.server.serving
+        return self.agent.serving
 
     async def start(self) -> None:
-        self.agent.on_progress = self.notify
-        self.agent.server.on_change = self.notify
         self.agent.on_event = self.from_thread(self.kube.event)  # posted from the agent's worker threads
         await self.agent.start()
 
@@ -126,12 +95,9 @@ class PodAgent(PodLoop):
         await self.agent.stop()
 
     async def attempt(self, a: Assignment) -> None:
-        promotion = self._engine_task is not None  # a standby's engine watch: this attempt is its promotion
-        if promotion:
+        if self._engine_task is not None:  # a standby's engine watch: this attempt is its promotion
             self._engine_task.cancel()
             self._engine_task = None
-        # Only a warm standby and its first promotion keep the agent's probe passing without weights.
-        self.agent.server.warm_standby = promotion and self.agent.server.warm_standby
         if a.source == "standby":
             await self._standby(a)
             return
@@ -140,7 +106,7 @@ class PodAgent(PodLoop):
         try:
             await self._load(a)
         finally:
-            if self.agent.server.serving and engines.of(self.env.engine).publishes_phases:
+            if self.agent.serving and engines.of(self.env.engine).publishes_phases:
                 self._engine_task = asyncio.create_task(self._record_engine_verified())
 
     async def _standby(self, a: Assignment) -> None:
@@ -149,9 +115,7 @@ class PodAgent(PodLoop):
         The engine must answer within the set's timeout; a warm standby then waits without bound (it is not
         a replica) while ``_watch_standby`` checks that its engine still answers: one that stops, or restarts,
         fails the standby and the operator replaces it. Once promoted, the next attempt is bounded as any is."""
-        p = self.agent.server.progress
-        p.attempt, p.source, p.state, p.error, p.started_at = a.attempt, "standby", "pending", None, time.time()
-        self.notify()
+        self.agent.attempt.standby(a.attempt)
         if not engines.of(self.env.engine).standby:
             self._fail_now(a, f"standby is not built for engine {self.env.engine}")
             return
@@ -167,12 +131,11 @@ class PodAgent(PodLoop):
         self._engine_phases = phases(info)
         if self.agent.config.serve_te:  # warm the transfer path too: TransferEngine starts before the promotion
             try:
-                await asyncio.to_thread(self.agent.te)
+                await asyncio.to_thread(self.agent.transfer_engine)
             except Exception as e:  # the pull then starts it (and reports what fails)
                 log.warning("standby could not start TransferEngine ahead: %s", e)
         self.timing.standby_warm = time.time()
-        p.state = "standby"
-        self.agent.server.warm_standby = True
+        self.agent.attempt.warm()
         log.info("standby warm: engine up, waiting for a promotion")
         self._engine_task = asyncio.create_task(self._watch_standby(a, self._engine_phases.get("started")))
 
@@ -218,12 +181,11 @@ class PodAgent(PodLoop):
             cohort_rank=a.cohort_rank,
             cohort_size=a.cohort_size,
         )
-        await self.agent.pull_seed(req, a.attempt, abort=lambda: self.superseded)
+        await self.agent.pull_seed(req, a.attempt, abort=lambda: self.superseded, seed_pod=a.seed_pod)
 
     def abandon(self, attempt: int, source: str | None, reason: str) -> bool:
-        p = self.agent.server.progress
-        p.attempt, p.state, p.error, p.source = attempt, "failed", reason, source
-        p.bytes_done = p.bytes_total = 0
+        # A fresh process: nothing of that attempt's bytes is here, and its seed is not named again.
+        self.agent.attempt.refused(attempt, source, reason)
         return True
 
     def _watch_engine(self) -> None:
@@ -242,6 +204,4 @@ class PodAgent(PodLoop):
         self.agent.engine_gone = gone
 
     def _fail_now(self, a: Assignment, reason: str) -> None:
-        p = self.agent.server.progress
-        p.attempt, p.state, p.error, p.source = a.attempt, "failed", reason, a.source
-        self.notify()
+        self.agent.attempt.refused(a.attempt, a.source, reason, a.seed_pod)

@@ -22,7 +22,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
@@ -31,10 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
 from . import groups, refusal
+from .attempt import AttemptState
 from .engine_cache import CacheSource, EngineCacheError
 from .engines.gate import ENGINE, STANDBY, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
-from .te import TransferEngineError, TransferEngineHandle
+from .te import TransferEngineHandle
 
 log = logging.getLogger("seedfork.agent.server")
 
@@ -60,22 +61,6 @@ def _wait_seconds(request: web.Request) -> float:
     if not 0 <= wait <= ATTACH_WAIT_MAX_S:
         raise web.HTTPBadRequest(text=f"wait must be between 0 and {ATTACH_WAIT_MAX_S:g} seconds")
     return wait
-
-
-@dataclass
-class Progress:
-    """What this agent is doing now; read by /readyz, /v1/progress and the pod report."""
-
-    state: str = "pending"  # pending | transferring | verified | failed
-    attempt: int = 0
-    source: str | None = None
-    backend: str | None = None
-    seed: str | None = None
-    bytes_done: int = 0
-    bytes_total: int = 0
-    error: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
 
 
 @dataclass
@@ -133,17 +118,34 @@ class Metrics:
         )
 
 
+class Holder(Protocol):
+    """What the server reads of the agent that owns it (``agent.Agent``), which alone changes it. The server
+    only reports its own doings to the attempt (clients served, self-checks) and (un)registers the store with
+    TransferEngine while a client may read it."""
+
+    attempt: AttemptState
+    metrics: Metrics
+    store: WeightStore | None  # verified and served
+    offered: WeightStore | None  # offered to the pod's own engine before it proved its load (engines.gate)
+    te: TransferEngineHandle | None  # set while a store is served over TransferEngine
+    gate: EngineGate | None  # engines that load from the store themselves (vLLM)
+    engine_cache: CacheSource | None  # the engine's compile cache, offered once the engine compiled
+
+    @property
+    def serving(self) -> bool: ...
+
+
 class AgentServer:
     def __init__(
         self,
         host: str,
         port: int,
         token: str,
+        agent: Holder,
         *,
         token_previous: str | None = None,
         timeout_s: float = 300.0,
         bandwidth_limit_mbps: int | None = None,
-        te_factory: Any = None,
         group_ports: tuple[int, int] | None = None,
         max_pending_groups: int = 4,
     ) -> None:
@@ -163,32 +165,17 @@ class AgentServer:
         self._group_pool = ThreadPoolExecutor(self.max_pending_groups, thread_name_prefix="seedfork-group")
         self._sweeper: asyncio.Task | None = None
         self.bandwidth_limit_bps = bandwidth_limit_mbps * 1e6 if bandwidth_limit_mbps else None
-        self.store: WeightStore | None = None
-        self.te: TransferEngineHandle | None = None
-        self._te_factory = te_factory  # called once to create/register TE when a store starts serving
         self.group_ports = group_ports  # where this seed's rendezvous stores may listen (inclusive), None: anywhere
-        self.progress = Progress()
-        self.metrics = Metrics()
-        self.active_clients = 0
+        self.agent = agent
+        self.attempt, self.metrics = agent.attempt, agent.metrics  # the agent's, for the life of the server
         self._groups: dict[str, _SendGroup] = {}
         self._te_clients: dict[str, float] = {}
-        self._te_info_body = b""
+        self._te_info: tuple[WeightStore, bytes] | None = None  # the served store's answer, built once
         self._te_pending = 0  # pointers handed out whose client has not announced its read (stock SGLang never does)
         self._te_until = 0.0  # until then a handed-out pointer may still be read
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.on_change: Any = None  # called (no args) when activeClients changes
-        # Engines that load from the store themselves (vLLM): the verified store is offered to the pod's own
-        # engine before this agent serves it to anyone, and the gate collects the engine's proof of its load.
-        self.offered: WeightStore | None = None
-        self.gate: EngineGate | None = None
-        # The engine's compile cache, offered to new pods once the engine finished compiling (engine_cache).
-        self.engine_cache: CacheSource | None = None
-        self.timing: dict[str, float] = {}  # the agent's phase timestamps (PodTiming's), for /v1/progress
         self._packing = asyncio.Lock()
-        self.checking = False  # re-checking the store against its manifest (a client saw a checksum mismatch)
-        self.self_checks = 0
-        self.warm_standby = False  # a warm standby's engine, or its promotion under way (/readyz)
 
     # ---- lifecycle --------------------------------------------------------
     def app(self) -> web.Application:
@@ -268,29 +255,13 @@ class AgentServer:
         self.metrics.pending_groups.set(sum(g.pending for g in self._groups.values()))
         self.metrics.group_members_waiting.set(sum(g.members for g in self._groups.values()))
 
-    def serve(self, store: WeightStore) -> None:
-        """Start serving a verified store. Its memory is exposed to TransferEngine only while a client that
-        showed the token may read it (``_te_open``): a store a pull left registered is unregistered here."""
-        if store.device.type == "cuda":
-            torch.cuda.set_device(store.device)  # this may run in a worker thread: make its CUDA context current
-        if self._te_factory is not None:
-            try:
-                self.te = self._te_factory()
-                self.te.unregister(store.buffer.data_ptr())
-            except TransferEngineError as e:  # NCCL/gloo still work without it
-                log.warning("not serving over TransferEngine: %s", e)
-                self.te = None
-        if self.te is not None:
-            # The pointers stay valid while this store is served: every client gets the same answer, built once.
-            weights = {t.name: [store.data_ptr(t.name), t.numel, t.element_size] for t in store.manifest.tensors}
-            body = {"rank": 0, "remote_instance_transfer_engine_info": [self.te.session_id, weights]}
-            self._te_info_body = json.dumps(body).encode()
-        self.store = store
-        self.metrics.serving.set(1)
+    @property
+    def store(self) -> WeightStore | None:
+        return self.agent.store
 
     @property
     def serving(self) -> bool:
-        return self.store is not None and self.progress.state == "verified"
+        return self.agent.serving
 
     # ---- helpers ----------------------------------------------------------
     @web.middleware
@@ -323,10 +294,8 @@ class AgentServer:
         task.add_done_callback(self._tasks.discard)
 
     def _set_active(self, delta: int) -> None:
-        self.active_clients += delta
-        self.metrics.active_clients.set(self.active_clients)
-        if self.on_change:
-            self.on_change()
+        self.attempt.clients(delta)
+        self.metrics.active_clients.set(self.attempt.report.active_clients)
 
     @staticmethod
     async def _json(request: web.Request) -> dict[str, Any]:
@@ -349,30 +318,15 @@ class AgentServer:
         A standby's pod is still not Ready (the operator's readiness gate is not True before its weights are
         verified), but its probe need not pass again after the promotion: the pod turns Ready the moment the
         gate does, not one probe period later (``periodSeconds`` is at least 1 s on a kubelet)."""
-        if self.serving or (self.warm_standby and self.progress.state != "failed"):
+        if self.serving or self.attempt.warm_engine:
             return web.json_response({"ready": True})
-        return web.json_response({"ready": False, "state": self.progress.state}, status=503)
+        return web.json_response({"ready": False, "state": self.attempt.state}, status=503)
 
     async def progress_view(self, request: web.Request) -> web.Response:
-        p = self.progress
-        return web.json_response(
-            {
-                "state": p.state,
-                "attempt": p.attempt,
-                "source": p.source,
-                "backend": p.backend,
-                "seed": p.seed,
-                "bytesDone": p.bytes_done,
-                "bytesTotal": p.bytes_total,
-                "error": p.error,
-                "serving": self.serving,
-                "activeClients": self.active_clients,
-                "timing": self.timing,
-            }
-        )
+        return web.json_response(self.attempt.progress())
 
     async def metrics_view(self, request: web.Request) -> web.Response:
-        p = self.progress
+        p = self.attempt.report
         self.metrics.bytes_done.set(p.bytes_done)
         self.metrics.bytes_total.set(p.bytes_total)
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -397,31 +351,33 @@ class AgentServer:
         # change (the store, the offer, the gate's phase, the attempt), and a look costs no I/O.
         while first[0] != "store" and self._attach_key() == first and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(ATTACH_WAIT_POLL_S)
-        if not self.serving and self.gate is not None and self.gate.phase == STANDBY:  # start warm, no weights
-            return web.json_response({"layout": STANDBY, "attempt": self.progress.attempt})
-        store = self.store if self.serving else self.offered
+        gate, attempt = self.agent.gate, self.attempt.report.attempt
+        if not self.serving and gate is not None and gate.phase == STANDBY:  # start warm, no weights
+            return web.json_response({"layout": STANDBY, "attempt": attempt})
+        store = self.store if self.serving else self.agent.offered
         if store is None:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        body = {"attach": store.attach_info(), "manifest": store.manifest.to_dict(), "attempt": self.progress.attempt}
-        if self.gate is not None:  # what the engine does with it (engines.gate): load, fill or map
-            body["layout"] = self.gate.phase if not self.serving else ENGINE
+        body = {"attach": store.attach_info(), "manifest": store.manifest.to_dict(), "attempt": attempt}
+        if gate is not None:  # what the engine does with it (engines.gate): load, fill or map
+            body["layout"] = gate.phase if not self.serving else ENGINE
         return web.json_response(body)
 
     def _attach_key(self) -> tuple[Any, ...]:
         """What ``/v1/attach`` would answer, as a value that changes when the answer does."""
-        if not self.serving and self.gate is not None and self.gate.phase == STANDBY:
-            return ("standby", self.progress.attempt)
-        store = self.store if self.serving else self.offered
+        gate, report = self.agent.gate, self.attempt.report
+        if not self.serving and gate is not None and gate.phase == STANDBY:
+            return ("standby", report.attempt)
+        store = self.store if self.serving else self.agent.offered
         if store is None:
-            return ("none", self.progress.attempt, self.progress.state)
-        return ("store", id(store), self.gate.phase if self.gate is not None else None)
+            return ("none", report.attempt, report.state)
+        return ("store", id(store), gate.phase if gate is not None else None)
 
     async def engine_cache_view(self, request: web.Request) -> web.Response:
         """The engine's compile cache as one archive (engine_cache.pack), for a new pod of the set."""
         self._require_token(request)
         if request.query:
             return web.json_response({"error": {"message": "this route takes no parameters"}}, status=400)
-        source = self.engine_cache
+        source = self.agent.engine_cache
         if source is None:
             return web.json_response({"error": {"message": "this pod keeps no engine cache"}}, status=404)
         if not source.ready:
@@ -439,29 +395,30 @@ class AgentServer:
         self._require_token(request)
         if not self.serving:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        ranks = self.gate.published if self.gate is not None else {}
-        sizes = self.gate.param_bytes if self.gate is not None else {}
+        gate = self.agent.gate
+        ranks = gate.published if gate is not None else {}
+        sizes = gate.param_bytes if gate is not None else {}
         return web.json_response(
             {
                 "ranks": {str(r): d for r, d in sorted(ranks.items())},
                 "paramBytes": {str(r): n for r, n in sorted(sizes.items())},
-                "privateBytes": {str(r): n for r, n in sorted(self.gate.private_bytes.items())} if self.gate else {},
+                "privateBytes": {str(r): n for r, n in sorted(gate.private_bytes.items())} if gate else {},
                 "storeBytes": self.store.nbytes,
             }
         )
 
     async def engine_report(self, request: web.Request) -> web.Response:
         """A rank's proof of its load (``engines.gate``)."""
-        return await self._to_gate(request, RankReport.from_json, lambda r: self.gate.report(r), "load")
+        return await self._to_gate(request, RankReport.from_json, lambda r: self.agent.gate.report(r), "load")
 
     async def engine_layout(self, request: web.Request) -> web.Response:
         """A rank loaded its shard from the checkpoint: the layout of its parameters (``engines.gate``)."""
-        return await self._to_gate(request, RankLayoutReport.from_json, lambda r: self.gate.layout(r), "layout")
+        return await self._to_gate(request, RankLayoutReport.from_json, lambda r: self.agent.gate.layout(r), "layout")
 
     async def _to_gate(self, request: web.Request, parse: Any, record: Any, what: str) -> web.Response:
         """Parse an engine rank's body (400 naming the field), hand it to the gate, 409 with its reason."""
         self._require_token(request)
-        if self.gate is None:
+        if self.agent.gate is None:
             raise web.HTTPNotFound(text="this agent's engine does not load from the store")
         try:
             body = parse(await self._json(request))
@@ -475,14 +432,14 @@ class AgentServer:
 
     async def engine_failed(self, request: web.Request) -> web.Response:
         self._require_token(request)
-        if self.gate is None:
+        if self.agent.gate is None:
             raise web.HTTPNotFound(text="this agent's engine does not load from the store")
         body = await self._json(request)
         rank, reason = body.get("rank"), body.get("reason")
         if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(reason, str):
             raise web.HTTPBadRequest(text="rank must be an integer and reason a string")
         log.warning("engine rank %d failed its load: %s", rank, reason)
-        self.gate.fail(rank, reason[:2000])
+        self.agent.gate.fail(rank, reason[:2000])
         return web.json_response({"ok": True})
 
     async def transfer_event(self, request: web.Request) -> web.Response:
@@ -523,21 +480,22 @@ class AgentServer:
         store = self.store
         if store.device.type == "cuda":
             torch.cuda.set_device(store.device)  # runs on the event loop's thread
-        self.te.register(store.buffer.data_ptr(), store.nbytes)
+        self.agent.te.register(store.buffer.data_ptr(), store.nbytes)
         self._te_pending += 1
         self._te_until = time.monotonic() + self.timeout_s
         asyncio.get_running_loop().call_later(self.timeout_s + 0.5, self._te_close)
 
     def _te_close(self) -> None:
         """Unregister the store once no authorised read may still run."""
-        if self.te is None or self.store is None:
+        te, store = self.agent.te, self.store
+        if te is None or store is None:
             return
         now = time.monotonic()
         reading = [c for c, started in self._te_clients.items() if now - started < self.timeout_s]
         if reading or (self._te_pending and now < self._te_until):
             return
         self._te_pending = 0
-        self.te.unregister(self.store.buffer.data_ptr())
+        te.unregister(store.buffer.data_ptr())
 
     async def selfcheck(self, request: web.Request) -> web.Response:
         """A client's pull failed its checksums: check this store against its own manifest, once at a time.
@@ -548,10 +506,9 @@ class AgentServer:
         self._require_token(request)
         if not self.serving:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
-        if not self.checking:
-            self.checking = True
+        if not self.attempt.checking:
+            self.attempt.check_started()
             self._spawn(self._selfcheck(self.store))
-            self._notify()
         return web.json_response({"checking": True}, status=202)
 
     async def _selfcheck(self, store: WeightStore) -> None:
@@ -561,22 +518,15 @@ class AgentServer:
             self.metrics.checksum_seconds.observe(time.monotonic() - started)
         except Exception as e:  # a store that cannot be checked is not trusted either
             bad = [f"({type(e).__name__}: {e})"]
-        finally:
-            self.checking = False
-        self.self_checks += 1
+        failure = None
         if bad and self.store is store:
             total = len(store.manifest.tensors)
-            reason = f"{ERR_SELF_CHECK_FAILED}: {len(bad)} of {total} tensors differ, first {bad[0]}"
-            log.error("%s; no longer serving", reason)
-            self.progress.state, self.progress.error, self.progress.finished_at = "failed", reason, time.time()
+            failure = f"{ERR_SELF_CHECK_FAILED}: {len(bad)} of {total} tensors differ, first {bad[0]}"
+            log.error("%s; no longer serving", failure)
             self.metrics.serving.set(0)
         else:
             log.info("self-check passed after a client's checksum mismatch")
-        self._notify()
-
-    def _notify(self) -> None:
-        if self.on_change:
-            self.on_change()
+        self.attempt.check_ended(failure)
 
     # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
@@ -738,12 +688,20 @@ class AgentServer:
             rank = int(request.query["rank"])
         except (KeyError, ValueError):
             return web.json_response({"error": {"message": "Missing or invalid rank parameter"}}, status=400)
-        if rank != 0 or not self.serving or self.te is None:
+        if rank != 0 or not self.serving or self.agent.te is None:
             return web.json_response(
                 {"error": {"message": f"Failed to get transfer engine info for rank {rank}"}}, status=400
             )
         self._te_open()
-        return web.Response(body=self._te_info_body, content_type="application/json")
+        return web.Response(body=self._te_info_body(self.store, self.agent.te), content_type="application/json")
+
+    def _te_info_body(self, store: WeightStore, te: TransferEngineHandle) -> bytes:
+        """The pointers stay valid while a store is served: every client gets the same answer, built once."""
+        if self._te_info is None or self._te_info[0] is not store:
+            weights = {t.name: [store.data_ptr(t.name), t.numel, t.element_size] for t in store.manifest.tensors}
+            body = {"rank": 0, "remote_instance_transfer_engine_info": [te.session_id, weights]}
+            self._te_info = (store, json.dumps(body).encode())
+        return self._te_info[1]
 
     async def te_info_deprecated(self, request: web.Request) -> web.Response:
         log.warning(

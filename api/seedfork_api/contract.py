@@ -301,10 +301,11 @@ _ENGINE_PORT: int = EngineSpec.model_fields["port"].default
 
 class EngineEnv(_Model):
     """What an engine or engine hook started by the agent reads from the pod contract: where the engine
-    listens, how long any wait may take, and the token."""
+    and the agent listen, how long any wait may take, and the token."""
 
     pod_ip: str
-    engine_port: int
+    engine_port: int = _ENGINE_PORT
+    agent_port: int = _TRANSFER.agent_port
     timeout_seconds: float = float(_TRANSFER.timeout_seconds)
     token: str | None = None
 
@@ -339,10 +340,11 @@ class EngineEnv(_Model):
     REQUIRED: ClassVar[tuple[str, ...]] = ("pod_ip", "engine_port")
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """Parse the contract from the environment; a missing or malformed variable is an error naming it."""
+    def from_environ(cls, environ: Mapping[str, str] | None = None, required: tuple[str, ...] | None = None) -> Self:
+        """Parse the contract from the environment; a missing or malformed variable is an error naming it.
+        ``required``: the fields this reader cannot do without, when not the class's ``REQUIRED``."""
         env = os.environ if environ is None else environ
-        missing = [cls.ENV[f] for f in cls.REQUIRED if not env.get(cls.ENV[f])]
+        missing = [cls.ENV[f] for f in (cls.REQUIRED if required is None else required) if not env.get(cls.ENV[f])]
         if missing:
             raise ValueError(f"pod contract incomplete: missing environment variables {', '.join(missing)}")
         values: dict[str, Any] = {}
@@ -371,8 +373,6 @@ class PodEnv(EngineEnv):
     pod_ip: str = "127.0.0.1"  # outside a pod (no downward API): loopback
     set_name: str
     fingerprint: str = ""
-    agent_port: int = _TRANSFER.agent_port
-    engine_port: int = _ENGINE_PORT
     engine: str = "reference"  # the spec requires a kind; a bare agent runs the reference engine
     backend: str = _TRANSFER.backend
     protocol: str = _TRANSFER.protocol

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from seedfork_agent.server import AgentServer
+from seedfork_agent.agent import Agent, AgentConfig
 from seedfork_agent.store import WeightStore
 
 TIMEOUT_S = 20.0
@@ -24,17 +24,18 @@ TIMEOUT_S = 20.0
 
 @pytest.fixture(scope="module")
 def served(kit, weights_dir):
-    """An AgentServer serving the test weights (no TransferEngine), its event loop in a thread."""
+    """An agent's AgentServer serving the test weights (no TransferEngine), its event loop in a thread."""
     store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
-    server = AgentServer(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, timeout_s=TIMEOUT_S)
+    config = AgentConfig(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, "fp-test", serve_te=False, timeout_s=TIMEOUT_S)
+    agent = Agent(config)
+    server = agent.server
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(server.start())
-        server.serve(store)
-        server.progress.state = "verified"
+        assert loop.run_until_complete(agent.adopt(store)), agent.attempt.report.error
         server.loop = loop
         started.set()
         loop.run_forever()
@@ -103,7 +104,7 @@ def test_the_client_cannot_inflate_bytes_served(served):
 
 def test_start_announcements_without_done_expire(served):
     server, http, auth, _ = served
-    base = server.active_clients
+    base = server.attempt.report.active_clients
     for i in range(3):
         assert http.post(EVENTS, json={"client": f"ghost{i}", "event": "start"}, headers=auth).status_code == 200
     assert http.get("/v1/progress").json()["activeClients"] == base + 3

@@ -17,14 +17,16 @@ import time
 import httpx
 import pytest
 
-from seedfork_agent.server import ATTACH_WAIT_MAX_S, AgentServer
+from seedfork_agent.agent import Agent, AgentConfig
+from seedfork_agent.server import ATTACH_WAIT_MAX_S
 from seedfork_agent.store import WeightStore
 
 
 @pytest.fixture
 def agent(kit):
-    """An AgentServer with nothing verified yet, its event loop in a thread."""
-    server = AgentServer(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, timeout_s=20)
+    """An agent's AgentServer with nothing verified yet, its event loop in a thread."""
+    agent = Agent(AgentConfig(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, "fp-test", serve_te=False, timeout_s=20))
+    server = agent.server
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -39,22 +41,18 @@ def agent(kit):
     assert started.wait(30)
     with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=30) as http:
         http.headers["Authorization"] = f"Bearer {kit.TOKEN}"
-        yield server, loop, http
+        yield agent, loop, http
     asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
 
-def _serve(server: AgentServer, loop: asyncio.AbstractEventLoop, store: WeightStore) -> None:
-    def verified() -> None:
-        server.serve(store)
-        server.progress.state = "verified"
-
-    loop.call_soon_threadsafe(verified)
+def _serve(agent: Agent, loop: asyncio.AbstractEventLoop, store: WeightStore) -> None:
+    asyncio.run_coroutine_threadsafe(agent.adopt(store), loop)  # not awaited: the ask is held meanwhile
 
 
 def test_a_held_ask_is_answered_with_the_store_once_it_is_verified(agent, weights_dir):
-    server, loop, http = agent
+    agent, loop, http = agent
     store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
     try:
         answers: list[httpx.Response] = []
@@ -63,7 +61,7 @@ def test_a_held_ask_is_answered_with_the_store_once_it_is_verified(agent, weight
         time.sleep(0.5)  # the ask is held: nothing to attach yet
         assert not answers
         served_at = time.monotonic()
-        _serve(server, loop, store)
+        _serve(agent, loop, store)
         asked.join(30)
         answered_at = time.monotonic()
         (r,) = answers
@@ -107,24 +105,27 @@ def _set(loop: asyncio.AbstractEventLoop, fn) -> None:
 
 
 def test_readyz_passes_for_a_warm_standby_and_its_promotion_until_it_fails(agent):
-    server, loop, http = agent
+    agent, loop, http = agent
+    state = agent.attempt
     assert http.get("/readyz").status_code == 503  # no weights, no standby
-    _set(loop, lambda: (setattr(server, "warm_standby", True), setattr(server.progress, "state", "standby")))
+    _set(loop, lambda: (state.standby(1), state.warm()))
     assert http.get("/readyz").status_code == 200
-    _set(loop, lambda: setattr(server.progress, "state", "transferring"))  # promoted: pulling
+    _set(loop, lambda: state.begin(2, "seed", "transfer_engine"))  # promoted: pulling
     assert http.get("/readyz").status_code == 200
-    _set(loop, lambda: setattr(server.progress, "state", "failed"))  # the promotion failed
+    _set(loop, lambda: state.fail("checksum mismatch"))  # the promotion failed
     r = http.get("/readyz")
     assert r.status_code == 503 and r.json()["state"] == "failed"
+    _set(loop, lambda: state.begin(3, "storage"))  # the next attempt is no promotion of a warm engine
+    assert http.get("/readyz").status_code == 503
 
 
 def test_readyz_of_a_pod_that_was_never_a_standby_waits_for_verified_weights(agent, weights_dir):
-    server, loop, http = agent
-    _set(loop, lambda: setattr(server.progress, "state", "transferring"))
+    agent, loop, http = agent
+    _set(loop, lambda: agent.attempt.begin(1, "storage"))
     assert http.get("/readyz").status_code == 503
     store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
     try:
-        _set(loop, lambda: (server.serve(store), setattr(server.progress, "state", "verified")))
+        assert asyncio.run_coroutine_threadsafe(agent.adopt(store), loop).result(30)
         assert http.get("/readyz").status_code == 200
     finally:
         store.close()
@@ -137,10 +138,10 @@ def test_a_warm_vllm_standby_refuses_a_checkpoint_at_once_and_waits_for_a_seed_w
     from seedfork_agent.engines.gate import CHECKPOINT, ENGINE, EngineGate
     from seedfork_agent.engines.vllm_loader import AgentLink, LoadRefused
 
-    server, loop, _ = agent
+    agent, loop, _ = agent
     gate = EngineGate(1)
-    _set(loop, lambda: (setattr(server, "gate", gate), gate.standby()))
-    link = AgentLink(f"http://{server.host}:{server.port}", kit.TOKEN, timeout_s=3.0, poll_s=0.05)
+    _set(loop, lambda: (setattr(agent, "gate", gate), gate.standby()))
+    link = AgentLink(f"http://{agent.server.host}:{agent.server.port}", kit.TOKEN, timeout_s=3.0, poll_s=0.05)
     outcome: list[BaseException] = []
 
     def promotion() -> None:
@@ -155,7 +156,7 @@ def test_a_warm_vllm_standby_refuses_a_checkpoint_at_once_and_waits_for_a_seed_w
     assert waiting.is_alive() and not outcome
     store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
     try:
-        _set(loop, lambda: (gate.open(store.manifest.digest, None, CHECKPOINT), setattr(server, "offered", store)))
+        _set(loop, lambda: (gate.open(store.manifest.digest, None, CHECKPOINT), setattr(agent, "offered", store)))
         offered_at = time.monotonic()
         waiting.join(10)
         assert not waiting.is_alive()

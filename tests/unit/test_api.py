@@ -175,3 +175,9 @@ def test_engine_env_is_what_a_hook_needs():
     got = contract.EngineEnv.from_environ({contract.ENV_POD_IP: "127.0.0.9", contract.ENV_ENGINE_PORT: "30001"})
     assert (got.pod_ip, got.engine_port, got.token) == ("127.0.0.9", 30001, None)
     assert got.timeout_seconds == api.TransferSpec().timeout_seconds
+    assert got.agent_port == api.TransferSpec().agent_port  # the agent's port, from the spec's default
+    # A reader that needs other fields says which (the vLLM loader: the agent, not the engine's port).
+    got = contract.EngineEnv.from_environ({contract.ENV_POD_IP: "127.0.0.9"}, required=("pod_ip",))
+    assert got.engine_port == api.EngineSpec.model_fields["port"].default
+    with pytest.raises(ValueError, match=contract.ENV_TOKEN):
+        contract.EngineEnv.from_environ({contract.ENV_POD_IP: "127.0.0.9"}, required=("pod_ip", "token"))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
+from ..attempt import AttemptState
 from ..podloop import PodLoop
 from . import sglang
 from .sglang import LayoutRefused, SGLangSupervisor, render_for_pod
@@ -41,42 +42,29 @@ class SGLangPod(PodLoop):
         self.engine_argv = list(engine_argv)
         self.log_dir = Path(log_dir or tempfile.gettempdir())
         self.proc: asyncio.subprocess.Process | None = None
-        self.current = AgentReport(attempt=0, state="pending", fingerprint=env.fingerprint)
+        self.current = AttemptState(env.fingerprint, self.notify)
         self._exit_watch: asyncio.Task | None = None
 
     def report(self) -> AgentReport:
-        return self.current.model_copy(update={"updated_at": time.time()})
+        return self.current.published()
 
     def current_timing(self) -> PodTiming | None:
-        return self.timing if self.current.state in ("verified", "failed") else None
+        if self.current.state not in ("verified", "failed"):
+            return None
+        return self.timing.model_copy(update=self.current.phases())
 
     def done(self) -> bool:
         return self.current.state == "verified"
 
-    def _set(self, **values) -> None:
-        self.current = self.current.model_copy(update=values)
-        self.notify()
-
     def _fail(self, reason: str) -> None:
-        log.warning("attempt %d failed: %s", self.current.attempt, reason)
-        self._set(state="failed", error=reason, serving=False)
+        log.warning("attempt %d failed: %s", self.current.report.attempt, reason)
+        self.current.fail(reason)
 
     async def attempt(self, a: Assignment) -> None:
         seed = a.source == "seed"
-        self._set(
-            attempt=a.attempt,
-            state="transferring",
-            source=a.source,
-            seed_pod=a.seed_pod if seed else None,
-            backend=a.backend if seed else None,
-            error=None,
-            serving=False,
-            digest=None,
-        )
+        self.current.begin(a.attempt, a.source, backend=a.backend if seed else None, seed_pod=a.seed_pod)
         await self.stop_engine()
-        self.timing = self.timing.model_copy(
-            update={"transfer_start": time.time(), "transfer_end": None, "verified": None, "engine_attached": None}
-        )
+        self.current.mark(transfer_start=time.time(), transfer_end=None, verified=None, engine_attached=None)
         try:
             launch = render_for_pod(self.engine_argv, self.env, a)
         except LayoutRefused as e:
@@ -100,8 +88,9 @@ class SGLangPod(PodLoop):
             self._fail(outcome.error or "SGLang supervision failed")
             return
         now = time.time()
-        self.timing = self.timing.model_copy(update={"transfer_end": now, "verified": now, "engine_attached": now})
-        self._set(state="verified", serving=outcome.can_seed, digest=outcome.digest)
+        self.current.mark(transfer_end=now, verified=now, engine_attached=now)
+        # SGLang does not say how many bytes it moved: bytesDone/bytesTotal stay 0.
+        self.current.verified(0, outcome.digest, serving=outcome.can_seed)
         log.info("attempt %d verified (can seed: %s)", a.attempt, outcome.can_seed)
         self._exit_watch = asyncio.create_task(self._watch_exit(self.proc))
 

@@ -40,13 +40,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import torch
 
-from seedfork_api.contract import ENV_AGENT_PORT, ENV_POD_IP, ENV_TIMEOUT_SECONDS, ENV_TOKEN
+from seedfork_api.contract import EngineEnv
 
 from ..checksum import checksum
 from ..store import Manifest, attach_buffer, dtype_name, manifest_checksums, tensor_views
@@ -75,16 +76,12 @@ class AgentLink:
         self._headers = {"Authorization": f"Bearer {token}"}
 
     @classmethod
-    def from_environ(cls) -> AgentLink:
-        env = os.environ
-        missing = [n for n in (ENV_POD_IP, ENV_AGENT_PORT, ENV_TOKEN) if not env.get(n)]
-        if missing:
-            raise LoadRefused(f"--load-format {LOAD_FORMAT} runs in a seedfork pod: {', '.join(missing)} unset")
-        return cls(
-            f"http://{env[ENV_POD_IP]}:{env[ENV_AGENT_PORT]}",
-            env[ENV_TOKEN],
-            float(env.get(ENV_TIMEOUT_SECONDS, "300")),
-        )
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> AgentLink:
+        try:
+            env = EngineEnv.from_environ(environ, required=("pod_ip", "agent_port", "token"))
+        except ValueError as e:
+            raise LoadRefused(f"--load-format {LOAD_FORMAT} runs in a seedfork pod: {e}") from None
+        return cls(f"http://{env.pod_ip}:{env.agent_port}", env.token, env.timeout_seconds)
 
     def wait_for_weights(
         self, accept: tuple[str, ...], attempt: int | None = None, refuse: tuple[str, ...] = ()
