@@ -17,6 +17,11 @@ import httpx
 from seedfork_agent.puller import pull
 from seedfork_localdev.sockets import ephemeral_ports, listeners
 
+# The shared seed (conftest) paces what it broadcasts at 4 MB/s: the 3.3 MB test weights take about 0.8 s, so a
+# rendezvous store lives long enough to be seen from /proc however busy the machine (a whole unpaced pull can
+# end between two looks). TransferEngine reads are not paced.
+SEED_ARGS = ("--bandwidth-limit-mbps", "4")
+
 
 def _range(kit) -> tuple[int, int]:
     lo, hi = kit.PORT_RANGE.split("-")
@@ -68,7 +73,13 @@ def test_a_rendezvous_listens_on_the_seed_ip_and_closes_when_its_group_ends(kit,
         # The client's init request opens the group (its one member is the client): the seed's store must
         # listen, on the seed's IP, while the client joins.
         req = kit.pull_request(seed.ip, "nccl", group_ports=[port], client_id="probe", local_ip=kit.new_ip())
-        pull(req).close()
+
+        def during_the_broadcast(done: int, total: int) -> None:
+            # The group (and the seed's store in it) lives until the seed sent its last tensor: look from
+            # inside the broadcast too, not only from the watcher's samples.
+            seen.update(str(sock) for sock in listeners(seed.proc.pid))
+
+        pull(req, on_bytes=during_the_broadcast).close()
         assert f"{seed.ip}:{port}" in seen, seen
         deadline = time.monotonic() + 10
         while any(s.port == port for s in listeners(seed.proc.pid)) and time.monotonic() < deadline:
