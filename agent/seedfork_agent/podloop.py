@@ -47,7 +47,6 @@ class PodLoop:
         self.env = env
         self.kube = PodClient(env.pod_name, env.namespace)
         self.timing = PodTiming(started=time.time())
-        self.seed_pod: str | None = None
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last: dict | None = None
@@ -163,7 +162,6 @@ class PodLoop:
     async def _attempt(self, a: Assignment) -> None:
         self._handled = a.attempt
         self.timing.assigned = a.assigned_at
-        self.seed_pod = a.seed_pod
         log.info("attempt %d: source %s seed %s backend %s", a.attempt, a.source, a.seed_pod, a.backend)
         self.superseded = None
         watcher = asyncio.create_task(self._watch_newer(a.attempt))
