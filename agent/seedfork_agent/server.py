@@ -351,10 +351,10 @@ class AgentServer:
         # change (the store, the offer, the gate's phase, the attempt), and a look costs no I/O.
         while first[0] != "store" and self._attach_key() == first and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(ATTACH_WAIT_POLL_S)
+        what, store = self._offer()
         gate, attempt = self.agent.gate, self.attempt.report.attempt
-        if not self.serving and gate is not None and gate.phase == STANDBY:  # start warm, no weights
+        if what == "standby":  # start warm, no weights
             return web.json_response({"layout": STANDBY, "attempt": attempt})
-        store = self.store if self.serving else self.agent.offered
         if store is None:
             return web.json_response({"error": {"message": "weights not verified yet"}}, status=503)
         body = {"attach": store.attach_info(), "manifest": store.manifest.to_dict(), "attempt": attempt}
@@ -362,15 +362,21 @@ class AgentServer:
             body["layout"] = gate.phase if not self.serving else ENGINE
         return web.json_response(body)
 
+    def _offer(self) -> tuple[str, WeightStore | None]:
+        """What the pod's engine is offered now: ``standby`` (warm, no weights), ``none`` or ``store``."""
+        gate = self.agent.gate
+        if not self.serving and gate is not None and gate.phase == STANDBY:
+            return "standby", None
+        store = self.store if self.serving else self.agent.offered
+        return ("none", None) if store is None else ("store", store)
+
     def _attach_key(self) -> tuple[Any, ...]:
         """What ``/v1/attach`` would answer, as a value that changes when the answer does."""
-        gate, report = self.agent.gate, self.attempt.report
-        if not self.serving and gate is not None and gate.phase == STANDBY:
-            return ("standby", report.attempt)
-        store = self.store if self.serving else self.agent.offered
-        if store is None:
-            return ("none", report.attempt, report.state)
-        return ("store", id(store), gate.phase if gate is not None else None)
+        what, store = self._offer()
+        report, gate = self.attempt.report, self.agent.gate
+        if what == "store":
+            return (what, id(store), gate.phase if gate is not None else None)
+        return (what, report.attempt, report.state)
 
     async def engine_cache_view(self, request: web.Request) -> web.Response:
         """The engine's compile cache as one archive (engine_cache.pack), for a new pod of the set."""
