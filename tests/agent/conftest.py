@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -9,7 +11,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -197,6 +201,35 @@ def assert_same_weights(got: dict, want: dict) -> None:
         assert torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)), name
 
 
+@contextlib.contextmanager
+def agent_in_thread(timeout_s: float, store=None) -> Iterator[tuple]:
+    """A real ``Agent`` (no TransferEngine) with its HTTP server on its own loopback IP and its event loop in
+    a thread of this process, serving ``store`` if given: (agent, loop). Stopped on exit."""
+    from seedfork_agent.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(new_ip(), AGENT_PORT, TOKEN, "fp-test", serve_te=False, timeout_s=timeout_s))
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(agent.server.start())
+        if store is not None:
+            assert loop.run_until_complete(agent.adopt(store)), agent.attempt.report.error
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        yield agent, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(agent.server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def kit():
     """The helpers above, for test modules (pytest's importlib mode cannot import conftest)."""
@@ -214,4 +247,6 @@ def kit():
         metric=metric,
         assert_same_weights=assert_same_weights,
         AgentProc=AgentProc,
+        agent_in_thread=agent_in_thread,
     )
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -16,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from seedfork_agent.agent import Agent, AgentConfig
 from seedfork_agent.store import WeightStore
 
 TIMEOUT_S = 20.0
@@ -26,30 +24,14 @@ TIMEOUT_S = 20.0
 def served(kit, weights_dir):
     """An agent's AgentServer serving the test weights (no TransferEngine), its event loop in a thread."""
     store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
-    config = AgentConfig(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, "fp-test", serve_te=False, timeout_s=TIMEOUT_S)
-    agent = Agent(config)
-    server = agent.server
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        assert loop.run_until_complete(agent.adopt(store)), agent.attempt.report.error
-        server.loop = loop
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30)
-    url = f"http://{server.host}:{server.port}"
-    with httpx.Client(base_url=url, timeout=10) as http:
-        yield server, http, {"Authorization": f"Bearer {kit.TOKEN}"}, store
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    store.close()
+    try:
+        with kit.agent_in_thread(timeout_s=TIMEOUT_S, store=store) as (agent, loop):
+            server = agent.server
+            server.loop = loop
+            with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=10) as http:
+                yield server, http, {"Authorization": f"Bearer {kit.TOKEN}"}, store
+    finally:
+        store.close()
 
 
 def _metric(http: httpx.Client, name: str) -> float:

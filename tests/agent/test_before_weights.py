@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from seedfork_agent.agent import Agent, AgentConfig
+from seedfork_agent.agent import Agent
 from seedfork_agent.server import ATTACH_WAIT_MAX_S
 from seedfork_agent.store import WeightStore
 
@@ -25,26 +25,11 @@ from seedfork_agent.store import WeightStore
 @pytest.fixture
 def agent(kit):
     """An agent's AgentServer with nothing verified yet, its event loop in a thread."""
-    agent = Agent(AgentConfig(kit.new_ip(), kit.AGENT_PORT, kit.TOKEN, "fp-test", serve_te=False, timeout_s=20))
-    server = agent.server
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30)
-    with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=30) as http:
-        http.headers["Authorization"] = f"Bearer {kit.TOKEN}"
-        yield agent, loop, http
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with kit.agent_in_thread(timeout_s=20) as (agent, loop):
+        server = agent.server
+        with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=30) as http:
+            http.headers["Authorization"] = f"Bearer {kit.TOKEN}"
+            yield agent, loop, http
 
 
 def _serve(agent: Agent, loop: asyncio.AbstractEventLoop, store: WeightStore) -> None:
