@@ -6,7 +6,7 @@ info; fresh engine processes then attach to it, each timing:
 - ``attach``: map the buffer (``/dev/shm`` file on CPU, CUDA IPC handle on GPU) and build every named view,
   plus the model's name/shape/dtype check: everything between "the agent says verified" and "the engine
   can serve" except the optional checksum re-check. Target on GPU: < 50 ms for 16 GB.
-- ``verify``: the engine's checksum re-check of every tensor (optional in the engine, ``--no-verify``).
+- ``verify``: the engine's checksum re-check of every tensor (always done by a serving engine; timed apart here).
 - ``context``: engine start before attaching: CUDA context creation and, on GPU, loading (on a fresh machine:
   compiling) the checksum kernel.
 

@@ -234,8 +234,9 @@ class Agent:
             self._fail(f"loading {uri} failed: {type(e).__name__}: {e}")
             return False
         if self.gate is not None:
-            # From storage: the engine loads the checkpoint, and its own parameters become this pod's store.
-            self.gate.open(store.manifest.digest, None, CHECKPOINT)
+            # From storage: an engine of its own layout loads the checkpoint, and its own parameters become this
+            # pod's store; an engine that maps the store proves the checkpoint's bytes as they are.
+            self.gate.open(store.manifest.digest, None, CHECKPOINT if self.gate.engine_layout else ENGINE)
         return await self._finish(store)
 
     async def pull_seed(
@@ -264,14 +265,8 @@ class Agent:
         started = self.attempt.timing.transfer_start
         self.metrics.duration.labels("client", req.backend).observe(time.time() - started)
         if self.gate is not None:
-            try:  # the seed's engine, rank by rank: this pod's engine must come to hold the same parameters
-                expected = await asyncio.to_thread(seed_engine_digests, req.base_url, req.token, req.timeout_s)
-                if ranks_of(store.manifest) != set(range(self.gate.ranks)):
-                    raise ValueError(f"the seed serves no engine-layout store for {self.gate.ranks} ranks")
-                stale = [r for r, d in sorted(expected.items()) if d != rank_digest(store.manifest, r)]
-                if stale:  # what the seed serves must be what its engine holds
-                    raise ValueError(f"the seed's store is not what its engine holds for ranks {stale}")
-                self.gate.open(store.manifest.digest, expected, ENGINE)
+            try:
+                self.gate.open(store.manifest.digest, await self._seed_engine(req, store), ENGINE)
             except (EngineGateError, OSError, ValueError) as e:
                 store.close()
                 self._fail(f"seed {req.seed}: {e}")
@@ -279,6 +274,19 @@ class Agent:
         if self.engine_cache is not None and not warm:  # before the weights: the engine compiles after
             await asyncio.to_thread(self._fetch_engine_cache, req)
         return await self._finish(store, stats.get("data_end"))
+
+    async def _seed_engine(self, req: PullRequest, store: WeightStore) -> dict[int, str] | None:
+        """What this pod's engine must come to hold, rank by rank: the seed's engine's parameter digests where
+        the engine has a layout of its own (None where it maps the store: the manifest digest then proves it)."""
+        if not self.gate.engine_layout:
+            return None
+        expected = await asyncio.to_thread(seed_engine_digests, req.base_url, req.token, req.timeout_s)
+        if ranks_of(store.manifest) != set(range(self.gate.ranks)):
+            raise ValueError(f"the seed serves no engine-layout store for {self.gate.ranks} ranks")
+        stale = [r for r, d in sorted(expected.items()) if d != rank_digest(store.manifest, r)]
+        if stale:  # what the seed serves must be what its engine holds
+            raise ValueError(f"the seed's store is not what its engine holds for ranks {stale}")
+        return expected
 
     def _fetch_engine_cache(self, req: PullRequest) -> None:
         """The seed's compile cache into this pod's (still unused) cache directory; any failure is skipped."""

@@ -30,6 +30,13 @@ def _cache_key(env: PodEnv, device: str) -> CacheKey:
     return CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
 
+def _gate(env: PodEnv) -> EngineGate | None:
+    """Where the engine proves its load (vLLM through ``engines.vllm_loader``, the reference engine's attach):
+    the agent reports the attempt verified only once the engine has."""
+    row = engines.of(env.engine)
+    return EngineGate(env.tp * env.pp, engine_layout=row.agent == "store_loader") if row.proves_load else None
+
+
 class PodAgent(PodLoop):
     def __init__(self, env: PodEnv, device: str, hook: EngineHook | None = None) -> None:
         super().__init__(env)
@@ -54,8 +61,7 @@ class PodAgent(PodLoop):
                 engine_cache_key=_cache_key(env, device) if env.engine_cache_dir else None,
             ),
             hook,
-            # vLLM loads the weights from this agent's store itself (engines.vllm_loader) and proves it.
-            gate=EngineGate(env.tp * env.pp) if engines.of(env.engine).agent == "store_loader" else None,
+            gate=_gate(env),
             on_change=self.notify,
         )
         self.probe = (
@@ -119,7 +125,7 @@ class PodAgent(PodLoop):
         if not engines.of(self.env.engine).standby:
             self._fail_now(a, f"standby is not built for engine {self.env.engine}")
             return
-        if self.agent.gate is not None:  # vLLM: its loader starts without weights and waits for the promotion
+        if self.agent.gate is not None:  # the engine starts without weights and waits for the promotion's store
             self.agent.gate.standby()
         deadline = time.time() + self.env.timeout_seconds
         info = await self.probe.wait(lambda i: "up" in phases(i), deadline, lambda: self.superseded)

@@ -21,7 +21,8 @@ ConcreteBackend = Literal["transfer_engine", "nccl"]
 #   (SGLang's R-Fork loader); the agent runs no TransferEngine and no NCCL cohort of its own;
 # - store_loader: an agent sidecar moves the bytes into its store, and the engine loads them from that store in
 #   its own processes and proves it to the agent (vLLM with seedfork's model loader);
-# - sidecar: an agent sidecar moves the bytes into its store and the engine serves from it (the reference engine).
+# - sidecar: an agent sidecar moves the bytes into its store, and the engine maps that store (zero-copy), re-checks
+#   it and proves it to the agent (the reference engine).
 AgentRole = Literal["entry_point", "store_loader", "sidecar"]
 
 
@@ -59,6 +60,12 @@ class Engine:
     standby: bool = False  # its pods can wait warm (engine up, no weights) and take weights when promoted
     publishes_phases: bool = False  # the engine reports its own phases (GET /v1/engine)
     own_ports: OwnPorts | None = None
+
+    @property
+    def proves_load(self) -> bool:
+        """The engine proves to the agent what it loaded before the pod counts as verified (``engines.gate``):
+        the readiness gate then stands for the weights inside the engine, not only the agent's copy."""
+        return self.agent in ("store_loader", "sidecar")
 
     @property
     def agent_moves_bytes(self) -> bool:

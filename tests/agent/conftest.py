@@ -151,6 +151,69 @@ def agents(tmp_path):
         a.kill(signal.SIGTERM if a.proc.poll() is None else signal.SIGKILL)
 
 
+class EngineProc:
+    """seedfork's reference engine as a process (a pod's engine container), attached to an agent's store."""
+
+    def __init__(self, model: Path, agent_url: str, ip: str, port: int, log: Path) -> None:
+        self.ip, self.port = ip, port
+        self.url = f"http://{ip}:{port}"
+        self.headers = {"Authorization": f"Bearer {TOKEN}"}
+        self.log = log
+        args = ["-m", "seedfork_agent.engines.reference", "serve", "--config", str(model), "--agent", agent_url]
+        args += ["--host", ip, "--port", str(port), "--token", TOKEN]
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=open(log, "wb"),  # noqa: SIM115 (closed with the process)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def get(self, path: str) -> httpx.Response | None:
+        try:
+            return httpx.get(f"{self.url}{path}", headers=self.headers, timeout=5)
+        except httpx.HTTPError:
+            return None
+
+    def wait_up(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (r := self.get("/v1/engine")) is None or r.status_code != 200:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < deadline, "the engine's API did not come up"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def reference_model(tmp_path_factory) -> Path:
+    """The reference engine's tiny model: weights an engine attaches and generates with."""
+    from seedfork_agent.engines.testmodel import make_model
+
+    return make_model(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture
+def engines(tmp_path):
+    """Start reference engines: ``start(model, agent_url, ip=None, port=None)``; all stopped at teardown."""
+    started: list[EngineProc] = []
+
+    def start(model: Path, agent_url: str, ip: str | None = None, port: int | None = None) -> EngineProc:
+        ip = ip or new_ip()
+        e = EngineProc(model, agent_url, ip, port or new_port(), tmp_path / f"engine-{ip}-{len(started)}.log")
+        started.append(e)
+        return e
+
+    yield start
+    for e in started:
+        e.stop()
+
+
 def seed_args(weights_dir, ip: str, *extra: str) -> list[str]:
     return ["serve", "--host", ip, "--port", str(AGENT_PORT), "--weights", str(weights_dir),
             "--fingerprint", "fp-test", "--device", "cpu", "--timeout", "20", "--port-range", PORT_RANGE,
@@ -202,12 +265,14 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 
 @contextlib.contextmanager
-def agent_in_thread(timeout_s: float, store=None) -> Iterator[tuple]:
+def agent_in_thread(timeout_s: float, store=None, gate=None) -> Iterator[tuple]:
     """A real ``Agent`` (no TransferEngine) with its HTTP server on its own loopback IP and its event loop in
-    a thread of this process, serving ``store`` if given: (agent, loop). Stopped on exit."""
+    a thread of this process, serving ``store`` if given, with ``gate`` (``engines.gate``) if given:
+    (agent, loop). Stopped on exit."""
     from seedfork_agent.agent import Agent, AgentConfig
 
-    agent = Agent(AgentConfig(new_ip(), AGENT_PORT, TOKEN, "fp-test", serve_te=False, timeout_s=timeout_s))
+    config = AgentConfig(new_ip(), AGENT_PORT, TOKEN, "fp-test", serve_te=False, timeout_s=timeout_s)
+    agent = Agent(config, gate=gate)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 

@@ -1,7 +1,8 @@
 """In-pod mode against a real kube-apiserver: assignment in, report out, retry in the same process.
 
-No kubelet runs here: each "pod" is a real Pod object plus an agent process on
-its own loopback IP that reads and patches that Pod, as it would in a cluster.
+No kubelet runs here: each "pod" is a real Pod object plus an agent process on its own loopback IP that
+reads and patches that Pod, as it would in a cluster, and the pod's engine: the reference engine as a process
+on the same IP, attached to the agent's store (the agent reports verified only once the engine proved it).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ def _pod(core, namespace: str, name: str, assignment: c.Assignment | None) -> No
     )
 
 
+ENGINE_PORT = 30000
+
+
 def _env(kit, control_plane, namespace: str, name: str, ip: str, model_uri: str | None = None) -> dict:
     env = {
+        c.ENV_ENGINE_PORT: str(ENGINE_PORT),
         c.ENV_POD_NAME: name,
         c.ENV_POD_NAMESPACE: namespace,
         c.ENV_POD_IP: ip,
@@ -45,6 +50,11 @@ def _env(kit, control_plane, namespace: str, name: str, ip: str, model_uri: str 
     return env
 
 
+def _engine(engines, kit, model, ip: str):
+    """The pod's engine container: the reference engine on the pod's IP, attached to its agent."""
+    return engines(model, f"http://{ip}:{kit.AGENT_PORT}", ip=ip, port=ENGINE_PORT)
+
+
 def _wait_report(core, namespace, name, predicate, timeout=90) -> c.AgentReport:
     deadline = time.monotonic() + timeout
     report = None
@@ -57,12 +67,15 @@ def _wait_report(core, namespace, name, predicate, timeout=90) -> c.AgentReport:
     raise AssertionError(f"pod {name}: report never matched; last {report}")
 
 
-def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, control_plane, namespace, weights_dir):
+def test_storage_seed_then_failed_attempt_and_retry(
+    kit, agents, engines, api_client, control_plane, namespace, reference_model
+):
     core = client.CoreV1Api(api_client)
     seed_ip = kit.new_ip()
     _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
     seed = agents("run", "--device", "cpu", ip=seed_ip, env=_env(kit, control_plane, namespace, "seed-0", seed_ip,
-                                                                  str(weights_dir)))  # fmt: skip
+                                                                  str(reference_model)))  # fmt: skip
+    _engine(engines, kit, reference_model, seed_ip)
     report = _wait_report(core, namespace, "seed-0", lambda r: r.state in ("verified", "failed"))
     assert report.state == "verified" and report.serving and report.bytes_done == report.bytes_total > 0, report
     timing = json.loads(core.read_namespaced_pod("seed-0", namespace).metadata.annotations[c.ANN_TIMING])
@@ -74,6 +87,7 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
                        seedAgentPort=kit.AGENT_PORT, groupPorts=[kit.new_port()])  # fmt: skip
     _pod(core, namespace, "new-0", bad)
     agent = agents("run", "--device", "cpu", ip=new_ip, env=_env(kit, control_plane, namespace, "new-0", new_ip))
+    _engine(engines, kit, reference_model, new_ip)
     failed = _wait_report(core, namespace, "new-0", lambda r: r.state == "failed")
     assert failed.attempt == 1 and "unreachable" in failed.error and not failed.serving
     good = c.Assignment(attempt=2, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip,
@@ -92,6 +106,7 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
     queued = c.Assignment(attempt=1, source="queued", waitUntil=time.time() + 60)
     _pod(core, namespace, "queued-0", queued)
     agents("run", "--device", "cpu", ip=q_ip, env=_env(kit, control_plane, namespace, "queued-0", q_ip))
+    _engine(engines, kit, reference_model, q_ip)
     _wait_report(core, namespace, "queued-0", lambda r: r.attempt == 0)  # the agent runs and reports
     time.sleep(2)
     idle = _wait_report(core, namespace, "queued-0", lambda r: True)
@@ -102,7 +117,7 @@ def test_storage_seed_then_failed_attempt_and_retry(kit, agents, api_client, con
     assert report.state == "verified" and report.seed_pod == "seed-0", report
 
 def test_a_restarted_agent_works_on_the_current_assignment_only(
-    kit, agents, api_client, control_plane, namespace, weights_dir
+    kit, agents, engines, api_client, control_plane, namespace, reference_model
 ):
     """The agent is killed while its attempt waits in a cohort that never fills; the restarted process must
     not run that attempt again (its cohort is gone): it reports it failed and waits for a new one. A newer
@@ -113,7 +128,8 @@ def test_a_restarted_agent_works_on_the_current_assignment_only(
     seed_ip = kit.new_ip()
     _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
     seed = agents("run", "--device", "cpu", ip=seed_ip, env=_env(kit, control_plane, namespace, "seed-0", seed_ip,
-                                                                  str(weights_dir)))  # fmt: skip
+                                                                  str(reference_model)))  # fmt: skip
+    _engine(engines, kit, reference_model, seed_ip)
     _wait_report(core, namespace, "seed-0", lambda r: r.state == "verified")
 
     # Rank 1 of 3: rank 2 never comes, so the group never forms. Its port lies in the seed's rendezvous ports
@@ -127,6 +143,7 @@ def test_a_restarted_agent_works_on_the_current_assignment_only(
     env = _env(kit, control_plane, namespace, "new-0", ip)
     _pod(core, namespace, "new-0", cohort(1))
     first = agents("run", "--device", "cpu", ip=ip, env=env)
+    _engine(engines, kit, reference_model, ip)  # it outlives the agent's restart, as a container does
     _wait_report(core, namespace, "new-0", lambda r: r.attempt == 1 and r.state == "transferring" and r.bytes_total)
     time.sleep(1.0)  # its init request is in: the seed holds the pending group
     first.kill(signal.SIGKILL)
@@ -152,73 +169,52 @@ def test_a_restarted_agent_works_on_the_current_assignment_only(
     assert second.proc.poll() is None
 
 
-def _stand_in_engine(ip: str, port: int):
-    """Answers GET /health with 200 on the pod's engine address: the engine's API is up (it finished compiling)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer((ip, port), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def _events(core, namespace: str, pod: str) -> dict[str, str]:
     items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod}").items
     return {e.reason: e.message for e in items}
 
 
 def test_engine_cache_from_the_seed_fetched_or_skipped_with_an_event(
-    kit, agents, api_client, control_plane, namespace, weights_dir, tmp_path
+    kit, agents, engines, api_client, control_plane, namespace, reference_model, tmp_path
 ):
     core = client.CoreV1Api(api_client)
-    seed_ip, engine_port = kit.new_ip(), kit.new_port()
+    seed_ip = kit.new_ip()
     seed_cache = tmp_path / "seed-cache"
     (seed_cache / "inductor").mkdir(parents=True)
     (seed_cache / "inductor" / "k.so").write_bytes(b"\x7fELF" * 500)
-    engine = _stand_in_engine(seed_ip, engine_port)
-    try:
-        _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
-        seed_env = _env(kit, control_plane, namespace, "seed-0", seed_ip, str(weights_dir))
-        seed_env |= {c.ENV_ENGINE_CACHE_DIR: str(seed_cache), c.ENV_ENGINE_PORT: str(engine_port),
-                     c.ENV_ENGINE_VERSION: "1.0"}  # fmt: skip
-        agents("run", "--device", "cpu", ip=seed_ip, env=seed_env)
-        _wait_report(core, namespace, "seed-0", lambda r: r.state == "verified")
+    _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
+    seed_env = _env(kit, control_plane, namespace, "seed-0", seed_ip, str(reference_model))
+    seed_env |= {c.ENV_ENGINE_CACHE_DIR: str(seed_cache), c.ENV_ENGINE_VERSION: "1.0"}
+    agents("run", "--device", "cpu", ip=seed_ip, env=seed_env)
+    _engine(engines, kit, reference_model, seed_ip)  # its /health: the engine's API is up (it finished compiling)
+    _wait_report(core, namespace, "seed-0", lambda r: r.state == "verified")
 
-        def engine_ready() -> dict | None:
-            raw = core.read_namespaced_pod("seed-0", namespace).metadata.annotations.get(c.ANN_TIMING)
-            timing = json.loads(raw) if raw else {}
-            return timing if timing.get("engineReady") else None
+    def engine_ready() -> dict | None:
+        raw = core.read_namespaced_pod("seed-0", namespace).metadata.annotations.get(c.ANN_TIMING)
+        timing = json.loads(raw) if raw else {}
+        return timing if timing.get("engineReady") else None
 
-        deadline = time.monotonic() + 30
-        while (timing := engine_ready()) is None:  # published after the report's final state, on its own
-            assert time.monotonic() < deadline, "the seed's timing never recorded its engine's API up"
-            time.sleep(0.3)
-        assert timing["engineReady"] >= timing["verified"]
+    deadline = time.monotonic() + 30
+    while (timing := engine_ready()) is None:  # published after the report's final state, on its own
+        assert time.monotonic() < deadline, "the seed's timing never recorded its engine's API up"
+        time.sleep(0.3)
+    assert timing["engineReady"] >= timing["verified"]
 
-        seed = c.Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip,
-                            seedAgentPort=kit.AGENT_PORT)  # fmt: skip
-        cases = (("same-0", "1.0", "EngineCacheFetched"), ("other-0", "2.0", "EngineCacheSkipped"))
-        for name, version, reason in cases:
-            ip, cache = kit.new_ip(), tmp_path / f"{name}-cache"
-            _pod(core, namespace, name, seed)
-            env = _env(kit, control_plane, namespace, name, ip) | {c.ENV_ENGINE_CACHE_DIR: str(cache),
-                                                                    c.ENV_ENGINE_VERSION: version}  # fmt: skip
-            agents("run", "--device", "cpu", ip=ip, env=env)
-            report = _wait_report(core, namespace, name, lambda r: r.state in ("verified", "failed"))
-            assert report.state == "verified", report  # a skipped cache never fails the pod
-            events = _events(core, namespace, name)
-            assert reason in events, events
-            if reason == "EngineCacheFetched":
-                assert (cache / "inductor" / "k.so").read_bytes() == (seed_cache / "inductor" / "k.so").read_bytes()
-            else:
-                assert "is not this pod's" in events[reason] and not (cache / "inductor").exists()
-    finally:
-        engine.shutdown()
+    seed = c.Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip,
+                        seedAgentPort=kit.AGENT_PORT)  # fmt: skip
+    cases = (("same-0", "1.0", "EngineCacheFetched"), ("other-0", "2.0", "EngineCacheSkipped"))
+    for name, version, reason in cases:
+        ip, cache = kit.new_ip(), tmp_path / f"{name}-cache"
+        _pod(core, namespace, name, seed)
+        env = _env(kit, control_plane, namespace, name, ip) | {c.ENV_ENGINE_CACHE_DIR: str(cache),
+                                                                c.ENV_ENGINE_VERSION: version}  # fmt: skip
+        agents("run", "--device", "cpu", ip=ip, env=env)
+        _engine(engines, kit, reference_model, ip)
+        report = _wait_report(core, namespace, name, lambda r: r.state in ("verified", "failed"))
+        assert report.state == "verified", report  # a skipped cache never fails the pod
+        events = _events(core, namespace, name)
+        assert reason in events, events
+        if reason == "EngineCacheFetched":
+            assert (cache / "inductor" / "k.so").read_bytes() == (seed_cache / "inductor" / "k.so").read_bytes()
+        else:
+            assert "is not this pod's" in events[reason] and not (cache / "inductor").exists()

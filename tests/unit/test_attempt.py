@@ -32,6 +32,7 @@ def pod(monkeypatch):
     # nccl: the agent serves no TransferEngine, so nothing here listens on a port
     env = PodEnv(pod_name="p-0", namespace="ns", set_name="s", token="t", fingerprint="fp", backend="nccl")
     pod = PodAgent(env, "cpu")
+    pod.agent.gate = None  # no engine runs here to prove the load (that is tests/agent/test_reference_proof.py)
     changes: list[AgentReport] = []
     pod.notify = lambda: changes.append(pod.agent.attempt.report)  # the one change callback: count its calls
     pod.agent.attempt.on_change = pod.notify

@@ -1,9 +1,17 @@
 """The engine gate: the agent's side of a load that happens inside the engine's own processes.
 
-For an engine that loads its weights itself from the agent's store (vLLM through ``vllm_loader``), the
-agent's own checksums prove only the agent's copy. The gate makes the engine prove its own, and keeps
-the pod at one copy of the weights (``engine_store``): what the agent serves afterwards is the engine's
-own parameters. An attempt takes one of two paths:
+The agent's own checksums prove only the agent's copy of the weights. The gate makes the pod's engine prove
+its own before the agent reports the attempt verified, so the readiness gate stands for the weights inside
+the engine, and the engine's own probe need only say that its API is up (a promoted standby's pod turns
+Ready when the gate does, not one probe period later).
+
+An engine that maps the agent's store as it is (the reference engine, ``engine_layout=False``) re-checks
+every tensor it mapped and reports one rank whose manifest digest carries the checksums it computed
+itself (phase ``engine``, from storage and from a seed alike).
+
+An engine that loads its weights itself into its own layout (vLLM through ``vllm_loader``,
+``engine_layout=True``) also keeps the pod at one copy of the weights (``engine_store``): what the agent
+serves afterwards is the engine's own parameters. An attempt takes one of two paths:
 
 - **From the checkpoint** (a pod loaded from storage). Every rank maps the checkpoint store, checksums
   the bytes it read, loads its shard with the engine's own ``load_weights`` and reports its parameters'
@@ -119,10 +127,13 @@ class EngineGate:
     """Collects the engine ranks' reports for one attempt and decides; thread-safe (the HTTP handlers
     report from the event loop while the attempt waits in a worker thread)."""
 
-    def __init__(self, ranks: int) -> None:
+    def __init__(self, ranks: int, engine_layout: bool = True) -> None:
+        """``engine_layout``: the engine loads into a layout of its own (a checkpoint load goes through
+        ``CHECKPOINT`` and ``FILL``, a seed serves an engine-layout store); else it maps the store as it is."""
         if ranks < 1:
             raise ValueError("an engine has at least one rank")
         self.ranks = ranks
+        self.engine_layout = engine_layout
         self._cond = threading.Condition()
         self.phase: str | None = None  # what the offered store holds: CHECKPOINT, FILL or ENGINE; None: nothing
         self._manifest_digest: str | None = None

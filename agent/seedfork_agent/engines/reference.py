@@ -3,15 +3,20 @@
 It is a real engine (it generates), not a production one. It gets its weights one of three ways:
 
 - ``--agent URL``: **attach** to the agent's weight store without copying (the /dev/shm file on CPU,
-  a CUDA IPC handle on GPU), as soon as the agent serves ``GET /v1/attach`` (only after it verified
-  the weights). It re-checks every tensor's checksum against the manifest before serving.
+  a CUDA IPC handle on GPU), as soon as the agent offers it on ``GET /v1/attach`` (only after it verified
+  the weights). It re-checks every tensor's checksum against the manifest before serving. Where the
+  agent's gate waits for the engine's proof (a pod's agent: the answer names a ``layout``), the engine
+  reports what it checked (``POST /v1/engine/report``, ``engines.gate``); a check that fails, or a proof
+  the agent refuses, ends the process so that its container restarts (never a wedged engine).
 - ``--ipc``: start with empty weights and wait for the checkpoint-engine IPC handoff
   (``POST /update_weights_from_ipc``, as SGLang takes it).
 - ``--model DIR``: load the safetensors files directly (storage; the baseline to compare against).
 
-``/health`` answers 503 until the weights are in place. Routes: ``GET /health``, ``GET /v1/engine``,
-``POST /generate`` (token ids or text as bytes), ``POST /weights_checker`` (``{"action": "checksum"}``),
-and the IPC trigger. Everything but ``/health`` needs the bearer token when one is set.
+``/health`` answers 503 until the weights are in place, except in a warm standby (the agent answered
+``standby``): its API is up and it stays up through its promotion, since the readiness gate waits for its
+proof anyway; a pod turns Ready when the gate does, not one probe period later. Routes: ``GET /health``,
+``GET /v1/engine``, ``POST /generate`` (token ids or text as bytes), ``POST /weights_checker``
+(``{"action": "checksum"}``), and the IPC trigger. Everything but ``/health`` needs the bearer token when one is set.
 
 CLI::
 
@@ -39,6 +44,7 @@ from aiohttp import web
 from .. import store as weight_store
 from ..checksum import checksum, warm_up
 from . import ipc
+from .gate import STANDBY
 from .llama import LlamaConfig, LlamaModel, weight_shapes
 
 log = logging.getLogger("seedfork.reference")
@@ -75,6 +81,7 @@ class ReferenceEngine:
         self.token = token
         self.model: LlamaModel | None = None
         self.state = "waiting"  # waiting -> ready | failed
+        self.warm = False  # a warm standby, or its promotion: /health passes without weights (the gate decides)
         self.error: str | None = None
         self.mode = "none"
         self.attach_info: dict | None = None
@@ -90,13 +97,15 @@ class ReferenceEngine:
         self.mode = mode
         self.state, self.error = "ready", None
 
-    def attach(self, body: dict, verify: bool = True) -> None:
-        """Map the agent's store (zero-copy) and, unless told not to, re-check every checksum."""
+    def attach(self, body: dict, verify: bool = True) -> dict[str, str] | None:
+        """Map the agent's store (zero-copy) and, unless told not to, re-check every checksum; returns the
+        checksums the engine computed itself (None unchecked)."""
         manifest = weight_store.Manifest.from_dict(body["manifest"])
         t0 = time.perf_counter()
         buffer = weight_store.attach_buffer(body["attach"])
         weights = weight_store.tensor_views(buffer, manifest)
         self.timings["attach_ms"] = (time.perf_counter() - t0) * 1000
+        got = None
         if verify:
             t1 = time.perf_counter()
             got = weight_store.manifest_checksums(buffer, manifest)
@@ -108,6 +117,21 @@ class ReferenceEngine:
         self.phases["attached"] = time.time() - self.timings.get("verify_ms", 0.0) / 1000
         self.use_weights(weights, "attach")
         self.phases["verified"] = time.time()
+        return got
+
+    def proof(self, manifest: weight_store.Manifest, got: Mapping[str, str], asked_at: float) -> dict:
+        """The gate's report of one rank (``engines.gate.RankReport``): the offered manifest's digest with the
+        checksums this engine computed, so it equals the agent's only when every byte it maps does."""
+        return {
+            "rank": 0,
+            "worldSize": 1,
+            "manifestDigest": manifest.with_checksums(dict(got)).digest,
+            "paramsDigest": engine_checksum(got),
+            "paramBytes": manifest.payload_bytes,
+            "loadedTensors": len(manifest.tensors),
+            "startedAt": asked_at,
+            "privateBytes": 0,  # views of the agent's store: no copy of its own
+        }
 
     def load_dir(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
@@ -164,7 +188,7 @@ class ReferenceEngine:
         return await handler(request)
 
     async def health(self, _request: web.Request) -> web.Response:
-        if self.state == "ready":
+        if self.state == "ready" or (self.warm and self.state != "failed"):
             return web.Response(text="ok")
         return web.Response(text=self.error or "weights not attached", status=503)
 
@@ -264,33 +288,68 @@ class ReferenceEngine:
         return app
 
 
-async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: str, verify: bool, poll_s: float = 0.1):
-    """Ask the agent until it offers verified weights, then attach. A checksum mismatch fails for good. The
-    agent holds each ask until its answer changes (``wait``), so the weights are attached as soon as they are
-    verified; ``poll_s`` spaces the asks only while the agent is not up."""
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(timeout=ATTACH_WAIT_S + 10) as client:
-        while True:
-            try:
-                r = await client.get(f"{agent_url}/v1/attach", params={"wait": ATTACH_WAIT_S}, headers=headers)
-                if r.status_code == 200:
-                    break
-                if r.status_code in (401, 403):
-                    engine.state, engine.error = "failed", f"agent refused the token ({r.status_code})"
-                    return
-                if r.status_code != 503:  # 503: the agent held the ask until its answer changed; ask again now
-                    await asyncio.sleep(poll_s)
-            except httpx.HTTPError:
-                await asyncio.sleep(poll_s)  # the agent is not up yet
-    try:
-        await asyncio.to_thread(engine.attach, r.json(), verify)
+class EngineExit(RuntimeError):
+    """The engine cannot serve what its agent offered: the process ends and its container restarts."""
+
+
+async def _offered(engine: ReferenceEngine, client: httpx.AsyncClient, url: str, poll_s: float) -> dict | None:
+    """The agent's next offer of a store (None when it refused the token). The agent holds each ask until its
+    answer changes (``wait``); a ``standby`` answer makes the engine warm, and it asks again."""
+    while True:
+        try:
+            r = await client.get(f"{url}/v1/attach", params={"wait": ATTACH_WAIT_S})
+        except httpx.HTTPError:
+            await asyncio.sleep(poll_s)  # the agent is not up yet
+            continue
+        if r.status_code in (401, 403):
+            engine.state, engine.error = "failed", f"agent refused the token ({r.status_code})"
+            return None
+        body = r.json() if r.status_code == 200 else {}
+        if body.get("layout") == STANDBY:
+            engine.warm = True
+        elif r.status_code == 200:
+            return body
+        elif r.status_code != 503:  # 503: the agent held the ask until its answer changed; ask again now
+            await asyncio.sleep(poll_s)
+
+
+async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: str, poll_s: float = 0.1) -> None:
+    """Attach the store the agent offers once it verified it, re-check every tensor, and (where the agent's gate
+    waits for it: the offer names a ``layout``) prove it to the agent. Without a gate a failed check leaves the
+    engine answering 503 with the reason; with one the agent is told and ``EngineExit`` is raised."""
+    async with httpx.AsyncClient(timeout=ATTACH_WAIT_S + 10, headers={"Authorization": f"Bearer {token}"}) as client:
+        body = await _offered(engine, client, agent_url, poll_s)
+        if body is None:
+            return
+        gated, asked_at = "layout" in body, time.time()
+        try:
+            got = await asyncio.to_thread(engine.attach, body, True)
+        except Exception as e:
+            engine.state, engine.error = "failed", f"attach failed: {e}"
+            log.error("%s", engine.error)
+            if gated:
+                await _tell(client, f"{agent_url}/v1/engine/failed", {"rank": 0, "reason": engine.error[:2000]})
+                raise EngineExit(engine.error) from e
+            return
         log.info("attached to the agent's weights (%s) in %.1f ms", engine.attach_info, engine.timings["attach_ms"])
-    except Exception as e:
-        engine.state, engine.error = "failed", f"attach failed: {e}"
-        log.error("%s", engine.error)
+        if gated:
+            proof = engine.proof(weight_store.Manifest.from_dict(body["manifest"]), got, asked_at)
+            r = await _tell(client, f"{agent_url}/v1/engine/report", proof)
+            if r is None or r.status_code != 200:
+                engine.model, engine.state = None, "failed"  # never serve what the agent did not accept
+                engine.error = f"the agent refused the engine's proof: {r.text[:500] if r is not None else 'no answer'}"
+                raise EngineExit(engine.error)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def _tell(client: httpx.AsyncClient, url: str, body: dict) -> httpx.Response | None:
+    try:
+        return await client.post(url, json=body)
+    except httpx.HTTPError as e:
+        log.warning("could not reach the agent at %s: %r", url, e)
+        return None
+
+
+async def serve(args: argparse.Namespace) -> int:
     config = LlamaConfig.load(args.config or args.model)
     engine = ReferenceEngine(config, args.device, args.token)
     if args.model and not args.agent:
@@ -299,16 +358,18 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("reference engine on http://%s:%d", args.host, args.port)
-    attaching = None
-    if args.agent and engine.device.type == "cuda" and not args.no_verify:
+    if args.agent and engine.device.type == "cuda":
         await asyncio.to_thread(warm_up, engine.device)  # compile the checksum kernel while weights move
     engine.phases["up"] = time.time()  # initialised and warm: what a standby waits in
     if args.agent:
-        attaching = asyncio.create_task(
-            attach_when_verified(engine, args.agent.rstrip("/"), args.token, not args.no_verify)
-        )
+        try:
+            await attach_when_verified(engine, args.agent.rstrip("/"), args.token)
+        except EngineExit as e:
+            log.error("exiting so that the engine restarts: %s", e)
+            await runner.cleanup()
+            return 1
     await asyncio.Event().wait()
-    del attaching
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", required=True, help="the pod IP to bind (never 0.0.0.0)")
     sv.add_argument("--port", type=int, default=30000)
     sv.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    sv.add_argument("--no-verify", action="store_true", help="skip re-checking checksums after attaching")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "make-model":
@@ -344,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.agent and not args.token:
         parser.error("--agent needs --token (or $SEEDFORK_TOKEN)")
     try:
-        asyncio.run(serve(args))
+        return asyncio.run(serve(args))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 if __name__ == "__main__":
