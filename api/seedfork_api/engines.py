@@ -58,6 +58,7 @@ class Engine:
     needs_uri: bool = False  # the first replica loads from model.uri (the engine has no model path of its own)
     te_clients_seed: bool = True  # a pod that loaded from a seed through TransferEngine can seed others
     standby: bool = False  # its pods can wait warm (engine up, no weights) and take weights when promoted
+    standby_design: str | None = None  # without standby: the doc section that designs it and says why not built
     publishes_phases: bool = False  # the engine reports its own phases (GET /v1/engine)
     own_ports: OwnPorts | None = None
 
@@ -92,6 +93,7 @@ ENGINES: dict[str, Engine] = {
             te_max_pp=Limit(1, "SGLang keys TransferEngine info by TP rank only"),
             nccl_max_clients=Limit(1, "an SGLang seed serves one NCCL client at a time"),
             te_clients_seed=False,  # SGLang does not republish weights it received through TransferEngine
+            standby_design="docs/sglang.md#standby-what-sglang-offers-and-the-design-it-permits",
             own_ports=OwnPorts(2, "its dist-init store and engine-info bootstrap server"),  # contract.sglang_own_ports
         ),
         Engine("vllm", agent="store_loader", standby=True),

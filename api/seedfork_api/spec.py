@@ -251,6 +251,12 @@ def _ranks_rule(engine: engines.Engine, ranks: engines.Limit) -> dict[str, str]:
     )
 
 
+def _standby_designs(kinds: list[str]) -> str:
+    """Where the refusal's reader finds what a standby of these engines would be, and why it is not built."""
+    designs = [f"for {k} see {engines.of(k).standby_design}" for k in kinds if engines.of(k).standby_design]
+    return f" ({'; '.join(designs)})" if designs else ""
+
+
 def _standby_rules() -> list[dict[str, str]]:
     built = engines.standby_kinds()
     others = sorted(set(engines.ENGINES) - set(built))
@@ -262,7 +268,7 @@ def _standby_rules() -> list[dict[str, str]]:
             + ", ".join(f"'{e}'" for e in built)
             + "]",
             f"spec.standby must be 0 for engine {' or '.join(others)}: standby replicas are built for engine "
-            f"{' and '.join(built)} only",
+            f"{' and '.join(built)} only" + _standby_designs(others),
             ".standby",
         )
     ]

@@ -19,6 +19,21 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 REQUIREMENTS = HERE / "requirements.txt"
 HELPER = HERE / "helper.py"
+# A small Llama: SGLang's resolution reads the model's config.json, and nothing here loads weights.
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
 
 
 def version() -> str:
@@ -81,3 +96,11 @@ def tier():
     import types
 
     return types.SimpleNamespace(run=run, version=version, site=site, require=require)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A model path SGLang resolves: a folder with ``LLAMA`` as its config.json."""
+    d = tmp_path_factory.mktemp("llama-config")
+    (d / "config.json").write_text(json.dumps(LLAMA))
+    return d

@@ -17,6 +17,13 @@ SGLang did with what the agent expected. Every answer is one JSON object on the 
   (read from http_server.py's source: importing it needs GPU-only packages) and the bootstrap server's routes.
 - ``auth``: ``{"cases": [{"api_key", "admin_api_key", "authorization"}]}``: SGLang's own auth decision for an
   ADMIN_OPTIONAL route (``sglang.srt.utils.auth``), as the status it would answer.
+- ``standby``: what a standby would use (docs/sglang.md, Standby): the request models' fields with their
+  defaults, the memory tags, the memory saver as SGLang creates it, the scheduler's preconditions for
+  weight updates and memory release, and the key SGLang's checkpoint-engine worker looks itself up by.
+- ``handlers``: SGLang's own ``/health``, ``/ready`` and weight-update handlers and its wait for initial
+  weights, taken from http_server.py's source and run over a stand-in for its global state.
+- ``ipc_receive``: ``{"socket": path}``: checkpoint-engine's receiving loop (the version SGLang's extra pins,
+  which SGLang's IPC worker calls), connected to a producer at ``path``: what it loaded, and its post hooks.
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ def _fields(cls) -> dict:
 
 
 def _reply_keys(func) -> list[str]:
-    """The keys of the JSON body a handler builds: ``body = {...}`` and ``body["k"] = ...``."""
+    """The keys of the JSON body a handler builds: ``body = {...}`` and ``body["k"] = ...`` (or ``content``)."""
     import ast
 
     keys = []
@@ -123,9 +130,9 @@ def _reply_keys(func) -> list[str]:
         if not isinstance(node, ast.Assign):
             continue
         for t in node.targets:
-            if getattr(t, "id", None) == "body" and isinstance(node.value, ast.Dict):
+            if getattr(t, "id", None) in ("body", "content") and isinstance(node.value, ast.Dict):
                 keys += [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
-            elif isinstance(t, ast.Subscript) and getattr(t.value, "id", None) == "body":
+            elif isinstance(t, ast.Subscript) and getattr(t.value, "id", None) in ("body", "content"):
                 keys += [t.slice.value] if isinstance(t.slice, ast.Constant) else []
     return keys
 
@@ -260,7 +267,176 @@ def stock_client(req: dict) -> dict:
     return {"outcome": outcome, "seconds": time.monotonic() - started}
 
 
+STANDBY_MODELS = [
+    "ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput", "UpdateWeightsFromIPCReqInput",
+    "UpdateWeightsFromTensorReqInput", "InitWeightsUpdateGroupReqInput", "UpdateWeightsFromDistributedReqInput",
+    "UpdateWeightFromDiskReqInput", "PauseGenerationReqInput", "ContinueGenerationReqInput",
+    "BeginWeightUpdateReqInput", "EndWeightUpdateReqInput",
+]  # fmt: skip
+
+
+def _defaults(cls) -> dict:
+    """A request model's own fields (not BaseReq's): name -> its default, ``"<required>"`` for none."""
+    import msgspec
+    from sglang.srt.managers.io_struct import BaseReq
+
+    base = {f.name for f in msgspec.structs.fields(BaseReq)}
+    return {
+        f.name: "<required>" if f.required else f.default
+        for f in msgspec.structs.fields(cls)
+        if f.name not in base
+    }
+
+
+def _outcome(call) -> str:
+    """What a call did: ``ok: <value>`` or ``<Exception>: <message>``."""
+    try:
+        return f"ok: {call()!r}"
+    except BaseException as e:  # an AssertionError is an answer here
+        return f"{type(e).__name__}: {e}"
+
+
+def _updater(is_idle: bool):
+    """SGLang's scheduler-side weight updater, built without ``__post_init__`` (it reads the TP group, which
+    needs torch.distributed): the checks run here return before any collective."""
+    from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+    from sglang.srt.utils.torch_memory_saver_adapter import TorchMemorySaverAdapter
+
+    m = object.__new__(SchedulerWeightUpdaterManager)
+    fields = dict(tp_worker=None, draft_worker=None, scheduler=None, metrics_collector=None, _session=None,
+                  memory_saver_adapter=TorchMemorySaverAdapter.create(enable=False), offload_tags=set(),
+                  stashed_model_static_state=None, flush_cache=lambda **_: True,
+                  is_fully_idle=lambda **_: is_idle)  # fmt: skip
+    for name, value in fields.items():
+        object.__setattr__(m, name, value)
+    return m
+
+
+def standby(_req: dict) -> dict:
+    import importlib.metadata
+
+    from sglang.srt.checkpoint_engine.checkpoint_engine_worker import SGLangCheckpointEngineWorkerExtensionImpl
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+    from sglang.srt.managers import io_struct
+    from sglang.srt.utils.torch_memory_saver_adapter import TorchMemorySaverAdapter
+
+    noop = TorchMemorySaverAdapter.create(enable=False)
+    updater = _updater(True)
+    tensor = io_struct.UpdateWeightsFromTensorReqInput(serialized_named_tensors=[])
+    distributed = io_struct.UpdateWeightsFromDistributedReqInput(names=[], dtypes=[], shapes=[])
+    release = io_struct.ReleaseMemoryOccupationReqInput(tags=["kv_cache"])
+    return {
+        "models": {n: _defaults(getattr(io_struct, n)) for n in STANDBY_MODELS},
+        "memory_tags": list(GPU_MEMORY_ALL_TYPES),
+        "saver_off": {"class": type(noop).__name__, "enabled": noop.enabled,
+                      "pause": _outcome(lambda: noop.pause("weights"))},
+        "saver_on": _outcome(lambda: type(TorchMemorySaverAdapter.create(enable=True)).__name__),
+        "requires": importlib.metadata.distribution("sglang").requires,
+        "tensor_without_session": _outcome(lambda: updater.update_weights_from_tensor(tensor).message),
+        "distributed_without_session": _outcome(lambda: updater.update_weights_from_distributed(distributed).message),
+        "release_while_busy": _outcome(lambda: _updater(False).release_memory_occupation(release)),
+        "ipc_key": _outcome(lambda: SGLangCheckpointEngineWorkerExtensionImpl(None).get_device_uuid()),
+    }  # fmt: skip
+
+
+def _handler_functions(names: list[str], namespace: dict) -> dict:
+    """The named top-level functions of SGLang's http_server.py, undecorated, defined in ``namespace``."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(importlib.util.find_spec("sglang.srt.entrypoints.http_server").origin)
+    nodes = [n for n in ast.parse(path.read_text()).body if getattr(n, "name", None) in names]
+    for node in nodes:
+        node.decorator_list = []  # the routes and auth decorators need the app
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
+    return {n: namespace[n] for n in names}
+
+
+def _stand_in_manager():
+    """The tokenizer manager's state the handlers read, with SGLang's own ``is_ready``; updates that succeed."""
+    import types
+
+    from sglang.srt.managers.tokenizer_manager import ServerStatus, TokenizerManager
+
+    async def disk_updated(*_args):
+        return True, "updated", 0
+
+    async def ipc_updated(*_args):
+        return True, "updated"
+
+    manager = types.SimpleNamespace(gracefully_exit=False, server_status=ServerStatus.Starting, is_pause=False,
+                                    initial_weights_loaded=False, update_weights_from_disk=disk_updated,
+                                    update_weights_from_ipc=ipc_updated)  # fmt: skip
+    manager.is_healthy = types.MethodType(TokenizerManager.is_healthy, manager)
+    manager.is_ready = types.MethodType(TokenizerManager.is_ready, manager)
+    return manager
+
+
+def handlers(_req: dict) -> dict:
+    """Stand-ins: the tokenizer manager (``_stand_in_manager``), a request (its path), and a 1 s wait for
+    initial weights instead of SGLang's default (SGLANG_WAIT_WEIGHTS_READY_TIMEOUT, read at import). With
+    SGLang's default /health generates a token, which needs a model: the probes turn that off first."""
+    import asyncio
+    import os
+    import time
+    import types
+    from http import HTTPStatus
+
+    from fastapi import Response
+    from fastapi.responses import ORJSONResponse
+    from sglang.srt.environ import envs
+    from sglang.srt.managers.tokenizer_manager import ServerStatus
+
+    manager = _stand_in_manager()
+    namespace = dict(_global_state=types.SimpleNamespace(tokenizer_manager=manager), ServerStatus=ServerStatus,
+                     Response=Response, ORJSONResponse=ORJSONResponse, HTTPStatus=HTTPStatus, envs=envs,
+                     WAIT_WEIGHTS_READY_TIMEOUT=1, logger=logging.getLogger("sglang"), time=time)  # fmt: skip
+    names = ["health_generate", "ready", "_wait_weights_ready", "update_weights_from_disk", "update_weights_from_ipc"]
+    f = _handler_functions(names, namespace)
+    request = types.SimpleNamespace(url=types.SimpleNamespace(path="/health"))
+
+    def probes() -> list[int]:
+        return [asyncio.run(f["health_generate"](request)).status_code, asyncio.run(f["ready"]()).status_code]
+
+    out = {"generates": envs.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION.get()}
+    os.environ["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "false"  # so /health answers without a model
+    out |= {"starting": probes(), "wait_without_weights": _outcome(f["_wait_weights_ready"])}
+    asyncio.run(f["update_weights_from_disk"](None, request))
+    out["loaded_after_disk"] = manager.initial_weights_loaded
+    asyncio.run(f["update_weights_from_ipc"](None, request))
+    out["loaded_after_ipc"] = manager.initial_weights_loaded
+    manager.server_status = ServerStatus.Up
+    out["up"] = probes()
+    manager.is_pause = True  # what the tokenizer manager's pause_generation sets
+    out["paused"] = probes()
+    return out
+
+
+def ipc_receive(req: dict) -> dict:
+    """checkpoint-engine's receiver with this machine's substitutions: no CUDA (its synchronize and
+    empty_cache do nothing) and ``device_id=None`` (a CPU buffer handle has no device argument to rewrite)."""
+    import torch
+    import zmq
+    from checkpoint_engine.worker import update_weights_from_ipc
+
+    torch.cuda.synchronize = lambda *_a, **_k: None
+    torch.cuda.empty_cache = lambda: None
+    loaded, hooks = [], []
+
+    def run(weights) -> None:
+        loaded.extend([name, list(t.shape), float(t.double().sum())] for name, t in weights)
+
+    outcome = _outcome(
+        lambda: update_weights_from_ipc(zmq.Context(), req["socket"], None, run=run, post_hook=lambda: hooks.append(1))
+    )
+    return {"outcome": outcome, "loaded": loaded, "post_hooks": len(hooks)}
+
+
 OPS = {
+    "standby": standby,
+    "handlers": handlers,
+    "ipc_receive": ipc_receive,
     "stock_client": stock_client,
     "resolve": resolve,
     "bootstrap": bootstrap,

@@ -3,14 +3,14 @@
 Every command line the agent renders goes through SGLang's parser and resolution; the TransferEngine seed's
 bootstrap server and its TP workers' registration run as the agent launches them; the fallback check reads
 SGLang's real resolved arguments and log line. Two substitutions only, both named where they happen: the
-model path points at a small local Llama config (resolution reads the model's config.json), and
+model path points at a small local Llama config (conftest's ``model_dir``: resolution reads the model's
+config.json), and
 ``--device cpu`` is added (resolution needs a device, and this machine has no GPU).
 """
 
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
@@ -26,20 +26,6 @@ pytestmark = pytest.mark.sglang
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(ROOT.glob("examples/sglang-*.yaml"))
 POD_IP, SEED_IP = "127.0.0.1", "127.0.0.1"
-LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "num_hidden_layers": 2,
-    "vocab_size": 1024,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-    "hidden_act": "silu",
-}
 
 
 def pod_env(tp: int = 1, backend: str = "transfer_engine", ports=(28000, 28099), **kw) -> PodEnv:
@@ -95,13 +81,6 @@ def launches() -> dict[str, sglang.Launch]:
 
 
 LAUNCHES = launches()
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("llama-config")
-    (d / "config.json").write_text(json.dumps(LLAMA))
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ rule that still names an engine instead of reading its row fails here."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from seedfork_operator import planner, render
 from seedfork_operator.podview import PodView
 
 ENGINE_LIMITS = ("te_max_pp", "nccl_max_clients", "te_clients_seed", "standby")
+REPO = Path(__file__).resolve().parents[2]
 SEEDED = contract.Assignment(attempt=1, source="seed", seed_pod="s", seed_ip="10.0.0.1", backend="transfer_engine")
 
 
@@ -103,3 +105,15 @@ def test_the_agent_role_shapes_the_template_check(monkeypatch):
     monkeypatch.setitem(engines.ENGINES, "reference", replace(engines.ENGINES["reference"], agent="entry_point"))
     with pytest.raises(render.TemplateError, match=r"engine reference: .* needs an explicit command"):
         render.check_template(no_command, "reference")
+
+
+def test_the_standby_refusal_names_the_field_and_points_at_a_section_that_exists():
+    """SGLang's refusal says where its standby is designed; the link must land on a heading of that doc."""
+    rule = next(r for r in api.spec_rules() if r.get("fieldPath") == ".standby")
+    design = engines.of("sglang").standby_design
+    assert rule["message"].startswith("spec.standby must be 0 for engine sglang")
+    assert f"for sglang see {design}" in rule["message"]
+    doc, anchor = design.split("#")
+    headings = [line.lstrip("#").strip() for line in (REPO / doc).read_text().splitlines() if line.startswith("## ")]
+    slugs = {"".join(c for c in h.lower() if c.isalnum() or c in " -").replace(" ", "-") for h in headings}
+    assert anchor in slugs
