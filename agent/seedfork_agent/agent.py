@@ -23,6 +23,7 @@ import torch
 from seedfork_api.contract import Source, group_ports, transfer_engine_ports
 from seedfork_api.spec import PortRange
 
+from . import plainhttp
 from .attempt import AttemptState
 from .checksum import warm_up
 from .engine_cache import CacheKey, CacheSource, EngineCacheError, fetch
@@ -334,7 +335,7 @@ class Agent:
         Only then is its compile cache complete, so only then is it offered to other pods."""
         url = self.config.engine_health_url
         deadline = time.monotonic() + self.config.timeout_s
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=5, verify=plainhttp.verify(url)) as http:
             while time.monotonic() < deadline:
                 try:
                     if (await http.get(url)).status_code == 200:

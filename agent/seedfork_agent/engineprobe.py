@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from . import plainhttp
+
 POLL_S = 0.1
 
 
@@ -26,7 +28,7 @@ class EngineProbe:
     async def info(self) -> dict[str, Any] | None:
         """The engine's info, or None when it does not answer (not up, gone, refusing us)."""
         try:
-            async with httpx.AsyncClient(timeout=2.0) as http:
+            async with httpx.AsyncClient(timeout=2.0, verify=plainhttp.verify(self.url)) as http:
                 r = await http.get(self.url, headers=self.headers)
         except httpx.HTTPError:
             return None
@@ -70,7 +72,7 @@ class HealthProbe(EngineProbe):
 
     async def info(self) -> dict[str, Any] | None:
         try:
-            async with httpx.AsyncClient(timeout=2.0) as http:
+            async with httpx.AsyncClient(timeout=2.0, verify=plainhttp.verify(self.url)) as http:
                 r = await http.get(self.url)
         except httpx.HTTPError:
             return None

@@ -21,7 +21,7 @@ import torch
 
 from seedfork_api.contract import ERR_CHECKSUM_MISMATCH
 
-from . import groups
+from . import groups, plainhttp
 from .store import ALIGN, Manifest, WeightStore, resolve_device
 from .te import TransferEngineHandle
 
@@ -91,12 +91,10 @@ def pull(
     if req.device.startswith("cuda"):
         torch.cuda.set_device(resolve_device(req.device))  # runs in a worker thread: make its CUDA context current
     headers = {"Authorization": f"Bearer {req.token}"}
-    # Seeds serve plain HTTP on pod addresses, so no TLS is ever negotiated: skipping the CA bundle saves the
-    # 30-60 ms that loading it costs every new client (a pull's critical path).
-    plain = req.base_url.startswith("http://")
     timeout = min(30.0, req.timeout_s)
+    tls = plainhttp.verify(req.base_url)
     with (
-        httpx.Client(base_url=req.base_url, headers=headers, timeout=timeout, verify=not plain) as http,
+        httpx.Client(base_url=req.base_url, headers=headers, timeout=timeout, verify=tls) as http,
         ThreadPoolExecutor(1, thread_name_prefix="seedfork-pull-http") as background,
     ):
         manifest = fetch_manifest(http, req)

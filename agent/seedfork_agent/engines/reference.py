@@ -43,6 +43,7 @@ from aiohttp import web
 
 from .. import store as weight_store
 from ..checksum import checksum, warm_up
+from ..plainhttp import verify
 from . import ipc
 from .gate import STANDBY
 from .llama import LlamaConfig, LlamaModel, weight_shapes
@@ -317,7 +318,8 @@ async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: s
     """Attach the store the agent offers once it verified it, re-check every tensor, and (where the agent's gate
     waits for it: the offer names a ``layout``) prove it to the agent. Without a gate a failed check leaves the
     engine answering 503 with the reason; with one the agent is told and ``EngineExit`` is raised."""
-    async with httpx.AsyncClient(timeout=ATTACH_WAIT_S + 10, headers={"Authorization": f"Bearer {token}"}) as client:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=ATTACH_WAIT_S + 10, headers=headers, verify=verify(agent_url)) as client:
         body = await _offered(engine, client, agent_url, poll_s)
         if body is None:
             return

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from seedfork_agent.plainhttp import verify
 from seedfork_api.contract import ENV_AGENT_PORT, ENV_POD_IP
 
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/load"})
@@ -41,7 +42,7 @@ async def verified() -> bool:
     url, ok = _agent_url(), False
     if url is not None:
         try:  # a client per read: never tied to another event loop
-            async with httpx.AsyncClient(timeout=2.0) as client:
+            async with httpx.AsyncClient(timeout=2.0, verify=verify(url)) as client:
                 r = await client.get(url)
             ok = r.status_code == 200 and r.json().get("state") == "verified"
         except (httpx.HTTPError, ValueError):

@@ -50,6 +50,7 @@ import torch
 from seedfork_api.contract import EngineEnv
 
 from ..checksum import checksum
+from ..plainhttp import verify
 from ..store import Manifest, attach_buffer, dtype_name, manifest_checksums, tensor_views
 from .engine_store import params_digest, rank_entries, rank_prefix
 from .gate import CHECKPOINT, ENGINE, FILL, STANDBY
@@ -93,7 +94,7 @@ class AgentLink:
         accepted), the wait has no bound: a standby waits for its promotion, whose own attempt is bounded."""
         deadline = time.monotonic() + self.timeout_s
         seen, last = attempt, "no answer yet"
-        with httpx.Client(timeout=ATTACH_WAIT_S + 10.0) as client:
+        with httpx.Client(timeout=ATTACH_WAIT_S + 10.0, verify=verify(self.url)) as client:
             while True:
                 try:
                     # The agent holds the ask until its answer changes (or ATTACH_WAIT_S): no poll's delay.
@@ -121,7 +122,7 @@ class AgentLink:
                 time.sleep(self.poll_s)
 
     def _post(self, path: str, body: dict[str, Any]) -> None:
-        r = httpx.post(f"{self.url}{path}", json=body, headers=self._headers, timeout=30.0)
+        r = httpx.post(f"{self.url}{path}", json=body, headers=self._headers, timeout=30.0, verify=verify(self.url))
         if r.status_code != 200:
             raise LoadRefused(f"the agent refused rank {body['rank']}'s load: HTTP {r.status_code}: {r.text[:500]}")
 
@@ -138,6 +139,7 @@ class AgentLink:
                 json={"rank": rank, "reason": reason[:2000]},
                 headers=self._headers,
                 timeout=10.0,
+                verify=verify(self.url),
             )
         except httpx.HTTPError:
             log.warning("could not tell the agent that rank %d failed", rank)
