@@ -30,11 +30,15 @@ def _cache_key(env: PodEnv, device: str) -> CacheKey:
     return CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
 
-def _gate(env: PodEnv) -> EngineGate | None:
+def _gate(env: PodEnv, hook: EngineHook | None) -> EngineGate | None:
     """Where the engine proves its load (vLLM through ``engines.vllm_loader``, the reference engine's attach):
-    the agent reports the attempt verified only once the engine has."""
+    the agent reports the attempt verified only once the engine has. An engine hook hands the weights in
+    itself and returns only once the engine took them (it raises otherwise): that engine never attaches, so
+    it reports nothing to a gate."""
     row = engines.of(env.engine)
-    return EngineGate(env.tp * env.pp, engine_layout=row.agent == "store_loader") if row.proves_load else None
+    if hook is not None or not row.proves_load:
+        return None
+    return EngineGate(env.tp * env.pp, engine_layout=row.agent == "store_loader")
 
 
 class PodAgent(PodLoop):
@@ -61,7 +65,7 @@ class PodAgent(PodLoop):
                 engine_cache_key=_cache_key(env, device) if env.engine_cache_dir else None,
             ),
             hook,
-            gate=_gate(env),
+            gate=_gate(env, hook),
             on_change=self.notify,
         )
         self.probe = (
