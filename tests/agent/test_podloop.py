@@ -1,6 +1,7 @@
 """The pod loop's own Kubernetes I/O against a real kube-apiserver: its watches end at once, on a shutdown
 and on a newer assignment, instead of at their timeout or at the next poll; a malformed assignment is
-skipped, never the end of the loop."""
+skipped, never the end of the loop; the pod client reads, watches and reports as JSON, with no API client
+(and TLS context) built per watch, and an error status still raises."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import time
 
 import pytest
 from kubernetes import client
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client.exceptions import ApiException
 
+from seedfork_agent.kube import PodClient
 from seedfork_agent.podloop import PodLoop
 from seedfork_api import contract as c
 
@@ -110,3 +114,61 @@ def test_a_malformed_assignment_is_skipped_and_the_next_good_one_runs(api_client
 
     asyncio.run(_run_until(loop, then_a_good_one()))
     assert loop.attempts == [2]
+
+
+def test_the_pod_client_reads_watches_and_reports_with_no_client_built_per_watch(api_client, namespace, monkeypatch):
+    core = client.CoreV1Api(api_client)
+    env = _pod(core, namespace, "io-0", c.Assignment(attempt=1, source="storage"))
+    built: list[int] = []
+
+    async def scenario() -> tuple[dict[str, str], list[dict[str, str]], dict]:
+        kube = PodClient(env.pod_name, namespace)
+        await kube.open()
+        init = ApiClient.__init__
+
+        def counted(self, *args, **kwargs):
+            built.append(1)
+            init(self, *args, **kwargs)
+
+        # From here on nothing may build an API client: kubernetes_asyncio's Watch builds one (and a TLS
+        # context loading the CA certificates, 40 ms of the loop's CPU) for every watch it opens.
+        monkeypatch.setattr(ApiClient, "__init__", counted)
+        try:
+            first, version = await kube.annotations()
+            seen: list[dict[str, str]] = []
+
+            async def watch() -> None:
+                for _ in range(2):  # two watches, as the loop opens one per attempt and one between
+                    async with contextlib.aclosing(kube.watch(version, 5)) as changes:
+                        async for annotations in changes:
+                            seen.append(annotations)
+                            if c.ANN_REPORT in annotations:
+                                break
+
+            watching = asyncio.create_task(watch())
+            await asyncio.sleep(0.3)
+            await kube.report(c.AgentReport(attempt=1, state="verified"), c.PodTiming(verified=1.0))
+            await asyncio.wait_for(watching, 15)
+            errors = {}
+            gone = PodClient("nobody", namespace)
+            gone.core = kube.core
+            for name, call in (
+                ("read", gone.annotations()),
+                ("report", gone.report(c.AgentReport(attempt=1, state="failed"))),
+                ("watch", anext(aiter(kube.watch("not-a-version", 5)))),
+            ):
+                with pytest.raises(ApiException) as err:
+                    await call
+                errors[name] = err.value.status
+            return first, seen, errors | {"containers": await kube.containers("seedfork-agent")}
+        finally:
+            await kube.close()
+
+    first, seen, results = asyncio.run(scenario())
+    assert c.Assignment.from_annotations(first).attempt == 1
+    assert c.AgentReport.from_annotations(seen[0]).state == "verified"
+    assert c.PodTiming.model_validate_json(seen[0][c.ANN_TIMING]).verified == 1.0
+    assert results["read"] == 404 and results["report"] == 404
+    assert results["watch"] and results["watch"] >= 400  # the apiserver refuses the version: raised, not skipped
+    assert results["containers"] == {}  # no kubelet ran it: no container statuses
+    assert built == [], "an API client was built after open()"
