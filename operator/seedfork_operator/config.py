@@ -17,7 +17,7 @@ DEFAULT_AGENT_IMAGE = "ghcr.io/seedfork/seedfork-agent:0.1.0"
 class OperatorConfig:
     agent_image: str = DEFAULT_AGENT_IMAGE  # image of the injected agent sidecar
     interval: float = 10.0  # seconds between level-triggered passes per set (events wake it sooner)
-    debounce: float = 0.05  # let a burst of pod events settle into one pass
+    debounce: float = 0.05  # an event this soon after a pass: a burst is under way, let it settle into one pass
     metrics_port: int = 8080  # 0 disables the endpoint
     metrics_addr: str = "0.0.0.0"
     transfer_defaults: TransferSpec | None = None  # the cluster's transfer policy for fields a set leaves unset

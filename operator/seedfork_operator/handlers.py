@@ -8,6 +8,7 @@ kopf's own bookkeeping stays out of the status: progress and diff-base live in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,6 +55,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         memo.config = OperatorConfig.from_env()
     settings.networking.request_timeout = memo.config.api_timeout
     memo.wakeups = {}
+    memo.urgent = {}  # set -> its next pass starts at once, debounce or not (``_wake``)
     memo.set_uids = {}  # (namespace, set name) -> uid, for Secrets labelled with a set's name
     # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="seedfork-api"))
@@ -75,15 +77,20 @@ def pods_by_owner(meta: Any, body: Any, namespace: str, **_: Any) -> dict[tuple[
     return {(namespace, owner): PodView.from_pod(body)} if owner else None
 
 
-def _wake(memo: kopf.Memo, key: tuple[str, str | None]) -> None:
+def _wake(memo: kopf.Memo, key: tuple[str, str | None], urgent: bool = False) -> None:
+    """Wake the set's daemon; ``urgent``: its next pass starts without the debounce."""
     event = memo.wakeups.get(key) if hasattr(memo, "wakeups") else None
     if event is not None:
+        if urgent:
+            memo.urgent[key].set()
         event.set()
 
 
 @kopf.on.event("pods", labels=OWNED)
-async def pod_changed(meta: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    _wake(memo, (namespace, _owner_uid(meta)))
+async def pod_changed(body: kopf.Body, meta: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    view = PodView.from_pod(body)
+    # A pod whose weights are verified waits only for its gate: the one write no burst may hold back.
+    _wake(memo, (namespace, _owner_uid(meta)), urgent=view.verified and not view.gate)
 
 
 @kopf.on.event("", "v1", "secrets", labels={LABEL_SET: kopf.PRESENT})
@@ -118,21 +125,31 @@ async def run_set(
 ) -> None:
     key = (namespace, uid)
     config: OperatorConfig = memo.config
+    urgent = memo.urgent.setdefault(key, asyncio.Event())
     wake = memo.wakeups.setdefault(key, asyncio.Event())
     memo.set_uids[(namespace, name)] = uid
     reconciler = SetReconciler(kube=memo.kube, config=config, namespace=namespace, name=name, uid=uid)
+    loop = asyncio.get_running_loop()
     try:
         while not stopped:
             wake.clear()
+            urgent.clear()
             try:
                 await reconciler.reconcile(body, list(pods_by_owner.get(key, [])))
             except Exception:  # one bad pass must not stop the set's reconciliation
                 logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
+            ended = loop.time()
             try:
                 await asyncio.wait_for(wake.wait(), timeout=config.interval)
             except TimeoutError:
                 pass
-            await asyncio.sleep(config.debounce)
+            # Events right after a pass are a burst under way (the pods that pass created or patched): they
+            # settle into one pass. One after a quiet spell (a scale request) is acted on at once, and so is a
+            # pod waiting for its gate: a promotion's two control-loop hops would each wait the debounce.
+            if not urgent.is_set() and loop.time() - ended < config.debounce:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(urgent.wait(), timeout=config.debounce)
     finally:
         memo.wakeups.pop(key, None)
+        memo.urgent.pop(key, None)
         memo.set_uids.pop((namespace, name), None)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
 
 from seedfork_api import contract as c
 from seedfork_operator.podview import PodView
+from seedfork_operator.runner import OperatorThread
+
+from .conftest import verify_at_once
 
 pytestmark = pytest.mark.cluster
 
@@ -70,3 +76,44 @@ def test_gate_holds_until_the_current_attempt_is_verified(operator, nodes, sets,
     st = wait("ready in status", lambda: sets.get("gated")["status"]["readyReplicas"] == 1 and sets.get("gated"))
     assert st["status"]["transfers"]["completed"] == 1
     assert {x["type"]: x["status"] for x in st["status"]["conditions"]}["Available"] == "True"
+
+
+def test_a_report_after_a_quiet_spell_is_acted_on_without_the_debounce(
+    crd, namespace, operator_config, nodes, sets, wait
+):
+    # A debounce far longer than a pass: were every wake-up made to wait it, the gate would follow the report
+    # no sooner than 1.5 s. Events right after a pass still wait it (a burst settles into one pass), so the
+    # pod's start (passes whose own writes wake the next) takes a few debounces to go quiet.
+    config = dataclasses.replace(operator_config, debounce=1.5, interval=60.0)
+    reports = {}
+    nodes.policy = lambda pod: reports.get(pod.name)
+    with OperatorThread([namespace], config):
+        sets.create("quiet")
+        pod = wait("pod", lambda: sets.views("quiet"), timeout=30)[0]
+        wait("pod IP", lambda: sets.views("quiet")[0].ip, timeout=30)
+        time.sleep(8.0)  # every event of the pod's start is handled: the set is quiet
+        reports[pod.name] = c.AgentReport(attempt=1, state="verified", serving=True)
+        reported = time.monotonic()
+        wait("gate", lambda: sets.views("quiet")[0].gate, timeout=30, every=0.02)
+        assert time.monotonic() - reported < 1.0
+
+
+def test_a_verified_pod_gets_its_gate_without_waiting_for_a_burst_to_settle(
+    crd, namespace, operator_config, nodes, sets, wait
+):
+    # The report lands amid the events of the pod's own start, each pass's writes waking the next: were the
+    # verified pod's wake-up made to wait the debounce like theirs, its gate would follow 3 s or more later.
+    config = dataclasses.replace(operator_config, debounce=3.0, interval=60.0)
+    reported: list[float] = []
+
+    def verify_once_placed(pod: PodView) -> c.AgentReport | None:
+        report = verify_at_once(pod) if pod.ip else None
+        if report is not None and not reported:
+            reported.append(time.monotonic())
+        return report
+
+    nodes.policy = verify_once_placed
+    with OperatorThread([namespace], config):
+        sets.create("burst")
+        wait("gate", lambda: any(v.gate for v in sets.views("burst")), timeout=30, every=0.02)
+        assert time.monotonic() - reported[0] < 1.5
