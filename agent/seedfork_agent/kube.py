@@ -97,8 +97,7 @@ class PodClient:
             **_raw(timeout_s + 10),
         )
         try:
-            if resp.status != 200:
-                raise ApiException(status=resp.status, reason=(await resp.text())[:300])
+            await _raise_for_status(resp)
             async for line in resp.content:  # one event per line; the stream ends when the watch times out
                 if not line.strip():
                     continue
@@ -122,11 +121,15 @@ def _raw(timeout_s: float) -> dict[str, Any]:
 
 
 async def _json(call: Awaitable[Any]) -> dict[str, Any]:
-    """The JSON answer of a call made with ``_raw``; an error status raises ``ApiException`` as a decoded call
-    would (the client checks the status only when it decodes the answer)."""
+    """The JSON answer of a call made with ``_raw``."""
     resp = await call
     async with resp:
-        body = await resp.read()
-        if not 200 <= resp.status <= 299:
-            raise ApiException(status=resp.status, reason=f"{resp.reason}: {body[:300].decode(errors='replace')}")
-    return json.loads(body)
+        await _raise_for_status(resp)
+        return json.loads(await resp.read())
+
+
+async def _raise_for_status(resp: Any) -> None:
+    """An error status of a bare answer raises ``ApiException`` as a decoded call would (the client checks the
+    status only when it decodes the answer)."""
+    if not 200 <= resp.status <= 299:
+        raise ApiException(status=resp.status, reason=f"{resp.reason}: {(await resp.text(errors='replace'))[:300]}")
