@@ -54,8 +54,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     if getattr(memo, "config", None) is None:
         memo.config = OperatorConfig.from_env()
     settings.networking.request_timeout = memo.config.api_timeout
-    memo.wakeups = {}
-    memo.urgent = {}  # set -> its next pass starts at once, debounce or not (``_wake``)
+    memo.wakeups = {}  # (namespace, set uid) -> its daemon's Wakeup
     memo.set_uids = {}  # (namespace, set name) -> uid, for Secrets labelled with a set's name
     # Blocking API calls run in threads; the default pool (cpus + 4) would serialise a 100-pod scale-out.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="seedfork-api"))
@@ -77,13 +76,41 @@ def pods_by_owner(meta: Any, body: Any, namespace: str, **_: Any) -> dict[tuple[
     return {(namespace, owner): PodView.from_pod(body)} if owner else None
 
 
+class Wakeup:
+    """What wakes a set's daemon: any event of the set or its pods; an urgent one also skips the debounce."""
+
+    def __init__(self) -> None:
+        self.any = asyncio.Event()
+        self.urgent = asyncio.Event()
+
+    def set(self, urgent: bool) -> None:
+        if urgent:
+            self.urgent.set()
+        self.any.set()
+
+    def clear(self) -> None:
+        self.any.clear()
+        self.urgent.clear()
+
+    async def wait(self, interval: float, debounce: float) -> None:
+        """Right after a pass: until an event (at most ``interval`` s). Events right after the pass are a burst
+        under way, the pods that pass created or patched: they settle into one pass, ``debounce`` s later. One
+        after a quiet spell (a scale request) is acted on at once, and so is an urgent one (a pod waiting for
+        its gate): a promotion's two control-loop hops would each wait the debounce otherwise."""
+        loop = asyncio.get_running_loop()
+        pass_ended = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.any.wait(), timeout=interval)
+        if not self.urgent.is_set() and loop.time() - pass_ended < debounce:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.urgent.wait(), timeout=debounce)
+
+
 def _wake(memo: kopf.Memo, key: tuple[str, str | None], urgent: bool = False) -> None:
     """Wake the set's daemon; ``urgent``: its next pass starts without the debounce."""
-    event = memo.wakeups.get(key) if hasattr(memo, "wakeups") else None
-    if event is not None:
-        if urgent:
-            memo.urgent[key].set()
-        event.set()
+    wakeup = memo.wakeups.get(key) if hasattr(memo, "wakeups") else None
+    if wakeup is not None:
+        wakeup.set(urgent)
 
 
 @kopf.on.event("pods", labels=OWNED)
@@ -125,31 +152,17 @@ async def run_set(
 ) -> None:
     key = (namespace, uid)
     config: OperatorConfig = memo.config
-    urgent = memo.urgent.setdefault(key, asyncio.Event())
-    wake = memo.wakeups.setdefault(key, asyncio.Event())
+    wakeup = memo.wakeups.setdefault(key, Wakeup())
     memo.set_uids[(namespace, name)] = uid
     reconciler = SetReconciler(kube=memo.kube, config=config, namespace=namespace, name=name, uid=uid)
-    loop = asyncio.get_running_loop()
     try:
         while not stopped:
-            wake.clear()
-            urgent.clear()
+            wakeup.clear()
             try:
                 await reconciler.reconcile(body, list(pods_by_owner.get(key, [])))
             except Exception:  # one bad pass must not stop the set's reconciliation
                 logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
-            ended = loop.time()
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=config.interval)
-            except TimeoutError:
-                pass
-            # Events right after a pass are a burst under way (the pods that pass created or patched): they
-            # settle into one pass. One after a quiet spell (a scale request) is acted on at once, and so is a
-            # pod waiting for its gate: a promotion's two control-loop hops would each wait the debounce.
-            if not urgent.is_set() and loop.time() - ended < config.debounce:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(urgent.wait(), timeout=config.debounce)
+            await wakeup.wait(config.interval, config.debounce)
     finally:
         memo.wakeups.pop(key, None)
-        memo.urgent.pop(key, None)
         memo.set_uids.pop((namespace, name), None)
