@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from seedfork_agent import podloop
 from seedfork_agent.attempt import AttemptState
 from seedfork_agent.podrun import PodAgent
 from seedfork_agent.store import WeightStore, layout
-from seedfork_api.contract import AgentReport, PodEnv
+from seedfork_api.contract import AgentReport
 
 # What /v1/progress has always answered: clients (the vLLM loader and guard, tests, benchmarks) read these.
 PROGRESS_KEYS = {
@@ -19,19 +18,9 @@ PROGRESS_KEYS = {
 }  # fmt: skip
 
 
-class _NoKube:
-    """The pod loop's Kubernetes client, never called here: no pod is read or patched."""
-
-    def __init__(self, *_: object) -> None:
-        pass
-
-
 @pytest.fixture
-def pod(monkeypatch):
-    monkeypatch.setattr(podloop, "PodClient", _NoKube)
-    # nccl: the agent serves no TransferEngine, so nothing here listens on a port
-    env = PodEnv(pod_name="p-0", namespace="ns", set_name="s", token="t", fingerprint="fp", backend="nccl")
-    pod = PodAgent(env, "cpu")
+def pod(pod_agent):
+    pod = pod_agent()
     pod.agent.gate = None  # no engine runs here to prove the load (that is tests/agent/test_reference_proof.py)
     changes: list[AgentReport] = []
     pod.notify = lambda: changes.append(pod.agent.attempt.report)  # the one change callback: count its calls
