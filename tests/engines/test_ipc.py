@@ -1,12 +1,17 @@
-"""The checkpoint-engine IPC handoff, producer and receiver both real, over ZMQ and a /dev/shm buffer."""
+"""The checkpoint-engine IPC handoff over ZMQ and a /dev/shm buffer: the agent's producer against the reference
+engine's receiver and against checkpoint-engine's own (the release pyproject.toml pins for the tests)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import threading
+import types
 
 import httpx
 import pytest
 import torch
+import zmq
 from safetensors.torch import load_file
 
 from seedfork_agent.engines import ipc
@@ -118,3 +123,63 @@ def test_handoff_into_reference_engine_process(procs, tiny_model, h):
         assert sent == sum(t.numel() * t.element_size() for t in weights.values())
         assert httpx.get(f"{url}/health").status_code == 200
         assert h.generations(url) == want
+
+
+class _CpuDevice:
+    """checkpoint-engine's ``DeviceManager`` on this machine: its receiver synchronises, collects IPC handles
+    and empties the cache of CUDA or an NPU (and refuses a CPU); a CPU buffer needs none of that."""
+
+    def __init__(self):
+        self.device_module = types.SimpleNamespace(synchronize=lambda: None, ipc_collect=lambda: None,
+                                                   empty_cache=lambda: None)  # fmt: skip
+
+
+def _checkpoint_engine_receiver(monkeypatch, path, run, post_hook):
+    """checkpoint-engine 0.4.2's own receiving loop in a thread, the CPU device substituted; its error, if any."""
+    worker = importlib.import_module("checkpoint_engine.worker")  # a dev dependency: missing is a failure
+    assert importlib.metadata.version("checkpoint-engine") == "0.4.2"
+    monkeypatch.setattr(worker, "DeviceManager", _CpuDevice)
+    errors: list[BaseException] = []
+
+    def receive():
+        try:
+            worker.update_weights_from_ipc(zmq.Context.instance(), path, None, run=run, post_hook=post_hook)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    return thread, errors
+
+
+def test_the_producer_hands_every_byte_to_checkpoint_engines_receiver_and_ends_on_its_teardown(monkeypatch):
+    tensors = {f"w{i}": torch.randn(37 * (i + 1)) for i in range(12)} | {"b": torch.arange(5, dtype=torch.bfloat16)}
+    got: dict[str, torch.Tensor] = {}
+    events: list[str] = []
+    path = ipc.socket_path(ipc.device_uuid("cpu"))
+
+    def run(weights):
+        events.append("bucket")
+        got.update((name, t.clone()) for name, t in weights)
+
+    thread, errors = _checkpoint_engine_receiver(monkeypatch, path, run, lambda: events.append("post"))
+    sent = ipc.send_weights(path, tensors, bucket_bytes=1024, timeout_s=20)
+    thread.join(10)
+    assert not thread.is_alive() and not errors
+    assert sent == sum(v.numel() * v.element_size() for v in tensors.values())
+    assert set(got) == set(tensors) and all(torch.equal(got[n], tensors[n]) for n in tensors)
+    assert events.count("post") == 1 and events[-1] == "post" and len(events) > 3
+
+
+def test_a_bucket_checkpoint_engines_receiver_refuses_fails_the_handoff_and_ends_its_worker(monkeypatch):
+    path = ipc.socket_path(ipc.device_uuid("cpu"))
+    hooks: list[int] = []
+
+    def run(weights):
+        raise ValueError("no parameter named " + weights[0][0])
+
+    thread, errors = _checkpoint_engine_receiver(monkeypatch, path, run, lambda: hooks.append(1))
+    with pytest.raises(ipc.HandoffError, match="no parameter named a"):
+        ipc.send_weights(path, {"a": torch.ones(4)}, bucket_bytes=1024, timeout_s=20)
+    thread.join(10)
+    assert not thread.is_alive() and errors and not hooks  # the worker left without running the post hook

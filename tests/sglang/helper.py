@@ -22,8 +22,9 @@ SGLang did with what the agent expected. Every answer is one JSON object on the 
   weight updates and memory release, and the key SGLang's checkpoint-engine worker looks itself up by.
 - ``handlers``: SGLang's own ``/health``, ``/ready`` and weight-update handlers and its wait for initial
   weights, taken from http_server.py's source and run over a stand-in for its global state.
-- ``ipc_receive``: ``{"socket": path}``: checkpoint-engine's receiving loop (the version SGLang's extra pins,
-  which SGLang's IPC worker calls), connected to a producer at ``path``: what it loaded, and its post hooks.
+- ``ipc_route``: ``{"port": N, "key": device key}``: serves SGLang's own ``/update_weights_from_ipc`` handler
+  on 127.0.0.1:N for one request; behind it SGLang's checkpoint-engine worker extension and the
+  checkpoint-engine its extra pins load a stand-in model: what was loaded, post hooks, the status answered.
 """
 
 from __future__ import annotations
@@ -413,30 +414,82 @@ def handlers(_req: dict) -> dict:
     return out
 
 
-def ipc_receive(req: dict) -> dict:
-    """checkpoint-engine's receiver with this machine's substitutions: no CUDA (its synchronize and
-    empty_cache do nothing) and ``device_id=None`` (a CPU buffer handle has no device argument to rewrite)."""
+def ipc_route(req: dict) -> dict:
+    """Stand-ins: the tokenizer manager's fan-out to the scheduler and its TP worker (SGLang's
+    ``WeightUpdater.update_weights_from_ipc`` builds the worker extension and answers as here), the device
+    key and id (a GPU's; the request's ``key`` instead), CUDA's synchronize and empty_cache (no-ops), and
+    the model (a module whose ``load_weights`` records what arrives). The handler, the request model, the
+    worker extension with its post hook, and checkpoint-engine's receiver are SGLang's and its pin's own."""
+    import asyncio
+    import importlib.metadata
+    import threading
+    import types
+    from http import HTTPStatus
+    from typing import Annotated
+
     import torch
-    import zmq
-    from checkpoint_engine.worker import update_weights_from_ipc
+    import uvicorn
+    from fastapi import Body, FastAPI, Request
+    from fastapi.responses import ORJSONResponse
+    from sglang.srt.checkpoint_engine.checkpoint_engine_worker import SGLangCheckpointEngineWorkerExtensionImpl
+    from sglang.srt.managers.io_struct import UpdateWeightsFromIPCReqInput
 
     torch.cuda.synchronize = lambda *_a, **_k: None
     torch.cuda.empty_cache = lambda: None
-    loaded, hooks = [], []
+    loaded, hooks, answers = [], [], []
 
-    def run(weights) -> None:
-        loaded.extend([name, list(t.shape), float(t.double().sum())] for name, t in weights)
+    class Model(torch.nn.Module):
+        def load_weights(self, weights) -> None:
+            loaded.extend([name, list(t.shape), float(t.double().sum())] for name, t in weights)
 
-    outcome = _outcome(
-        lambda: update_weights_from_ipc(zmq.Context(), req["socket"], None, run=run, post_hook=lambda: hooks.append(1))
-    )
-    return {"outcome": outcome, "loaded": loaded, "post_hooks": len(hooks)}
+        def post_load_weights(self) -> None:
+            hooks.append(1)
+
+    class Worker(SGLangCheckpointEngineWorkerExtensionImpl):
+        def get_device_uuid(self) -> str:
+            return req["key"]
+
+        def get_device_id(self) -> None:
+            return None  # a CPU buffer's handle has no device index to rewrite
+
+    runner = types.SimpleNamespace(model=Model())
+
+    async def update_weights_from_ipc(obj, _request):
+        try:
+            await asyncio.to_thread(Worker(runner).update_weights_from_ipc, obj.zmq_handles)
+            return True, "IPC weight update completed successfully"
+        except Exception as e:
+            return False, str(e)
+
+    manager = types.SimpleNamespace(update_weights_from_ipc=update_weights_from_ipc, initial_weights_loaded=False)
+    namespace = dict(_global_state=types.SimpleNamespace(tokenizer_manager=manager), Annotated=Annotated,
+                     UpdateWeightsFromIPCReqInput=UpdateWeightsFromIPCReqInput, Body=Body, Request=Request,
+                     ORJSONResponse=ORJSONResponse, HTTPStatus=HTTPStatus)  # fmt: skip
+    handler = _handler_functions(["update_weights_from_ipc"], namespace)["update_weights_from_ipc"]
+    app = FastAPI()
+    app.post("/update_weights_from_ipc")(handler)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=req["port"], log_level="warning"))
+
+    @app.middleware("http")
+    async def one_request(request, call_next):
+        response = await call_next(request)
+        answers.append(response.status_code)
+        server.should_exit = True
+        return response
+
+    timer = threading.Timer(req.get("timeout_s", 60), lambda: setattr(server, "should_exit", True))
+    timer.start()
+    server.run()
+    timer.cancel()
+    return {"loaded": loaded, "post_hooks": len(hooks), "answers": answers,
+            "initial_weights_loaded": manager.initial_weights_loaded,
+            "checkpoint_engine": importlib.metadata.version("checkpoint-engine")}  # fmt: skip
 
 
 OPS = {
     "standby": standby,
+    "ipc_route": ipc_route,
     "handlers": handlers,
-    "ipc_receive": ipc_receive,
     "stock_client": stock_client,
     "resolve": resolve,
     "bootstrap": bootstrap,

@@ -8,12 +8,14 @@ receiving side of /update_weights_from_ipc is the checkpoint-engine release SGLa
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import pytest
 import torch
 
-from seedfork_agent.engines import ipc
+from seedfork_agent.engines import hooks, ipc
 
 pytestmark = pytest.mark.sglang
 
@@ -33,6 +35,12 @@ def upstream(tier) -> dict:
 @pytest.fixture(scope="module")
 def standby(tier) -> dict:
     return tier.run("standby")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def methods(upstream, path: str) -> dict[str, str | None]:
@@ -161,26 +169,43 @@ def test_resolution_of_a_standbys_flags(tier, model_dir):
     assert saver["remote_instance_weight_loader_start_seed_via_transfer_engine"] is False  # never a TE seed
 
 
-def test_sglangs_checkpoint_engine_ends_on_the_first_none_and_the_agents_producer_sends_two(tier):
+def test_the_agents_handoff_through_sglangs_route_ends_on_its_checkpoint_engines_one_none_teardown(tier):
     """checkpoint-engine 0.1.2 (SGLang's pin) loads every bucket and runs its post hook on the first ``None``,
-    then leaves; the agent's producer (two-step teardown, newer checkpoint-engine) waits for a second answer
-    that never comes. The weights are in, but the agent reports a failed handoff."""
+    then leaves, where 0.4.2 waits for a second. The agent's producer sends both; SGLang's answer to
+    /update_weights_from_ipc ends its wait for the second, so the handoff succeeds and nothing is left
+    waiting. (Before: the producer waited for an answer that never came and reported a failed handoff.)"""
     torch.manual_seed(0)
     tensors = {"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64), "c.bias": torch.randn(64)}
-    path, failure = ipc.socket_path(ipc.device_uuid("cpu")), {}
-
-    def produce() -> None:
-        try:
-            ipc.send_weights(path, tensors, bucket_bytes=64 * 64 * 4, timeout_s=5)
-        except ipc.HandoffError as e:
-            failure["error"] = str(e)
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    got = tier.run("ipc_receive", {"socket": path})
-    producer.join(30)
-    assert got["outcome"] == "ok: None" and got["post_hooks"] == 1
-    assert [name for name, _, _ in got["loaded"]] == list(tensors)
-    for name, shape, total in got["loaded"]:
+    port, key = free_port(), ipc.device_uuid("cpu")
+    route: dict = {}
+    server = threading.Thread(target=lambda: route.update(tier.run("ipc_route", {"port": port, "key": key})))
+    server.start()
+    hooks._wait_listening("127.0.0.1", port, 120)
+    t0 = time.monotonic()
+    sent = ipc.handoff_over_http(f"http://127.0.0.1:{port}", "sglang", tensors, bucket_bytes=64 * 64 * 4, timeout_s=30)
+    took = time.monotonic() - t0
+    server.join(60)
+    assert route["checkpoint_engine"] == "0.1.2"
+    assert sent == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert route["answers"] == [200] and route["initial_weights_loaded"] is True and route["post_hooks"] == 1
+    assert [name for name, _, _ in route["loaded"]] == list(tensors)
+    for name, shape, total in route["loaded"]:
         assert shape == list(tensors[name].shape) and total == pytest.approx(float(tensors[name].double().sum()))
-    assert "did not answer" in failure.get("error", "")
+    assert took < 10  # the answer ended the teardown, not the 30 s timeout
+
+
+def test_a_handoff_sglangs_route_refuses_fails_at_once(tier):
+    """SGLang's worker extension finds no handle for its device: the route answers 400 with its message, and
+    the producer, whose worker never connects, fails on that answer rather than its timeout."""
+    port = free_port()
+    route: dict = {}
+    server = threading.Thread(target=lambda: route.update(tier.run("ipc_route", {"port": port, "key": "GPU-other"})))
+    server.start()
+    hooks._wait_listening("127.0.0.1", port, 120)
+    t0 = time.monotonic()
+    with pytest.raises(ipc.HandoffError, match=r"HTTP 400.*GPU-other not found"):
+        ipc.handoff_over_http(f"http://127.0.0.1:{port}", "sglang", {"a": torch.ones(4)}, timeout_s=30)
+    took = time.monotonic() - t0
+    server.join(60)
+    assert route["answers"] == [400] and route["loaded"] == [] and route["post_hooks"] == 0
+    assert route["initial_weights_loaded"] is False and took < 10

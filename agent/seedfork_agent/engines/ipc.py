@@ -11,11 +11,14 @@ change weights without a token, so seedfork's vLLM pods load through ``vllm_load
    uint8 buffer on GPU; on CPU a file in /dev/shm that the engine maps). The engine replies ``b""``.
 3. Per bucket: a list of ``{name, dtype, shape, offset}``; the engine slices views of the buffer,
    loads them, and replies ``b""`` or the error text.
-4. Teardown: a first ``None`` releases the buffer, a second ``None`` runs the post-load hook.
+4. Teardown: a first ``None`` releases the buffer, a second ``None`` runs the post-load hook
+   (checkpoint-engine 0.4.2). Older releases, among them 0.1.2, which SGLang's ``checkpoint-engine``
+   extra pins, run the hook on the first ``None`` and leave; the producer then
+   learns the teardown ended from the engine's answer to its update request (``handoff_over_http``).
    An exception object instead of a bucket aborts the update.
 
-The producer side runs in the agent; the receiver side runs in the reference engine, so the path is
-exercised for real in tests.
+The producer side runs in the agent; the receiver side runs in the reference engine. The tests run the
+producer against checkpoint-engine's own receivers as well (0.4.2; 0.1.2 behind SGLang's route).
 """
 
 from __future__ import annotations
@@ -146,13 +149,16 @@ def send_weights(
     timeout_s: float = 300.0,
     ctx: zmq.Context | None = None,
     bound: threading.Event | None = None,
-    abort: threading.Event | None = None,
+    request_ended: threading.Event | None = None,
 ) -> int:
     """Stream ``tensors`` to one engine worker connected at ``sock_path``; returns the bytes sent.
 
-    Blocks until the engine acknowledged both teardown messages. Raises ``HandoffError`` with the
-    engine's error text if a bucket fails (after telling the engine to abort), on timeout, or as soon
-    as ``abort`` is set (e.g. the engine's HTTP trigger failed, so no worker will ever connect).
+    Blocks until the engine acknowledged both teardown messages, or acknowledged the first and
+    ``request_ended`` is set: the engine answered its update request, so its worker ended on the first
+    ``None`` (an older checkpoint-engine); the caller judges that answer. Raises ``HandoffError`` with the
+    engine's error text if a bucket fails (after telling the engine to abort), on timeout, or as soon as
+    ``request_ended`` is set before the teardown (e.g. the engine's HTTP trigger failed, so no worker will
+    ever connect).
     """
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
@@ -162,11 +168,14 @@ def send_weights(
     buf = make_buffer(bucket_bytes, device)
     sent = 0
 
+    class RequestEnded(Exception):
+        pass
+
     def wait(event: int) -> None:
         deadline = time.monotonic() + timeout_s
         while not sock.poll(100, event):
-            if abort is not None and abort.is_set():
-                raise HandoffError("the engine's update request ended before the handoff did")
+            if request_ended is not None and request_ended.is_set():
+                raise RequestEnded
             if time.monotonic() > deadline:
                 raise HandoffError(f"engine did not answer within {timeout_s}s")
 
@@ -199,9 +208,14 @@ def send_weights(
                 except zmq.ZMQError:
                     pass
                 raise
-        ask(None)  # release the buffer
-        ask(None)  # post-load hook
+        ask(None)  # release the buffer (0.1.2: the post-load hook, and the worker leaves)
+        try:
+            ask(None)  # post-load hook
+        except RequestEnded:
+            pass  # nobody is left to answer: the request's answer tells how the update went
         return sent
+    except RequestEnded:
+        raise HandoffError("the engine's update request ended before the handoff did") from None
     finally:
         sock.close()
         buf.close()
@@ -252,7 +266,7 @@ def handoff_over_http(
     thread.start()
     failure: HandoffError | None = None
     try:
-        sent = send_weights(path, tensors, bucket_bytes, device, timeout_s, bound=bound, abort=done)
+        sent = send_weights(path, tensors, bucket_bytes, device, timeout_s, bound=bound, request_ended=done)
     except HandoffError as e:
         failure = e
     finally:
