@@ -61,6 +61,20 @@ class Kube:
         kwargs.setdefault("_request_timeout", self.timeout)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
+    async def write(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A write whose answer the operator does not read: the body is drained, never decoded into the
+        client's models (about 1.6 ms of a worker thread's time per pod, holding the GIL). A non-2xx answer
+        still raises ``ApiException`` with its status and body."""
+
+        def send() -> None:
+            answer = fn(*args, _request_timeout=self.timeout, _preload_content=False)
+            try:
+                answer.drain_conn()
+            finally:
+                answer.release_conn()  # back to the pool for the next call
+
+        await asyncio.to_thread(send)
+
     async def close(self) -> None:
         await asyncio.to_thread(self.api.close)
 
@@ -81,22 +95,22 @@ class Kube:
 
     # ------------------------------------------------------------ pods
     async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> None:
-        await self.call(self.core.create_namespaced_pod, namespace, pod)
+        await self.write(self.core.create_namespaced_pod, namespace, pod)
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            await self.call(self.core.delete_namespaced_pod, name, namespace)
+            await self.write(self.core.delete_namespaced_pod, name, namespace)
         except ApiException as err:
             if err.status != 404:  # 404: gone already
                 raise
 
     async def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        await self.call(self.core.patch_namespaced_pod, name, namespace, patch)
+        await self.write(self.core.patch_namespaced_pod, name, namespace, patch)
 
     async def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> bool:
         """Write one condition of the pod's status; False when the pod is gone."""
         try:
-            await self.call(
+            await self.write(
                 self.core.patch_namespaced_pod_status, name, namespace, {"status": {"conditions": [condition]}}
             )
         except ApiException as err:
@@ -116,14 +130,14 @@ class Kube:
             return None
 
     async def create_secret(self, namespace: str, secret: Mapping[str, Any]) -> None:
-        await self.call(self.core.create_namespaced_secret, namespace, secret)
+        await self.write(self.core.create_namespaced_secret, namespace, secret)
 
     async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
+        await self.write(self.core.patch_namespaced_secret, name, namespace, patch)
 
     # ------------------------------------------------------------ the set
     async def patch_set_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        await self.call(
+        await self.write(
             self.objects.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
