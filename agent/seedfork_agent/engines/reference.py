@@ -98,9 +98,9 @@ class ReferenceEngine:
         self.mode = mode
         self.state, self.error = "ready", None
 
-    def attach(self, body: dict, verify: bool = True) -> dict[str, str] | None:
+    def attach(self, body: dict, verify: bool = True) -> tuple[weight_store.Manifest, dict[str, str] | None]:
         """Map the agent's store (zero-copy) and, unless told not to, re-check every checksum; returns the
-        checksums the engine computed itself (None unchecked)."""
+        offered manifest and the checksums the engine computed itself (None unchecked)."""
         manifest = weight_store.Manifest.from_dict(body["manifest"])
         t0 = time.perf_counter()
         buffer = weight_store.attach_buffer(body["attach"])
@@ -118,7 +118,7 @@ class ReferenceEngine:
         self.phases["attached"] = time.time() - self.timings.get("verify_ms", 0.0) / 1000
         self.use_weights(weights, "attach")
         self.phases["verified"] = time.time()
-        return got
+        return manifest, got
 
     def proof(self, manifest: weight_store.Manifest, got: Mapping[str, str], asked_at: float) -> dict:
         """The gate's report of one rank (``engines.gate.RankReport``): the offered manifest's digest with the
@@ -325,7 +325,7 @@ async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: s
             return
         gated, asked_at = "layout" in body, time.time()
         try:
-            got = await asyncio.to_thread(engine.attach, body, True)
+            manifest, got = await asyncio.to_thread(engine.attach, body, True)
         except Exception as e:
             engine.state, engine.error = "failed", f"attach failed: {e}"
             log.error("%s", engine.error)
@@ -335,7 +335,7 @@ async def attach_when_verified(engine: ReferenceEngine, agent_url: str, token: s
             return
         log.info("attached to the agent's weights (%s) in %.1f ms", engine.attach_info, engine.timings["attach_ms"])
         if gated:
-            proof = engine.proof(weight_store.Manifest.from_dict(body["manifest"]), got, asked_at)
+            proof = engine.proof(manifest, got, asked_at)
             r = await _tell(client, f"{agent_url}/v1/engine/report", proof)
             if r is None or r.status_code != 200:
                 engine.model, engine.state = None, "failed"  # never serve what the agent did not accept
