@@ -158,8 +158,9 @@ def standby_vs_cold(args: argparse.Namespace) -> int:
             f"cold seeded pod Ready / promoted standby Ready: worst {summary['cold_over_standby_min']:.1f}x "
             f"(target >= {TARGET_COLD_OVER_STANDBY:.0f}x: {'met' if met_speed else 'NOT met'})"
         )
+        link = "TransferEngine nvlink_intra" if args.device.startswith("cuda") else "TCP on loopback"
         print(
-            f"  ({env['cpus']} CPUs, TCP on loopback; a new interpreter importing torch takes "
+            f"  ({env['cpus']} CPUs, {link}; a new interpreter importing torch takes "
             f"{env['torch_import_s']:.2f} s here, and a cold pod starts two)"
         )
     out = Path(args.out) if args.out else RESULTS / f"e2e_standby_{args.size}.json"
