@@ -96,6 +96,31 @@ def test_cuda_ipc_attach_is_zero_copy(procs, tiny_model, h):
     assert checker(seed.engine_url, seed.auth) == before
 
 
+def test_an_engine_warms_its_gpu_while_it_waits_and_serves_nothing_from_the_warm_up(procs, tiny_model, h):
+    """Its first forward runs on scratch weights before any are offered (the agent is not even up): nothing is
+    served meanwhile, and once attached it generates what an engine that loaded the files itself does."""
+    pod = GpuPod(h, procs, "warm", 0)
+    engine = pod.engine(tiny_model, "--agent", pod.agent_url)
+    deadline = time.monotonic() + 120
+    while True:
+        assert engine.poll() is None and time.monotonic() < deadline
+        try:
+            if "warm_compute_ms" in pod.info()["timings"]:
+                break
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    r = httpx.post(f"{pod.engine_url}/generate", json={"input_ids": [1], "max_new_tokens": 1}, headers=pod.auth)
+    assert r.status_code == 503 and pod.info()["state"] == "waiting"
+    pod.agent("serve", "--weights", str(tiny_model), "--protocol", "nvlink_intra")
+    h.wait_status(f"{pod.engine_url}/health", 200, 120, proc=engine)
+    storage = GpuPod(h, procs, "storage", 0)
+    loaded = storage.engine(tiny_model, "--model", str(tiny_model))
+    h.wait_status(f"{storage.engine_url}/health", 200, 120, proc=loaded)
+    assert "warm_compute_ms" not in storage.info()["timings"]  # an engine that never waits does not warm up
+    assert h.generations(pod.engine_url) == h.generations(storage.engine_url)
+
+
 @pytest.mark.parametrize(("backend", "protocol"), [("nccl", "nvlink_intra"), ("transfer_engine", "nvlink_intra")])
 def test_gpu_client_generates_identically(procs, tiny_model, h, backend, protocol):
     two_gpus()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -91,6 +92,23 @@ class ReferenceEngine:
         # API up (warm, no weights: where a standby waits), weights attached, weights re-checked (serving).
         self.phases: dict[str, float] = {k: v for k, v in {"started": process_start()}.items() if v is not None}
         self._lock = asyncio.Lock()
+
+    # ---- warm-up ----------------------------------------------------------------------------
+    def warm_compute(self) -> None:
+        """A GPU's first forward pays for cuBLAS's handles and the kernels' loading (tenths of a second): pay it
+        while waiting for the weights, on scratch weights of one layer (every matrix shape the model has, a
+        fraction of its memory), so a pod's first request does not. Nothing of it is kept or served: the
+        scratch model is dropped and its memory handed back before the engine reports itself up."""
+        if self.device.type != "cuda":
+            return  # a CPU's first forward costs about what the next does: nothing to warm
+        t0 = time.perf_counter()
+        config = dataclasses.replace(self.config, num_hidden_layers=1)
+        scratch = {n: torch.zeros(s, dtype=config.dtype, device=self.device) for n, s in weight_shapes(config).items()}
+        LlamaModel(config, scratch).generate([0], 1)
+        del scratch
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.timings["warm_compute_ms"] = (time.perf_counter() - t0) * 1000
 
     # ---- weights ----------------------------------------------------------------------------
     def use_weights(self, weights: Mapping[str, torch.Tensor], mode: str) -> None:
@@ -362,6 +380,7 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("reference engine on http://%s:%d", args.host, args.port)
     if args.agent and engine.device.type == "cuda":
         await asyncio.to_thread(warm_up, engine.device)  # compile the checksum kernel while weights move
+        await asyncio.to_thread(engine.warm_compute)
     engine.phases["up"] = time.time()  # initialised and warm: what a standby waits in
     if args.agent:
         try:
