@@ -636,7 +636,7 @@ class AgentServer:
             log.warning("group %s expired without a send request", group.name)
             self._groups.pop(group.name, None)
             groups.destroy_group(group.pg)
-            group.pg = None  # the last reference: its store and listener close with it
+            group.pg = None  # the last reference: its store (if the backend still holds it) goes with it
 
     async def send_weights(self, request: web.Request) -> web.Response:
         self._require_token(request)
@@ -684,7 +684,7 @@ class AgentServer:
             self._groups.pop(group.name, None)
             # SGLang's seed destroys the group even when sending failed.
             await asyncio.to_thread(groups.destroy_group, group.pg)
-            group.pg = None  # the last reference: its store and listener close with it
+            group.pg = None  # the last reference: its store (if the backend still holds it) goes with it
             self._set_active(-clients)
 
     # ---- SGLang R-Fork, TransferEngine backend (docs/sglang.md) ------------
