@@ -83,14 +83,21 @@ def _wait_listening(host: str, port: int, timeout_s: float, abort: Callable[[], 
         left = deadline - time.monotonic()
         if left <= 0:
             return  # the store's own connect reports the timeout
-        try:
-            with socket.create_connection((host, port), timeout=min(1.0, left)) as probe:
-                # Close with a reset: a probe left in TIME_WAIT would hold its local port, which a group
-                # store on this host may want to bind next.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                return
-        except OSError:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if listening(host, port, min(1.0, left)):
+            return
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def listening(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` accepts a connection. The probe closes with a reset: one left in TIME_WAIT would
+    hold its local port, which a group store on this host may want to bind next; a store takes it for a
+    client that left."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return True
+    except OSError:
+        return False
 
 
 def master_store(host: str, port: int, world_size: int, timeout: timedelta) -> TCPStore:

@@ -9,14 +9,13 @@ and only on the pod IP.
 
 from __future__ import annotations
 
-import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from seedfork_agent.groups import listening
 from seedfork_agent.puller import pull
 from seedfork_localdev.sockets import ephemeral_ports, listeners
 
@@ -52,34 +51,21 @@ def test_a_transfer_engine_client_listens_only_on_its_ip_inside_its_ports(kit, a
     assert _misplaced(client, kit) == []
 
 
-def _answers(ip: str, port: int) -> bool:
-    """Whether something listens on ``ip:port``: a connect, closed with a reset (no TIME_WAIT; a store treats
-    it as a client that left, as it does the puller's own probe)."""
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        try:
-            s.connect((ip, port))
-        except OSError:
-            return False
-        return True
-
-
 def test_a_rendezvous_listens_on_the_seed_ip_only_and_is_gone_with_its_group(kit, seed):
     """The seed's store listens on its IP, on no other address, while the client joins, and is gone when the pull
     is. The store lives only through the rendezvous (gloo is done with it once its pairs connected): on a busy
     machine that can fall between two looks at /proc, so a connect probe finds it; /proc checks the rest."""
     port = kit.new_port()
-    listening: list[float] = []  # when a connect to the seed's IP on the group's port succeeded
+    answered: list[float] = []  # when a connect to the seed's IP on the group's port succeeded
     elsewhere: list[str] = []  # what else answered on that port at that moment
     wrong: set[str] = set()
     stop = threading.Event()
 
     def probe() -> None:
         while not stop.is_set():
-            if _answers(seed.ip, port):
-                listening.append(time.monotonic())
-                elsewhere.extend(ip for ip in ("127.0.0.1", kit.new_ip()) if _answers(ip, port))
+            if listening(seed.ip, port, 0.2):
+                answered.append(time.monotonic())
+                elsewhere.extend(ip for ip in ("127.0.0.1", kit.new_ip()) if listening(ip, port, 0.2))
             time.sleep(0.001)
 
     def watch() -> None:
@@ -95,10 +81,10 @@ def test_a_rendezvous_listens_on_the_seed_ip_only_and_is_gone_with_its_group(kit
         # listen, on the seed's IP, while the client joins.
         req = kit.pull_request(seed.ip, "nccl", group_ports=[port], client_id="probe", local_ip=kit.new_ip())
         pull(req).close()
-        assert listening, "the seed's store never listened on its IP"
+        assert answered, "the seed's store never listened on its IP"
         assert elsewhere == []
         deadline = time.monotonic() + 10
-        while (_answers(seed.ip, port) or any(s.port == port for s in listeners(seed.proc.pid))) and (
+        while (listening(seed.ip, port, 0.2) or any(s.port == port for s in listeners(seed.proc.pid))) and (
             time.monotonic() < deadline
         ):
             time.sleep(0.02)
@@ -106,7 +92,7 @@ def test_a_rendezvous_listens_on_the_seed_ip_only_and_is_gone_with_its_group(kit
         stop.set()
         for t in threads:
             t.join(5)
-    assert not _answers(seed.ip, port) and not any(s.port == port for s in listeners(seed.proc.pid))
+    assert not listening(seed.ip, port, 0.2) and not any(s.port == port for s in listeners(seed.proc.pid))
     assert wrong == set()
 
 
