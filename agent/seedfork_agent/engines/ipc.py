@@ -141,6 +141,10 @@ class HandoffError(RuntimeError):
     pass
 
 
+class _RequestEnded(Exception):
+    """Inside ``send_weights``: the engine answered its update request while the producer waited."""
+
+
 def send_weights(
     sock_path: str,
     tensors: Mapping[str, torch.Tensor],
@@ -168,14 +172,11 @@ def send_weights(
     buf = make_buffer(bucket_bytes, device)
     sent = 0
 
-    class RequestEnded(Exception):
-        pass
-
     def wait(event: int) -> None:
         deadline = time.monotonic() + timeout_s
         while not sock.poll(100, event):
             if request_ended is not None and request_ended.is_set():
-                raise RequestEnded
+                raise _RequestEnded
             if time.monotonic() > deadline:
                 raise HandoffError(f"engine did not answer within {timeout_s}s")
 
@@ -211,10 +212,10 @@ def send_weights(
         ask(None)  # release the buffer (0.1.2: the post-load hook, and the worker leaves)
         try:
             ask(None)  # post-load hook
-        except RequestEnded:
+        except _RequestEnded:
             pass  # nobody is left to answer: the request's answer tells how the update went
         return sent
-    except RequestEnded:
+    except _RequestEnded:
         raise HandoffError("the engine's update request ended before the handoff did") from None
     finally:
         sock.close()

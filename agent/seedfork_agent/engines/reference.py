@@ -98,9 +98,8 @@ class ReferenceEngine:
         """A GPU's first forward pays for cuBLAS's handles and the kernels' loading (tenths of a second): pay it
         while waiting for the weights, on scratch weights of one layer (every matrix shape the model has, a
         fraction of its memory), so a pod's first request does not. Nothing of it is kept or served: the
-        scratch model is dropped and its memory handed back before the engine reports itself up."""
-        if self.device.type != "cuda":
-            return  # a CPU's first forward costs about what the next does: nothing to warm
+        scratch model is dropped and its memory handed back before the engine reports itself up. (On a CPU a
+        first forward costs about what the next does: ``serve`` calls this on a GPU only.)"""
         t0 = time.perf_counter()
         config = dataclasses.replace(self.config, num_hidden_layers=1)
         scratch = {n: torch.zeros(s, dtype=config.dtype, device=self.device) for n, s in weight_shapes(config).items()}
