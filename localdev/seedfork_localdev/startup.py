@@ -134,13 +134,12 @@ def add_one(
         (first,) = rset.wait_ready(1, timeout, poll, standby=spares or None)
         token = rset.token()
         # Plain HTTP to a pod: no TLS context (loading the CA bundle is tens of ms of CPU, not the pod's time).
-        client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, verify=False)
-        time.sleep(2.0)  # let the warm-up's CPU settle: the scale request should find an idle machine
-        requested = time.time()
-        rset.scale(2)
-        rows = rset.wait_ready(2, timeout, poll, interval=0.02)
-        added = next(r for r in rows if r.name != first.name)
-        with client:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, verify=False) as client:
+            time.sleep(2.0)  # let the warm-up's CPU settle: the scale request should find an idle machine
+            requested = time.time()
+            rset.scale(2)
+            rows = rset.wait_ready(2, timeout, poll, interval=0.02)
+            added = next(r for r in rows if r.name != first.name)
             token_at = first_token(client, added)
         engine = engine_info(added, token)
 
