@@ -11,6 +11,8 @@ seconds after the scale request, negative when they happened before it (a standb
 - ``assigned``: the assignment that brought the weights (a standby's promotion);
 - ``transfer start`` / ``transfer end``: the weights moving; ``verified``: the agent's checksums;
 - ``engine verified``: the engine attached the store and re-checked every tensor, inside itself;
+- ``reported``: the agent's verified report, seen by the pod watch; ``gated``: the operator's readiness gate
+  True, seen by the pod watch (what the control plane adds after the proof: report, gate, Ready);
 - ``ready``: the pod's Ready condition (readiness gate and probe); ``first token``: one generated token
   returned by the engine (asked once the pod is Ready).
 
@@ -47,6 +49,8 @@ PHASES = (
     "transfer end",
     "verified",
     "engine verified",
+    "reported",
+    "gated",
     "ready",
     "first token",
 )
@@ -91,6 +95,8 @@ def phases_of(seen: dict[str, float], timing: dict[str, Any], engine: dict[str, 
         "transfer end": timing.get("transferEnd"),
         "verified": timing.get("verified"),
         "engine verified": timing.get("engineVerified") or e.get("verified"),
+        "reported": seen.get("verified"),
+        "gated": seen.get("gate"),
         "ready": seen.get("ready"),
     }
     return {k: (None if v is None else float(v) - after) for k, v in at.items()}
