@@ -92,7 +92,8 @@ class Agent:
         self.device = torch.device(config.device)
         self.protocol = resolve_protocol(config.protocol, self.device)
         self.hook = hook
-        self.attempt = AttemptState(config.fingerprint, on_change)
+        self.on_change = on_change
+        self.attempt = AttemptState(config.fingerprint, self._changed)
         self.metrics = Metrics()
         self.store: WeightStore | None = None  # verified and served
         # Engines that load from the store themselves (vLLM): the verified store is offered to the pod's own
@@ -126,6 +127,13 @@ class Agent:
     @property
     def serving(self) -> bool:
         return self.store is not None and self.attempt.serving
+
+    def _changed(self) -> None:
+        """The attempt changed (from any thread): the pod loop publishes it, and the engine's held ask for its
+        weights looks again now."""
+        self.server.offer_changed()
+        if self.on_change is not None:
+            self.on_change()
 
     def transfer_engine(self) -> TransferEngineHandle:
         """The process's TransferEngine, started on first use inside the set's ports."""
@@ -184,12 +192,14 @@ class Agent:
         """Offer ``store`` to the engine and wait for its proof (``engines.gate``); returns the store to serve,
         which is the engine's own parameters: a checkpoint store is freed once the engine has loaded it."""
         self.offered = store
+        self.server.offer_changed()  # on a promotion the engine's held ask is the critical path
         if self.gate.phase == CHECKPOINT:
             layouts = self.gate.wait_layouts(self.config.timeout_s, self.engine_gone)
             filled = WeightStore.empty(engine_manifest(layouts, self.config.fingerprint), self.config.device)
             try:
                 self.offered = filled
                 self.gate.fill(filled.manifest.digest)
+                self.server.offer_changed()
                 store.close()  # every rank has its shard in its own parameters now: the checkpoint copy goes
                 reports = self.gate.wait(self.config.timeout_s, self.engine_gone)
                 filled.manifest = filled.manifest.with_checksums(filled.compute_checksums())

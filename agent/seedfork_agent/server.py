@@ -15,6 +15,7 @@ init request closes (the member died). A bad body is a 4xx, never a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -46,7 +47,7 @@ _SWEEP_S = 0.5
 
 
 ATTACH_WAIT_MAX_S = 30.0  # the longest an engine's /v1/attach?wait= may hold its request
-ATTACH_WAIT_POLL_S = 0.02  # how often a held /v1/attach looks again (in this process, no I/O)
+ATTACH_WAIT_POLL_S = 0.02  # a held /v1/attach looks again this often besides on each change (in this process)
 
 
 def _wait_seconds(request: web.Request) -> float:
@@ -176,6 +177,9 @@ class AgentServer:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self._packing = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Set (and replaced) on the loop whenever the agent says what /v1/attach answers may have changed.
+        self._offer_moved = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------
     def app(self) -> web.Application:
@@ -205,7 +209,8 @@ class AgentServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = self._loop.create_task(self._sweep_loop())
         log.info("agent API on http://%s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -341,16 +346,18 @@ class AgentServer:
     async def attach_view(self, request: web.Request) -> web.Response:
         """The store the pod's engine attaches (or what it waits for). ``?wait=S`` (at most ``ATTACH_WAIT_MAX_S``):
         while there is no store to attach yet, or the pod is a warm standby, answer only once that changes or
-        S seconds passed. The engine then learns of its weights within ``ATTACH_WAIT_POLL_S`` of their
-        verification, without polling over HTTP (on a promotion, what it waits for is the critical path)."""
+        S seconds passed. The engine learns of its weights as soon as the agent offers them (``offer_changed``),
+        without polling over HTTP: on a promotion, what it waits for is the critical path."""
         self._require_token(request)
         wait = _wait_seconds(request)
         first = self._attach_key()
         deadline = time.monotonic() + wait
-        # A look every ATTACH_WAIT_POLL_S rather than an event: the answer is made of state that threads
-        # change (the store, the offer, the gate's phase, the attempt), and a look costs no I/O.
-        while first[0] != "store" and self._attach_key() == first and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(ATTACH_WAIT_POLL_S)
+        # The answer is made of state that threads change (the store, the offer, the gate's phase, the
+        # attempt). The agent announces its changes; a look every ATTACH_WAIT_POLL_S besides catches any other.
+        while first[0] != "store" and self._attach_key() == first and (left := deadline - time.monotonic()) > 0:
+            moved = self._offer_moved  # taken with the look above, in one step of the loop: no change slips by
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), min(left, ATTACH_WAIT_POLL_S))
         what, store = self._offer()
         gate, attempt = self.agent.gate, self.attempt.report.attempt
         if what == "standby":  # start warm, no weights
@@ -361,6 +368,17 @@ class AgentServer:
         if gate is not None:  # what the engine does with it (engines.gate): load, fill or map
             body["layout"] = gate.phase if not self.serving else ENGINE
         return web.json_response(body)
+
+    def offer_changed(self) -> None:
+        """What ``/v1/attach`` answers may have changed (from any thread): held asks look again now."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: no ask is held any more
+                loop.call_soon_threadsafe(self._wake_held_asks)
+
+    def _wake_held_asks(self) -> None:
+        moved, self._offer_moved = self._offer_moved, asyncio.Event()
+        moved.set()
 
     def _offer(self) -> tuple[str, WeightStore | None]:
         """What the pod's engine is offered now: ``standby`` (warm, no weights), ``none`` or ``store``."""

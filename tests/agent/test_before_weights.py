@@ -57,6 +57,58 @@ def test_a_held_ask_is_answered_with_the_store_once_it_is_verified(agent, weight
         store.close()
 
 
+def test_a_held_ask_is_woken_by_the_verification_itself_not_by_a_later_look(agent, weights_dir, monkeypatch):
+    """The agent announces the change: with the fallback look slower than the ask's whole wait, the ask is still
+    answered as soon as the store is verified (before, it slept one look: up to 20 ms of every promotion)."""
+    monkeypatch.setattr("seedfork_agent.server.ATTACH_WAIT_POLL_S", 60.0)
+    agent, loop, http = agent
+    store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
+    try:
+        answers: list[httpx.Response] = []
+        asked = threading.Thread(target=lambda: answers.append(http.get("/v1/attach", params={"wait": 20})))
+        asked.start()
+        time.sleep(0.5)
+        assert not answers
+        _serve(agent, loop, store)
+        asked.join(10)  # half the ask's wait: only a wake-up answers it this soon
+        (r,) = answers
+        assert r.status_code == 200, r.text
+        assert r.json()["manifest"]["digest"] == store.manifest.digest
+    finally:
+        store.close()
+
+
+def test_a_promoted_standbys_held_ask_is_woken_by_the_offer_to_its_engine(kit, weights_dir, monkeypatch):
+    """A standby's engine holds its ask through the promotion; the agent offers the verified store to it (the
+    gate then waits for the engine's proof). That offer changes no attempt state, so it must wake the ask itself."""
+    from seedfork_agent.engines.gate import ENGINE, EngineGate
+
+    monkeypatch.setattr("seedfork_agent.server.ATTACH_WAIT_POLL_S", 60.0)
+    gate = EngineGate(1)
+    gate.standby()
+    store = WeightStore.from_safetensors(str(weights_dir), "fp-test", "cpu")
+    with kit.agent_in_thread(timeout_s=20, gate=gate) as (agent, loop):
+        server = agent.server
+        url = f"http://{server.host}:{server.port}/v1/attach"
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {kit.TOKEN}"}) as http:
+            assert http.get(url).json()["layout"] == "standby"
+            answers: list[httpx.Response] = []
+            asked = threading.Thread(target=lambda: answers.append(http.get(url, params={"wait": 20})))
+            asked.start()
+            time.sleep(0.5)
+            assert not answers  # held: still a standby
+            gate.open(store.manifest.digest, None, ENGINE)  # the promotion's verified pull
+            finished = asyncio.run_coroutine_threadsafe(agent._finish(store), loop)
+            asked.join(10)
+            (r,) = answers
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["layout"] == ENGINE and body["manifest"]["digest"] == store.manifest.digest
+            gate.fail(0, "the test's engine proves nothing")  # ends the gate's wait, and with it the attempt
+            assert finished.result(30) is False
+            assert "the test's engine proves nothing" in agent.attempt.report.error
+
+
 def test_a_held_ask_ends_after_its_wait_when_nothing_changes(agent):
     _, _, http = agent
     t = time.monotonic()
