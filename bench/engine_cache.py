@@ -93,7 +93,7 @@ def _gated(fingerprint: str, timeout: float, ip: str, cache: Path | None) -> lis
 
 def _engine(model: Path, ip: str, cache: Path, log: Path, timeout: float, aot: str | None) -> vllm.Server:
     contract = {"SEEDFORK_POD_IP": ip, "SEEDFORK_AGENT_PORT": str(AGENT_PORT), "SEEDFORK_TOKEN": TOKEN,
-                "SEEDFORK_TIMEOUT_SECONDS": str(timeout), **engine_cache_env(str(cache))}  # fmt: skip
+                "SEEDFORK_TIMEOUT_SECONDS": str(timeout), **engine_cache_env("vllm", str(cache))}  # fmt: skip
     if aot is not None:
         contract["VLLM_USE_AOT_COMPILE"] = aot
     return vllm.Server(model, ip, ENGINE_PORT, log, "seedfork", contract, compile=True)

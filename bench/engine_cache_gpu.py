@@ -143,7 +143,7 @@ def _files(root: Path) -> set[str]:
 # ---- the rounds (the parent process) ----------------------------------------------------------------------
 def _env(cache_root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    triton_dir = engine_cache_env(str(cache_root))["TRITON_CACHE_DIR"]  # where the pod contract puts it
+    triton_dir = engine_cache_env("vllm", str(cache_root))["TRITON_CACHE_DIR"]  # where the pod contract puts it
     return {**env, "TRITON_CACHE_DIR": triton_dir, "SEEDFORK_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1",
             "NCCL_NVLS_ENABLE": "0"}  # fmt: skip
 

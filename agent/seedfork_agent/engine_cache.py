@@ -13,6 +13,7 @@ caller starts the engine without it (it compiles, as it would have anyway).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import httpx
+
+from seedfork_api.contract import ENGINE_CACHE_NODE_LOCAL
 
 MANIFEST_NAME = "seedfork-engine-cache.json"
 FORMAT = 1
@@ -61,6 +64,8 @@ def device_kind(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
+        # Reads the device's properties without creating a CUDA context, which would take ~600 MiB from the
+        # engine beside the agent (checked on an H200 with nvidia-smi's compute apps, torch 2.11).
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         return f"cuda:sm_{major}{minor}"
     return f"cpu:{platform.machine()}:{'+'.join(_cpu_flags()) or 'baseline'}"
@@ -85,16 +90,23 @@ class Unpacked:
     bytes: int
 
 
-def _files(root: Path) -> list[tuple[str, Path]]:
-    """Regular files under ``root`` by relative POSIX path; links and special files are never packed."""
+def _node_local(rel: str, engine: str) -> bool:
+    """Whether ``engine`` keeps the file at ``rel`` for its own node only (``contract.ENGINE_CACHE_NODE_LOCAL``)."""
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in ENGINE_CACHE_NODE_LOCAL.get(engine, ()))
+
+
+def _files(root: Path, engine: str) -> list[tuple[str, Path]]:
+    """Regular files under ``root`` by relative POSIX path; links, special files and what ``engine`` keeps
+    for its own node only are never packed."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(_STAGING_PREFIX))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file():
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not path.is_file() or _node_local(rel, engine):
                 continue
-            out.append((path.relative_to(root).as_posix(), path))
+            out.append((rel, path))
     return out
 
 
@@ -107,13 +119,14 @@ def _sha256(path: Path) -> str:
 
 
 def pack(root: str | Path, key: CacheKey, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The archive of ``root``: manifest first, then every regular file. Raises when the files together
-    exceed ``max_bytes`` (a cache that large is not worth holding in memory to send)."""
+    """The archive of ``root``: manifest first, then every regular file but what ``key.engine`` keeps for its
+    own node only. Raises when the files together exceed ``max_bytes``
+    (a cache that large is not worth holding in memory to send)."""
     root = Path(root)
     if not root.is_dir():
         raise EngineCacheError(f"no engine cache at {root}")
     entries, total = [], 0
-    for rel, path in _files(root):
+    for rel, path in _files(root, key.engine):
         size = path.stat().st_size
         total += size
         if total > max_bytes:
@@ -185,7 +198,8 @@ def unpack(data: bytes, dest: str | Path, expected: CacheKey, max_bytes: int = D
     """Check ``data`` against its manifest and ``expected``, then move its files into ``dest``.
 
     Nothing lands in ``dest`` unless the whole archive checks out: files are written to a staging
-    directory inside ``dest`` first and moved into place at the end."""
+    directory inside ``dest`` first and moved into place at the end. What the engine keeps for its own node
+    only is checked like the rest but never written: this node probes its own."""
     if len(data) > max_bytes + _MANIFEST_MAX_BYTES:
         raise EngineCacheError(f"engine cache archive is larger than the limit of {max_bytes} bytes")
     dest = Path(dest)
@@ -196,6 +210,7 @@ def unpack(data: bytes, dest: str | Path, expected: CacheKey, max_bytes: int = D
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 files = _read_manifest(tar, expected, max_bytes)
                 seen: set[str] = set()
+                kept: set[str] = set()
                 while (member := tar.next()) is not None:  # not ``for member in tar``: that yields the manifest again
                     path = _safe_relpath(member.name)
                     entry = files.get(path)
@@ -208,20 +223,23 @@ def unpack(data: bytes, dest: str | Path, expected: CacheKey, max_bytes: int = D
                     body = tar.extractfile(member).read()
                     if hashlib.sha256(body).hexdigest() != entry.get("sha256"):
                         raise EngineCacheError(f"engine cache file {path} differs from its checksum")
+                    seen.add(path)
+                    if _node_local(path, expected.engine):  # a seed of an older agent may have packed it
+                        continue
                     target = staging / path
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(body)
-                    seen.add(path)
+                    kept.add(path)
         except tarfile.TarError as e:
             raise EngineCacheError(f"engine cache archive is unreadable: {e}") from None
         missing = sorted(set(files) - seen)
         if missing:
             raise EngineCacheError(f"engine cache archive lacks {len(missing)} manifest files: {missing[0]}, ...")
-        for path in sorted(seen):
+        for path in sorted(kept):
             target = dest / path
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / path, target)
-        return Unpacked(files=len(seen), bytes=sum(files[p]["size"] for p in seen))
+        return Unpacked(files=len(kept), bytes=sum(files[p]["size"] for p in kept))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -95,21 +95,40 @@ ALL_ENV = [
     ENV_TOKEN,
     ENV_TOKEN_PREVIOUS,
     ENV_ENGINE_VERSION,
-]  # ENV_ENGINE_CACHE_DIR only where the engine compiles (vLLM): render.engine_cache
+]  # ENV_ENGINE_CACHE_DIR only where the engine compiles (vLLM, SGLang): render.engine_cache
 
 # ---- the engine's compile caches (agent engine_cache) ----------------------
 ENGINE_CACHE_PATH = "/var/cache/seedfork-engine"  # a volume of the pod, mounted in engine and agent
 ENGINE_CACHE_VOLUME = "seedfork-engine-cache"
 
 
-def engine_cache_env(root: str) -> dict[str, str]:
-    """Where vLLM and torch write what they compile, all under ``root`` so one directory holds it all:
-    vLLM's torch.compile cache, Inductor's generated kernels (C++ on CPU), Triton's GPU kernels."""
+def engine_cache_env(engine: str, root: str) -> dict[str, str]:
+    """Where an engine writes what it compiles, all under ``root`` so one directory holds it all.
+
+    vLLM: its torch.compile cache, Inductor's generated kernels (C++ on CPU), Triton's GPU kernels.
+    SGLang: its cache root, ``SGLANG_CACHE_DIR``. SGLang itself points Triton, Inductor, CUDA's JIT cache,
+    TileLang and FlashInfer under it when it is imported, and keeps DeepGEMM's, CuTe DSL's and its
+    torch.compile caches there (``sglang/srt/environ.py``, ``third_party_cache_defaults``), so setting it
+    leaves a template's own choice of any of those in place. Its JIT kernel builds default to
+    ``~/.cache/sglang/jit`` whatever the root (``kernels/jit/utils/compile/cache.py``): named too."""
+    if engine == "sglang":
+        return {"SGLANG_CACHE_DIR": f"{root}/sglang", "SGLANG_JIT_CACHE_DIR": f"{root}/sglang/jit"}
     return {
         "VLLM_CACHE_ROOT": f"{root}/vllm",
         "TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor",
         "TRITON_CACHE_DIR": f"{root}/triton",
     }
+
+
+# What an engine keeps in its cache root that holds for its own node only, never packed for another pod (paths
+# relative to ``root``, fnmatch patterns): the GPU peer-to-peer access each engine probed on its node for its
+# custom all-reduce (another node's answer could let it use P2P where that node has none), and SGLang's copies
+# of model files streamed from object storage (weights, which only the verified pull moves).
+ENGINE_CACHE_NODE_LOCAL: dict[str, tuple[str, ...]] = {
+    "vllm": ("vllm/gpu_p2p_access_cache_for_*",),
+    "sglang": ("sglang/gpu_p2p_access_cache_for_*", "sglang/model_streamer/*"),
+}
+
 
 # ---- the set's transfer port range, shared out -------------------------
 # Every listener of a pod except the agent's HTTP port and the engine's port lies in ``spec.transfer.ports``,

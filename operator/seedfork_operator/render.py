@@ -187,21 +187,24 @@ def _model_mounts(engine: dict[str, Any], uri: str | None) -> list[dict[str, Any
     return out
 
 
-def _engine_cache(pod_spec: dict[str, Any], engine: dict[str, Any], agent: dict[str, Any]) -> None:
-    """One directory for the engine's compile caches (vLLM's torch.compile, Inductor, Triton), a volume of
-    the pod mounted in engine and agent: the agent fills it from the seed before the engine compiles, and
-    serves it to later pods once the engine is up (engine_cache in the agent)."""
+def _engine_cache(pod_spec: dict[str, Any], kind: str, engine: dict[str, Any], agent: dict[str, Any] | None) -> None:
+    """One directory for the engine's compile caches (vLLM's torch.compile, Inductor and Triton; SGLang's
+    cache root), a volume of the pod mounted in engine and agent (one container where the agent is the
+    engine's entry point): the agent fills it from the seed before the engine compiles, and serves it to
+    later pods once the engine is up (engine_cache in the agent)."""
     volumes = pod_spec.get("volumes") or []
     if not any(v.get("name") == c.ENGINE_CACHE_VOLUME for v in volumes):  # a template may bring its own
         pod_spec["volumes"] = [*volumes, {"name": c.ENGINE_CACHE_VOLUME, "emptyDir": {}}]
     mount = {"name": c.ENGINE_CACHE_VOLUME, "mountPath": c.ENGINE_CACHE_PATH}
     cache_env = [{"name": c.ENV_ENGINE_CACHE_DIR, "value": c.ENGINE_CACHE_PATH}]
-    engine_env = [{"name": k, "value": v} for k, v in c.engine_cache_env(c.ENGINE_CACHE_PATH).items()]
+    engine_env = [{"name": k, "value": v} for k, v in c.engine_cache_env(kind, c.ENGINE_CACHE_PATH).items()]
     _with_env(engine, [*cache_env, *engine_env])
-    _with_env(agent, cache_env)
-    if not any(e.get("name") == VLLM_AOT_COMPILE for e in engine["env"]):  # a template's own choice stays
+    if agent is not None:
+        _with_env(agent, cache_env)
+    # a template's own choice stays
+    if kind == "vllm" and not any(e.get("name") == VLLM_AOT_COMPILE for e in engine["env"]):
         engine["env"] = [*engine["env"], {"name": VLLM_AOT_COMPILE, "value": "0"}]
-    for ct in (engine, agent):
+    for ct in (engine, agent) if agent is not None else (engine,):
         mounts = [m for m in ct.get("volumeMounts") or [] if m.get("mountPath") != c.ENGINE_CACHE_PATH]
         ct["volumeMounts"] = [*mounts, dict(mount)]
 
@@ -294,13 +297,14 @@ def render_pod(
     containers = [_with_env(ct, env) for ct in pod_spec["containers"]]
     joins = engines.of(spec.engine.kind).agent
     if not any(runs_agent(ct) for ct in containers):
-        if joins == "entry_point":
+        if joins == "entry_point":  # SGLang: the agent launches the engine in its own container
             containers[0] = wrap_engine(containers[0])
+            _engine_cache(pod_spec, spec.engine.kind, containers[0], None)
         elif joins == "store_loader":  # the shape built for vLLM's loader
             engine = containers[0] = vllm_engine(containers[0], spec.engine.port)
             agent = agent_container(spec, agent_image, env)
             agent["volumeMounts"] = [_shared_memory(pod_spec, engine), *_model_mounts(engine, spec.model.uri)]
-            _engine_cache(pod_spec, engine, agent)
+            _engine_cache(pod_spec, spec.engine.kind, engine, agent)
             containers.append(agent)
         else:
             containers.append(agent_container(spec, agent_image, env))

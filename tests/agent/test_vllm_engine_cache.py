@@ -51,7 +51,7 @@ def _engine(kit, model: Path, ip: str, cache: Path, log: Path):
     from seedfork_localdev.vllm import Server
 
     contract = {"SEEDFORK_POD_IP": ip, "SEEDFORK_AGENT_PORT": str(kit.AGENT_PORT), "SEEDFORK_TOKEN": kit.TOKEN,
-                "SEEDFORK_TIMEOUT_SECONDS": str(STARTUP_S), **engine_cache_env(str(cache))}  # fmt: skip
+                "SEEDFORK_TIMEOUT_SECONDS": str(STARTUP_S), **engine_cache_env("vllm", str(cache))}  # fmt: skip
     return Server(model, ip, 8000, log, "seedfork", contract, compile=True)
 
 
@@ -99,3 +99,24 @@ def test_an_engine_with_the_seed_cache_compiles_no_kernel(agents, kit, tiny_mode
     finally:
         client_engine.stop()
     assert _kernels(client_cache) == fetched, "the engine built kernels although the seed's cache had them"
+
+
+def test_vllms_per_node_p2p_probe_is_what_the_agent_never_packs(vllm_python):
+    """vLLM's custom all-reduce writes its GPU peer-to-peer probe into VLLM_CACHE_ROOT, which lies in the
+    pod's engine cache: the name, read from vLLM's source, is one contract.ENGINE_CACHE_NODE_LOCAL keeps home."""
+    import fnmatch
+    import re
+    import subprocess
+
+    from seedfork_api.contract import ENGINE_CACHE_NODE_LOCAL, engine_cache_env
+
+    where = "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('vllm').origin).parent)"
+    package = Path(subprocess.run([str(vllm_python), "-c", where], capture_output=True, text=True, check=True)
+                   .stdout.strip())  # fmt: skip
+    source = (package / "distributed" / "device_communicators" / "all_reduce_utils.py").read_text()
+    found = re.search(r'os\.path\.join\(\s*envs\.VLLM_CACHE_ROOT,\s*f"(gpu_p2p_access_cache_for_[^"]+)"', source)
+    assert found, "vLLM no longer names its P2P probe as contract.ENGINE_CACHE_NODE_LOCAL expects"
+    root = "/cache"
+    probe = f"{engine_cache_env('vllm', root)['VLLM_CACHE_ROOT']}/{found.group(1)}".replace("{cache_key}", "0,1")
+    rel = Path(probe).relative_to(root).as_posix()
+    assert any(fnmatch.fnmatchcase(rel, p) for p in ENGINE_CACHE_NODE_LOCAL["vllm"]), rel

@@ -22,6 +22,9 @@ SGLang did with what the agent expected. Every answer is one JSON object on the 
   weight updates and memory release, and the key SGLang's checkpoint-engine worker looks itself up by.
 - ``handlers``: SGLang's own ``/health``, ``/ready`` and weight-update handlers and its wait for initial
   weights, taken from http_server.py's source and run over a stand-in for its global state.
+- ``caches``: where SGLang puts what it compiles, with the environment the test gives: the package's import
+  (``sglang/__init__`` points the third-party caches), then each cache directory SGLang resolves, and where
+  it writes what holds for its node only (the custom all-reduce's P2P probe, files streamed from storage).
 - ``ipc_route``: ``{"port": N, "key": device key}``: serves SGLang's own ``/update_weights_from_ipc`` handler
   on 127.0.0.1:N for one request; behind it SGLang's checkpoint-engine worker extension and the
   checkpoint-engine its extra pins load a stand-in model: what was loaded, post hooks, the status answered.
@@ -486,7 +489,41 @@ def ipc_route(req: dict) -> dict:
             "checkpoint_engine": importlib.metadata.version("checkpoint-engine")}  # fmt: skip
 
 
+def caches(_req: dict) -> dict:
+    import importlib.util
+    import inspect
+    import os
+    import re
+    from pathlib import Path
+
+    import sglang  # noqa: F401  (its import points Triton, Inductor, CUDA, TileLang and FlashInfer)
+    import sglang.srt.distributed.device_communicators.custom_all_reduce_utils as all_reduce
+    from sglang.kernels.jit.utils.compile import cache as jit_cache
+    from sglang.srt.environ import envs, third_party_cache_defaults
+    from sglang.srt.utils.runai_utils import ObjectStorageModel
+
+    dirs = {k: os.environ.get(k) for k in third_party_cache_defaults()}
+    dirs["DeepGEMM"] = envs.SGLANG_DG_CACHE_DIR.get()
+    dirs["CuTe DSL AOT"] = envs.SGLANG_CUTE_AOT_CACHE_DIR.get()
+    dirs["JIT kernels"] = str(jit_cache.cache_root())
+    # torch.compile's backend imports GPU-only modules: read from its source
+    backend = Path(importlib.util.find_spec("sglang.srt.compilation.backend").origin).read_text()
+    compile_base = re.search(r"base_cache_dir = (.+)\n", backend)
+    # The P2P probe's file: its name's f-string and the root it is joined to, as the source has them.
+    p2p = re.search(r'os\.path\.join\(\s*(\w+),\s*f"(gpu_p2p_access_cache_for_[^"]+)"', inspect.getsource(all_reduce))
+    root_of = re.search(rf"{p2p.group(1)} = (.+)\n", inspect.getsource(all_reduce)) if p2p else None
+    return {
+        "dirs": dirs,
+        "torch_compile_base": compile_base.group(1).strip() if compile_base else None,
+        "sglang_cache_dir": envs.SGLANG_CACHE_DIR.get(),
+        "p2p_name": p2p.group(2) if p2p else None,
+        "p2p_root": root_of.group(1).strip() if root_of else None,
+        "streamed_model": ObjectStorageModel.get_path("s3://bucket/model"),
+    }
+
+
 OPS = {
+    "caches": caches,
     "standby": standby,
     "ipc_route": ipc_route,
     "handlers": handlers,

@@ -130,6 +130,35 @@ def test_links_in_the_seed_cache_are_never_packed(cache, tmp_path):
     assert "inductor/passwd" not in _tree(dest)
 
 
+@pytest.mark.parametrize(
+    ("engine", "local", "portable"),
+    [
+        ("vllm", ["vllm/gpu_p2p_access_cache_for_0,1.json"], ["vllm/torch_compile_cache/model"]),
+        (
+            "sglang",
+            ["sglang/gpu_p2p_access_cache_for_0,1.json", "sglang/model_streamer/3f2a/model.safetensors"],
+            ["sglang/triton/ab/k.cubin", "sglang/deep_gemm/cache/kernel.so", "sglang/flashinfer/autotune/r.json"],
+        ),
+    ],
+)
+def test_what_holds_for_the_seeds_node_only_is_never_packed_nor_taken(tmp_path, engine, local, portable):
+    key = CacheKey("fp-1", engine, "1.0", "cuda:sm_90")
+    root = tmp_path / "seed-cache"
+    for rel in [*local, *portable]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode() * 3)
+    dest = tmp_path / "new-pod-cache"
+    got = unpack(pack(root, key), dest, key)
+    assert sorted(_tree(dest)) == sorted(portable) and got.files == len(portable)
+
+    # A seed whose agent packed them anyway (an older release): checked like the rest, never written here.
+    files = [(rel, (root / rel).read_bytes()) for rel in [*local, *portable]]
+    archive = _archive({"format": 1, "key": key.to_dict(), "files": [_entry(r, d) for r, d in files]}, files)
+    dest = tmp_path / "from-an-older-seed"
+    got = unpack(archive, dest, key)
+    assert sorted(_tree(dest)) == sorted(portable) and got.files == len(portable)
+
+
 def test_the_device_kind_names_the_cpu_instruction_set():
     kind = device_kind("cpu")
     assert kind.startswith("cpu:")

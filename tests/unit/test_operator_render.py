@@ -257,6 +257,20 @@ def test_vllm_engine_and_agent_share_one_compile_cache_directory():
     assert env == [{"name": render.VLLM_AOT_COMPILE, "value": "1"}]  # the template's choice stays
 
 
+def test_sglang_engine_keeps_its_cache_root_in_the_directory_its_agent_fills_and_serves():
+    """SGLang's agent is its entry point: one container holds both, with SGLang's one cache root under the
+    directory the agent serves (SGLang puts Triton, Inductor, DeepGEMM and FlashInfer under it itself)."""
+    pod = rendered({"spec": {"containers": [SGLANG]}}, backend="nccl")
+    (engine,) = pod["spec"]["containers"]
+    assert {"name": c.ENGINE_CACHE_VOLUME, "emptyDir": {}} in pod["spec"]["volumes"]
+    assert engine["volumeMounts"] == [{"name": c.ENGINE_CACHE_VOLUME, "mountPath": c.ENGINE_CACHE_PATH}]
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env[c.ENV_ENGINE_CACHE_DIR] == c.ENGINE_CACHE_PATH
+    assert env["SGLANG_CACHE_DIR"] == f"{c.ENGINE_CACHE_PATH}/sglang"
+    assert render.VLLM_AOT_COMPILE not in env and "TRITON_CACHE_DIR" not in env  # a template's own stays SGLang's
+    assert env[c.ENV_ENGINE_VERSION] == spec_with({}, "sglang").engine.version  # part of the cache's key
+
+
 def test_engines_that_do_not_compile_get_no_engine_cache():
     pod = rendered({"spec": {"containers": [ENGINE]}}, "reference")
     assert not any(v["name"] == c.ENGINE_CACHE_VOLUME for v in pod["spec"].get("volumes") or [])
