@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -31,9 +30,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
-from . import groups, refusal
+from . import engine_cache_http, groups, refusal
 from .attempt import AttemptState
-from .engine_cache import CacheSource, EngineCacheError
+from .engine_cache import CacheSource
+from .engine_cache_http import CacheRoute, authorized, require_token
 from .engines.gate import ENGINE, STANDBY, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
 from .te import TransferEngineHandle
@@ -176,7 +176,7 @@ class AgentServer:
         self._te_until = 0.0  # until then a handed-out pointer may still be read
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._packing = asyncio.Lock()
+        self._engine_cache = CacheRoute(lambda: self.agent.engine_cache)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set (and replaced) on the loop whenever the agent says what /v1/attach answers may have changed.
         self._offer_moved = asyncio.Event()
@@ -193,7 +193,7 @@ class AgentServer:
         app.router.add_post("/v1/transfers", self.transfer_event)
         app.router.add_get("/v1/engine", self.engine_view)
         app.router.add_post("/v1/engine/layout", self.engine_layout)
-        app.router.add_get("/v1/engine-cache", self.engine_cache_view)
+        app.router.add_get(engine_cache_http.ROUTE, self.engine_cache_view)
         app.router.add_post("/v1/engine/report", self.engine_report)
         app.router.add_post("/v1/engine/failed", self.engine_failed)
         app.router.add_post("/v1/selfcheck", self.selfcheck)
@@ -279,19 +279,8 @@ class AgentServer:
             log.exception("handler %s failed", request.path)
             return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
 
-    def _authorized(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        given = value.strip().encode()
-        return scheme.lower() == "bearer" and any([hmac.compare_digest(given, t) for t in self._tokens])
-
     def _require_token(self, request: web.Request) -> None:
-        if not self._authorized(request):
-            raise web.HTTPUnauthorized(
-                text='{"error": {"message": "missing or wrong bearer token"}}',
-                content_type="application/json",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        require_token(request, self._tokens)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -399,19 +388,7 @@ class AgentServer:
     async def engine_cache_view(self, request: web.Request) -> web.Response:
         """The engine's compile cache as one archive (engine_cache.pack), for a new pod of the set."""
         self._require_token(request)
-        if request.query:
-            return web.json_response({"error": {"message": "this route takes no parameters"}}, status=400)
-        source = self.agent.engine_cache
-        if source is None:
-            return web.json_response({"error": {"message": "this pod keeps no engine cache"}}, status=404)
-        if not source.ready:
-            return web.json_response({"error": {"message": "the engine has not finished compiling"}}, status=503)
-        try:
-            async with self._packing:  # packed once, by the first request; the others wait for it
-                body = await asyncio.to_thread(source.archive)
-        except EngineCacheError as e:
-            return web.json_response({"error": {"message": str(e)}}, status=503)
-        return web.Response(body=body, content_type="application/x-tar")
+        return await self._engine_cache.answer(request)
 
     # ---- the pod's own engine loading from the store (engines.gate) -------------------------------
     async def engine_view(self, request: web.Request) -> web.Response:
@@ -554,7 +531,7 @@ class AgentServer:
 
     # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
+        if not authorized(request, self._tokens):
             # A stock SGLang client sends no token and never reads this answer: end its rendezvous too.
             try:
                 body = await request.json()

@@ -14,6 +14,12 @@ agent renders are themselves parsed and resolved by SGLang there.
   ``GET /remote_instance_transfer_engine_info?rank=r`` with SGLang's 200 and 400 bodies; it logs
   ``server_args={...}`` as SGLang's Engine does.
 
+- Its caches, as SGLang keeps them under ``SGLANG_CACHE_DIR`` (where ``sglang/__init__`` points Triton's):
+  a "kernel" under ``triton/`` built (written with this process's id) only when it is not there yet, as a
+  Triton cache hit skips the compile, and the custom all-reduce's per-node peer-to-peer probe,
+  ``gpu_p2p_access_cache_for_<devices>.json``, written on every start
+  (``distributed/device_communicators/custom_all_reduce_utils.py``).
+
 What it does NOT emulate: the transfer itself. Loading "from the seed" reads the same safetensors
 as the seed (``--model-path``); ``SGLANG_DOUBLE_CORRUPT=1`` flips one byte of what was "received",
 standing in for a transfer that delivered wrong bytes.
@@ -129,11 +135,22 @@ def weights_checker_reply(digest: str, tp: int) -> dict:
     return {"success": True, "message": "", "ranks": ranks, "per_engine_checksum": engine.hexdigest()}
 
 
+def compile_into_cache(root: str | None) -> None:
+    if not root:
+        return
+    kernel = Path(root, "triton", "double-kernel", "kernel.cubin")
+    if not kernel.exists():  # a cache hit: nothing compiled
+        kernel.parent.mkdir(parents=True, exist_ok=True)
+        kernel.write_text(f"compiled by {os.getpid()}\n")
+    Path(root, "gpu_p2p_access_cache_for_0.json").write_text(json.dumps({"0->0": True, "probed_by": os.getpid()}))
+
+
 def main() -> None:
     args = resolve(parse(sys.argv[1:]))
     print(f"server_args={vars(args)}", flush=True)  # as SGLang's Engine logs its resolved args
     remote = args.load_format == "remote_instance"
     digest, names = weights_digest(args.model_path, remote and os.environ.get("SGLANG_DOUBLE_CORRUPT") == "1")
+    compile_into_cache(os.environ.get("SGLANG_CACHE_DIR"))
 
     @web.middleware
     async def auth(request, handler):

@@ -10,6 +10,7 @@ patching that Pod.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -167,3 +168,80 @@ def test_a_layout_sglang_cannot_fork_is_reported_failed(h, procs, api_client, co
     report = _wait_report(core, namespace, "dp-0", _final(1), agent, procs)
     assert report.state == "failed" and "--dp-size 2: data parallel size above 1" in report.error, report
     assert agent.poll() is None  # waits for the next assignment
+
+
+def _events(core, namespace: str, pod: str) -> list[tuple[str, str]]:
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod}").items
+    return [(e.reason, e.message) for e in items]
+
+
+def _cache_env(root: Path) -> dict[str, str]:
+    """What the operator renders into an SGLang pod (render._engine_cache)."""
+    return {c.ENV_ENGINE_CACHE_DIR: str(root), **c.engine_cache_env("sglang", str(root))}
+
+
+def test_a_client_starts_sglang_on_its_seeds_caches_and_keeps_its_own_node_probe(
+    h, procs, api_client, control_plane, namespace, tiny_model, tmp_path
+):
+    """The seed's compiled kernels are in the client's SGLang cache before that SGLang starts (the double
+    builds a kernel only on a miss); the per-node P2P probe is never taken from the seed; the route needs
+    the token and listens on the pod IP only; a cache of another key is skipped with an Event, never fatal."""
+    core = client.CoreV1Api(api_client)
+    seed_ip, client_ip = h.loopback_ip(), h.loopback_ip()
+    port, agent_port = h.free_port(seed_ip), h.free_port(seed_ip)
+    seed_cache, client_cache, other_cache = tmp_path / "seed", tmp_path / "client", tmp_path / "other"
+    ports = {c.ENV_AGENT_PORT: str(agent_port)}
+    _pod(core, namespace, "seed-0", c.Assignment(attempt=1, source="storage"))
+    env = _env(h, control_plane, namespace, "seed-0", seed_ip, port, **ports, **_cache_env(seed_cache))
+    seed = _run(procs, tiny_model, "seed-0", env)
+    assert _wait_report(core, namespace, "seed-0", _final(1), seed, procs).state == "verified"
+    kernel = Path("sglang", "triton", "double-kernel", "kernel.cubin")
+    probe = Path("sglang", "gpu_p2p_access_cache_for_0.json")
+    seed_kernel, seed_probe = (seed_cache / kernel).read_text(), (seed_cache / probe).read_text()
+
+    url = f"http://{seed_ip}:{agent_port}/v1/engine-cache"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {h.TOKEN}"}, timeout=10).status_code == 200
+    with pytest.raises(OSError):  # the pod IP only, never every address
+        socket.create_connection(("127.0.0.1", agent_port), timeout=5).close()
+
+    assignment = c.Assignment(attempt=1, source="seed", backend="transfer_engine", seedPod="seed-0", seedIP=seed_ip)
+    _pod(core, namespace, "new-0", assignment)
+    env = _env(h, control_plane, namespace, "new-0", client_ip, port, **ports, **_cache_env(client_cache))
+    new = _run(procs, tiny_model, "new-0", env)
+    assert _wait_report(core, namespace, "new-0", _final(1), new, procs).state == "verified"
+    assert (client_cache / kernel).read_text() == seed_kernel  # nothing compiled: the seed's kernel was there
+    assert (client_cache / probe).read_text() != seed_probe  # probed on its own node
+    fetched = [m for r, m in _events(core, namespace, "new-0") if r == "EngineCacheFetched"]
+    assert fetched and "fetched 1 files" in fetched[0], _events(core, namespace, "new-0")
+    timing = c.PodTiming.model_validate_json(core.read_namespaced_pod("new-0", namespace).metadata.annotations[
+        c.ANN_TIMING])  # fmt: skip
+    assert timing.transfer_start >= timing.cache_fetch_end >= timing.cache_fetch_start >= timing.started
+
+    # Another engine version: another key. SGLang compiles its own and the pod is verified all the same.
+    _pod(core, namespace, "other-0", assignment)
+    env = _env(h, control_plane, namespace, "other-0", h.loopback_ip(), port, **ports, **_cache_env(other_cache))
+    other = _run(procs, tiny_model, "other-0", {**env, c.ENV_ENGINE_VERSION: "0.0.1"})
+    assert _wait_report(core, namespace, "other-0", _final(1), other, procs).state == "verified"
+    assert (other_cache / kernel).read_text() != seed_kernel
+    skipped = [m for r, m in _events(core, namespace, "other-0") if r == "EngineCacheSkipped"]
+    assert skipped and "key" in skipped[0], _events(core, namespace, "other-0")
+
+    # The seed's SGLang dies and the pod is re-assigned: until the new SGLang is verified the cache is not
+    # served, since that SGLang may still be writing it. The new seed accepts the connection and never
+    # answers, which holds the attempt in its cache fetch (bounded by the set's timeout) while the route is asked.
+    os.kill(json.loads(seed_probe)["probed_by"], signal.SIGKILL)
+    assert _wait_report(core, namespace, "seed-0", lambda r: r.state == "failed", seed, procs).attempt == 1
+    silent_ip = h.loopback_ip()
+    with socket.create_server((silent_ip, agent_port)):
+        again = c.Assignment(attempt=2, source="seed", backend="transfer_engine", seedPod="new-0", seedIP=silent_ip)
+        core.patch_namespaced_pod("seed-0", namespace, c.annotation_patch(assignment=again))
+        _wait_report(core, namespace, "seed-0", lambda r: r.attempt == 2, seed, procs)
+        assert httpx.get(url, headers={"Authorization": f"Bearer {h.TOKEN}"}, timeout=10).status_code == 503
+    assert _wait_report(core, namespace, "seed-0", _final(2), seed, procs).state == "failed"  # no SGLang there
+    assert httpx.get(url, headers={"Authorization": f"Bearer {h.TOKEN}"}, timeout=10).status_code == 503
+    storage = c.Assignment(attempt=3, source="storage")
+    core.patch_namespaced_pod("seed-0", namespace, c.annotation_patch(assignment=storage))
+    assert _wait_report(core, namespace, "seed-0", _final(3), seed, procs).state == "verified"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {h.TOKEN}"}, timeout=10).status_code == 200

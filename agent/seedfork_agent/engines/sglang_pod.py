@@ -8,6 +8,12 @@ cannot), so the operator picks it as a seed only then. ``bytesDone``/``bytesTota
 not say how many bytes it moved. A failed attempt stops SGLang and waits for the next assignment, which
 relaunches SGLang in the same container. If a verified SGLang exits, the report turns ``failed`` and the
 operator re-assigns the pod.
+
+SGLang's compile and JIT caches (Triton, DeepGEMM, FlashInfer, Inductor, CUDA's: all under
+``SGLANG_CACHE_DIR`` in the pod's engine-cache directory) come from the seed too. Before it launches a client's
+SGLang the agent fetches its seed's cache from the seed's agent (never fatal: skipped with an Event); once its
+own SGLang is verified (healthy: warm-up, CUDA graphs and DeepGEMM's precompile done), it serves its cache to
+later pods on its agent port (``engine_cache_http.CacheListener``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from pathlib import Path
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from ..attempt import AttemptState
+from ..engine_cache import CacheKey, CacheSource, EngineCacheError, device_kind, fetch
+from ..engine_cache_http import CacheListener
 from ..podloop import PodLoop
+from ..server import default_device
 from . import sglang
 from .sglang import LayoutRefused, SGLangSupervisor, render_for_pod
 
@@ -44,6 +53,13 @@ class SGLangPod(PodLoop):
         self.proc: asyncio.subprocess.Process | None = None
         self.current = AttemptState(env.fingerprint, self.notify)
         self._exit_watch: asyncio.Task | None = None
+        self.cache: CacheSource | None = None
+        self._cache_listener: CacheListener | None = None
+        if env.engine_cache_dir:
+            key = CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(default_device()))
+            self.cache = CacheSource(env.engine_cache_dir, key)
+            tokens = (env.token, env.token_previous)
+            self._cache_listener = CacheListener(env.pod_ip, env.agent_port, tokens, self.cache)
 
     def report(self) -> AgentReport:
         return self.current.published()
@@ -60,10 +76,19 @@ class SGLangPod(PodLoop):
         log.warning("attempt %d failed: %s", self.current.report.attempt, reason)
         self.current.fail(reason)
 
+    async def start(self) -> None:
+        if self._cache_listener is not None:
+            await self._cache_listener.start()
+
     async def attempt(self, a: Assignment) -> None:
         seed = a.source == "seed"
         self.current.begin(a.attempt, a.source, backend=a.backend if seed else None, seed_pod=a.seed_pod)
         await self.stop_engine()
+        self.current.mark(cache_fetch_start=None, cache_fetch_end=None)
+        if self.cache is not None:
+            self.cache.ready = False  # served again once this attempt's SGLang is verified
+        if seed and self.cache is not None:  # before SGLang starts: it compiles while it starts
+            await self._fetch_cache(a)
         self.current.mark(transfer_start=time.time(), transfer_end=None, verified=None, engine_attached=None)
         try:
             launch = render_for_pod(self.engine_argv, self.env, a)
@@ -91,8 +116,35 @@ class SGLangPod(PodLoop):
         self.current.mark(transfer_end=now, verified=now, engine_attached=now)
         # SGLang does not say how many bytes it moved: bytesDone/bytesTotal stay 0.
         self.current.verified(0, outcome.digest, serving=outcome.can_seed)
+        if self.cache is not None:  # healthy: what SGLang compiles while it starts is written
+            self.cache.ready = True
         log.info("attempt %d verified (can seed: %s)", a.attempt, outcome.can_seed)
         self._exit_watch = asyncio.create_task(self._watch_exit(self.proc))
+
+    async def _fetch_cache(self, a: Assignment) -> None:
+        """The seed's SGLang cache into this pod's (engine_cache.fetch), bounded by the set's timeout; any
+        failure is an Event and SGLang compiles, as it would have."""
+        assert self.cache is not None
+        self.current.mark(cache_fetch_start=time.time())
+        url = f"http://{a.seed_ip}:{self.env.agent_port}"
+        try:
+            got = await asyncio.to_thread(
+                fetch, url, self.env.token, self.cache.root, self.cache.key, self.env.timeout_seconds
+            )
+        except EngineCacheError as e:
+            log.warning("engine cache from %s skipped, SGLang compiles itself: %s", a.seed_pod, e)
+            await self._event("Warning", "EngineCacheSkipped", f"engine cache from seed {a.seed_pod} skipped: {e}")
+        else:
+            message = f"engine cache from seed {a.seed_pod}: fetched {got.files} files, {got.bytes} bytes"
+            log.info("%s", message)
+            await self._event("Normal", "EngineCacheFetched", message)
+        self.current.mark(cache_fetch_end=time.time())
+
+    async def _event(self, kind: str, reason: str, message: str) -> None:
+        try:
+            await self.kube.event(kind, reason, message)
+        except Exception as e:  # an Event is for people; the attempt goes on without it
+            log.warning("could not post the %s Event: %s", reason, e)
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -120,3 +172,5 @@ class SGLangPod(PodLoop):
 
     async def stop(self) -> None:
         await self.stop_engine()
+        if self._cache_listener is not None:
+            await self._cache_listener.stop()
