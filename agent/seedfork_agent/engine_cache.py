@@ -28,8 +28,9 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from seedfork_api.contract import ENGINE_CACHE_NODE_LOCAL
+from seedfork_api.contract import ENGINE_CACHE_NODE_LOCAL, PodEnv
 
+ROUTE = "/v1/engine-cache"  # where a seed's agent serves its archive (engine_cache_http)
 MANIFEST_NAME = "seedfork-engine-cache.json"
 FORMAT = 1
 DEFAULT_MAX_BYTES = 1 << 30  # a compile cache of a large model is hundreds of MB; above this, compile instead
@@ -54,6 +55,10 @@ class CacheKey:
     engine: str
     engine_version: str
     device: str
+
+    @classmethod
+    def of_pod(cls, env: PodEnv, device: str) -> CacheKey:
+        return cls(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -270,7 +275,7 @@ def fetch(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Unpacked:
     """A new pod's side: fetch the seed's archive (bounded in time and size), check it and unpack it."""
-    url = f"{base_url.rstrip('/')}/v1/engine-cache"
+    url = f"{base_url.rstrip('/')}{ROUTE}"
     limit = max_bytes + _MANIFEST_MAX_BYTES
     deadline = time.monotonic() + timeout_s  # httpx's timeout bounds each read, not the whole body
     try:

@@ -1,4 +1,4 @@
-"""The engine cache over HTTP: ``GET /v1/engine-cache``, the set's token required.
+"""The engine cache over HTTP: ``GET engine_cache.ROUTE``, the set's token required (``httpguard``).
 
 Every agent's API serves the route (``server.AgentServer``). An SGLang pod's agent runs no weight API (SGLang
 moves its own bytes), so it serves the route alone on its agent port (``CacheListener``): the port the set's
@@ -8,34 +8,15 @@ NetworkPolicy opens to the set's own pods, bound to the pod IP only.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from aiohttp import web
 
-from .engine_cache import CacheSource, EngineCacheError
+from . import httpguard
+from .engine_cache import ROUTE, CacheSource, EngineCacheError
 
 log = logging.getLogger("seedfork.agent.cache")
-
-ROUTE = "/v1/engine-cache"
-
-
-def authorized(request: web.Request, tokens: Sequence[bytes]) -> bool:
-    """Whether the request carries one of ``tokens`` as its bearer token (compared in constant time)."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    given = value.strip().encode()
-    return scheme.lower() == "bearer" and any([hmac.compare_digest(given, t) for t in tokens])
-
-
-def require_token(request: web.Request, tokens: Sequence[bytes]) -> None:
-    if not authorized(request, tokens):
-        raise web.HTTPUnauthorized(
-            text='{"error": {"message": "missing or wrong bearer token"}}',
-            content_type="application/json",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
 
 class CacheRoute:
     """The route's answer, once the token was checked: 404 where the pod keeps no cache, 503 until its engine
@@ -64,18 +45,15 @@ class CacheRoute:
 class CacheListener:
     """The engine-cache route alone, on ``host:port`` (the pod IP and the set's agent port)."""
 
-    def __init__(self, host: str, port: int, tokens: Sequence[str | None], source: CacheSource) -> None:
-        if host in ("0.0.0.0", "::", ""):
-            raise ValueError("the agent binds to the pod IP, never to all interfaces")
-        self._tokens = [t.encode() for t in tokens if t]
-        if not self._tokens:
-            raise ValueError("a bearer token is required")
+    def __init__(self, host: str, port: int, token: str, token_previous: str | None, source: CacheSource) -> None:
+        httpguard.check_host(host)
+        self._tokens = httpguard.tokens(token, token_previous)
         self.host, self.port = host, port
         self._route = CacheRoute(lambda: source)
         self._runner: web.AppRunner | None = None
 
     async def _view(self, request: web.Request) -> web.Response:
-        require_token(request, self._tokens)
+        httpguard.require_token(request, self._tokens)
         try:
             return await self._route.answer(request)
         except Exception as e:  # a bad request gets an answer, never a crashed agent

@@ -15,7 +15,7 @@ from seedfork_api import engines
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from .agent import Agent, AgentConfig, EngineHook
-from .engine_cache import CacheKey, device_kind
+from .engine_cache import CacheKey
 from .engineprobe import EngineProbe, HealthProbe, phases
 from .engines.gate import EngineGate, EngineWatch
 from .podloop import PodLoop
@@ -24,10 +24,6 @@ log = logging.getLogger("seedfork.agent.pod")
 AGENT_CONTAINER = "seedfork-agent"  # the sidecar's name, as the operator renders it
 STANDBY_CHECK_S = 1.0  # how often a standby asks whether its engine still answers
 STANDBY_MISSES = 3  # consecutive unanswered checks after which the standby's engine counts as dead
-
-
-def _cache_key(env: PodEnv, device: str) -> CacheKey:
-    return CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(device))
 
 
 def _gate(env: PodEnv, hook: EngineHook | None) -> EngineGate | None:
@@ -62,7 +58,7 @@ class PodAgent(PodLoop):
                 max_pending_groups=env.max_clients_per_seed,
                 engine_health_url=f"http://{env.pod_ip}:{env.engine_port}/health",
                 engine_cache_dir=env.engine_cache_dir,
-                engine_cache_key=_cache_key(env, device) if env.engine_cache_dir else None,
+                engine_cache_key=CacheKey.of_pod(env, device) if env.engine_cache_dir else None,
             ),
             hook,
             gate=_gate(env, hook),

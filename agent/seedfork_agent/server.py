@@ -30,10 +30,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from seedfork_api.contract import ERR_SELF_CHECK_FAILED
 
-from . import engine_cache_http, groups, refusal
+from . import engine_cache, groups, httpguard, refusal
 from .attempt import AttemptState
 from .engine_cache import CacheSource
-from .engine_cache_http import CacheRoute, authorized, require_token
+from .engine_cache_http import CacheRoute
 from .engines.gate import ENGINE, STANDBY, EngineGate, RankLayoutReport, RankReport
 from .store import WeightStore
 from .te import TransferEngineHandle
@@ -150,14 +150,10 @@ class AgentServer:
         group_ports: tuple[int, int] | None = None,
         max_pending_groups: int = 4,
     ) -> None:
-        if host in ("0.0.0.0", "::", ""):
-            raise ValueError("the agent binds to the pod IP, never to all interfaces")
-        if not token:
-            raise ValueError("a bearer token is required")
+        httpguard.check_host(host)
         self.host = host
         self.port = port
-        # During a rotation's grace period the old token opens the weights too: pods started before it hold only that.
-        self._tokens = [t.encode() for t in (token, token_previous) if t]
+        self._tokens = httpguard.tokens(token, token_previous)
         self.timeout_s = timeout_s
         self.max_pending_groups = max(1, max_pending_groups)
         self.pending_group_s = min(PENDING_GROUP_S, timeout_s)
@@ -193,7 +189,7 @@ class AgentServer:
         app.router.add_post("/v1/transfers", self.transfer_event)
         app.router.add_get("/v1/engine", self.engine_view)
         app.router.add_post("/v1/engine/layout", self.engine_layout)
-        app.router.add_get(engine_cache_http.ROUTE, self.engine_cache_view)
+        app.router.add_get(engine_cache.ROUTE, self.engine_cache_view)
         app.router.add_post("/v1/engine/report", self.engine_report)
         app.router.add_post("/v1/engine/failed", self.engine_failed)
         app.router.add_post("/v1/selfcheck", self.selfcheck)
@@ -280,7 +276,7 @@ class AgentServer:
             return web.json_response({"error": {"message": f"{type(e).__name__}: {e}"}}, status=500)
 
     def _require_token(self, request: web.Request) -> None:
-        require_token(request, self._tokens)
+        httpguard.require_token(request, self._tokens)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -531,7 +527,7 @@ class AgentServer:
 
     # ---- SGLang R-Fork, NCCL backend (docs/sglang.md) ----------------------
     async def init_send_group(self, request: web.Request) -> web.Response:
-        if not authorized(request, self._tokens):
+        if not httpguard.authorized(request, self._tokens):
             # A stock SGLang client sends no token and never reads this answer: end its rendezvous too.
             try:
                 body = await request.json()

@@ -30,7 +30,7 @@ from pathlib import Path
 from seedfork_api.contract import AgentReport, Assignment, PodEnv, PodTiming
 
 from ..attempt import AttemptState
-from ..engine_cache import CacheKey, CacheSource, EngineCacheError, device_kind, fetch
+from ..engine_cache import CacheKey, CacheSource, EngineCacheError, fetch
 from ..engine_cache_http import CacheListener
 from ..podloop import PodLoop
 from ..server import default_device
@@ -56,10 +56,8 @@ class SGLangPod(PodLoop):
         self.cache: CacheSource | None = None
         self._cache_listener: CacheListener | None = None
         if env.engine_cache_dir:
-            key = CacheKey(env.fingerprint, env.engine, env.engine_version, device_kind(default_device()))
-            self.cache = CacheSource(env.engine_cache_dir, key)
-            tokens = (env.token, env.token_previous)
-            self._cache_listener = CacheListener(env.pod_ip, env.agent_port, tokens, self.cache)
+            self.cache = CacheSource(env.engine_cache_dir, CacheKey.of_pod(env, default_device()))
+            self._cache_listener = CacheListener(env.pod_ip, env.agent_port, env.token, env.token_previous, self.cache)
 
     def report(self) -> AgentReport:
         return self.current.published()
@@ -87,8 +85,8 @@ class SGLangPod(PodLoop):
         self.current.mark(cache_fetch_start=None, cache_fetch_end=None)
         if self.cache is not None:
             self.cache.ready = False  # served again once this attempt's SGLang is verified
-        if seed and self.cache is not None:  # before SGLang starts: it compiles while it starts
-            await self._fetch_cache(a)
+            if seed:  # before SGLang starts: it compiles while it starts
+                await self._fetch_cache(a)
         self.current.mark(transfer_start=time.time(), transfer_end=None, verified=None, engine_attached=None)
         try:
             launch = render_for_pod(self.engine_argv, self.env, a)
